@@ -1,0 +1,86 @@
+"""Session fixtures: tiny random Mistral checkpoints and the tiny family, built on disk once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer(tmp_path_factory):
+    from pretrain.tokenizer import load_mistral_tokenizer
+
+    return load_mistral_tokenizer(tmp_path_factory.mktemp("mistral-tokenizer"))
+
+
+def tiny_mistral_config(**overrides):
+    """A MistralConfig small enough to build, save and merge in well under a second."""
+    from transformers import MistralConfig
+
+    settings = dict(
+        vocab_size=32000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    settings.update(overrides)
+    return MistralConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_mistral(tmp_path_factory, mistral_tokenizer):
+    """Factory: save a random tiny MistralForCausalLM (+ the real tokenizer) and return its folder.
+
+    ``make_tiny_mistral("a", seed=1, dtype="float32", num_hidden_layers=4)``; same name and
+    arguments return the cached folder.
+    """
+    import torch
+    from transformers import MistralForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny-mistral")
+    made: dict[tuple, Path] = {}
+
+    def make(name: str, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
+        key = (name, seed, dtype, tuple(sorted(overrides.items())))
+        if key in made:
+            return made[key]
+        torch.manual_seed(seed)
+        model = MistralForCausalLM(tiny_mistral_config(**overrides))
+        model.to(getattr(torch, dtype))
+        out = root / name
+        model.save_pretrained(out)
+        mistral_tokenizer.save_pretrained(out)
+        made[key] = out
+        return out
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_family():
+    """The tiny Mistral family at its smallest size: {"base": Path, "nl": Path, "instruct": Path, ...}.
+
+    Cached under .cache/ in the repo; `build_family` rebuilds when its inputs changed.
+    """
+    from pretrain.family import build_family
+
+    return build_family(REPO / ".cache" / "tiny-family-test", size="test", seed=0)
