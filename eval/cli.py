@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -10,12 +11,68 @@ import typer
 
 def eval_command(
     models: Annotated[list[str], typer.Argument(help="Checkpoint folders or Hub ids.")],
-    suite: Annotated[str, typer.Option(help="nl, en, demo or all.")] = "nl",
-    out: Annotated[Path | None, typer.Option(help="Folder for scorecard.json files.")] = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print scorecards as JSON on stdout.")] = False,
+    suite: Annotated[
+        str, typer.Option(help="nl, en, demo, all (nl + en), or a folder of *.jsonl probe files.")
+    ] = "nl",
+    out: Annotated[
+        Path, typer.Option(help="Folder for the scorecards: OUT/<model>/scorecard.json.")
+    ] = Path("scorecards"),
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print the scorecards as JSON on stdout.")
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
+    lm_eval: Annotated[
+        str | None,
+        typer.Option(
+            "--lm-eval",
+            help="Also run lm-evaluation-harness tasks, comma-separated (needs the lm-eval extra).",
+        ),
+    ] = None,
+    lm_eval_limit: Annotated[
+        int | None, typer.Option(help="Items per lm-eval task (default: all).")
+    ] = None,
 ) -> None:
-    """Score MODELS on Dutch probes and write a scorecard per model."""
-    from eval.errors import EvalError
+    """Score MODELS on Dutch probes and write a scorecard per model.
 
-    raise EvalError("merge eval is not built yet", "see issue 4")
+    Scores are log-likelihood multiple choice (acc, acc_norm), minimal pairs, greedy continuations
+    checked by a language identifier, and held-out perplexity; dutch_score and english_score are
+    weighted means (see eval/probes/README.md).
+    """
+    from eval.api import score_path
+    from eval.harness import parse_tasks
+    from eval.report import comparison_table, write_scorecards
+    from eval.suites import load_suite
+    from merger.console import console
+
+    tasks = parse_tasks(lm_eval) if lm_eval is not None else None
+    probes = load_suite(suite)
+    n_items = sum(len(p.items) for p in probes)
+    console.print(
+        f"{len(models)} model{'s' if len(models) != 1 else ''}, suite {suite}: "
+        f"{len(probes)} probes, {n_items} items"
+        + (f", lm-eval {', '.join(tasks)}" if tasks else "")
+    )
+    cards = []
+    for ref in models:
+        card = score_path(
+            ref,
+            suite,
+            device=device,
+            batch_size=batch_size,
+            progress=True,
+            lm_eval_tasks=tasks,
+            lm_eval_limit=lm_eval_limit,
+        )
+        console.print(
+            f"{ref}: dutch_score {card['dutch_score']}, english_score {card['english_score']}, "
+            f"{card['seconds']:.1f} s ({card['items_per_second']} items/s on {card['device']})"
+        )
+        cards.append(card)
+    written = write_scorecards(cards, list(models), out)
+    console.print(comparison_table(cards))
+    for path in written:
+        console.print(f"wrote {path}")
+    if json_:
+        payload = cards[0] if len(cards) == 1 else cards
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
