@@ -1,0 +1,348 @@
+"""Corpora → token blocks: `datasets` loading, mixture weights, packing, a resumable position.
+
+A source yields documents (strings). The mixture picks the next source by weight from a seeded
+RNG; each document is tokenized, BOS/EOS added, and the tokens are packed into blocks of exactly
+`context_length` tokens (no padding). The whole position (documents taken per source, the mixture
+RNG, the partial block) is a small JSON-able dict, so a resumed run continues with the very next
+token. The only tokens ever dropped are the partial block left when training stops (the tail).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pretrain.config import PretrainConfig, Source
+from pretrain.errors import PretrainError
+
+_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+# ---- documents --------------------------------------------------------------------------------
+
+
+def _local_files(source: Source) -> tuple[str, list[str]]:
+    pattern = os.path.expanduser(source.path or "")
+    files = sorted(glob.glob(pattern, recursive=True))
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        raise PretrainError(
+            f"source {source.label}: no files match", "check the glob; it is relative to the cwd"
+        )
+    exts = {Path(f).suffix.lower() for f in files}
+    unknown = exts - set(_FORMATS)
+    if unknown:
+        raise PretrainError(
+            f"source {source.label}: unsupported file type(s) {sorted(unknown)}",
+            "use .txt, .jsonl, .json or .parquet files",
+        )
+    kinds = {_FORMATS[e] for e in exts}
+    if len(kinds) > 1:
+        raise PretrainError(
+            f"source {source.label}: mixes file types {sorted(exts)}", "use one source per type"
+        )
+    return kinds.pop(), files
+
+
+def check_hub_reachable(dataset_id: str, timeout: float = 5.0) -> None:
+    """Fail at once (never hang) when the Hub cannot be reached for `dataset_id`."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in (
+        "1",
+        "true",
+        "yes",
+    ) or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes")
+    hint = "download it once with network, or point the source at local files (path: ...)"
+    if offline:
+        raise PretrainError(f"Hub dataset {dataset_id}: HF_HUB_OFFLINE is set", hint)
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().dataset_info(dataset_id, timeout=timeout)
+    except Exception as exc:  # network errors, 404, auth: all mean we cannot stream it
+        kind = type(exc).__name__
+        raise PretrainError(
+            f"Hub dataset {dataset_id} is not reachable ({kind}: {str(exc).splitlines()[0][:120]})",
+            hint + "; check the id and your network",
+        ) from None
+
+
+def open_source(
+    source: Source, render_chat: Callable[[list[dict]], str] | None = None, seed: int = 0
+) -> Callable[[], Iterator[str]]:
+    """A factory of fresh document iterators over `source` (called again for each epoch)."""
+    if source.world is not None:
+        from pretrain import world
+
+        if source.world == "chat-en":
+            if render_chat is None:
+                raise PretrainError("world: chat-en needs a chat template", "set chat_template")
+            chats = world.chat_conversations("en", source.documents, seed)
+            docs = [render_chat(c) for c in chats]
+        else:
+            docs = world.training_documents(source.world, source.documents, seed)
+        return lambda: iter(docs)
+
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    if source.path is not None:
+        kind, files = _local_files(source)
+        ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=True)
+        split_label = source.label
+    else:
+        assert source.hub is not None
+        if not Path(source.hub).exists():
+            check_hub_reachable(source.hub)
+        try:
+            ds = datasets.load_dataset(
+                source.hub, source.hub_config, split=source.split, streaming=True
+            )
+        except Exception as exc:
+            raise PretrainError(
+                f"Hub dataset {source.label} could not be opened: {str(exc).splitlines()[0][:160]}",
+                "check the id, hub_config and split",
+            ) from None
+        split_label = f"{source.label}[{source.split}]"
+
+    field_name = source.messages_field or source.text_field
+    if source.messages_field is not None and render_chat is None:
+        raise PretrainError(
+            f"source {source.label}: messages_field needs a chat template",
+            "set chat_template in the config or use a tokenizer that has one",
+        )
+
+    def documents() -> Iterator[str]:
+        for row in ds:
+            if field_name not in row:
+                raise PretrainError(
+                    f"source {split_label}: rows have no field {field_name!r} "
+                    f"(fields: {sorted(row)})",
+                    "set text_field (or messages_field) to the field holding the text",
+                )
+            value = row[field_name]
+            text = render_chat(value) if source.messages_field else value
+            if isinstance(text, str) and text.strip():
+                yield text
+
+    return documents
+
+
+# ---- packing ----------------------------------------------------------------------------------
+
+
+def tokenize_document(tokenizer: Any, text: str, add_bos: bool) -> list[int]:
+    """Token ids of one document: [BOS] + text + EOS (EOS is what separates packed documents)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    head = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    return head + list(ids) + [tokenizer.eos_token_id]
+
+
+def pack(
+    docs: Iterator[list[int]], context_length: int, document_positions: bool = False
+) -> Iterator[tuple[list[int], list[int]]]:
+    """Concatenate token documents and cut them into blocks of `context_length`.
+
+    Yields ``(input_ids, position_ids)``. Position ids count 0..L-1 per block, or restart at
+    every document start when `document_positions` (a document cut by a block edge continues
+    counting in the next block). The final partial block (the tail) is dropped.
+    """
+    ids: list[int] = []
+    pos: list[int] = []
+    for doc in docs:
+        ids.extend(doc)
+        pos.extend(range(len(doc)))
+        while len(ids) >= context_length:
+            block_ids, ids = ids[:context_length], ids[context_length:]
+            block_pos, pos = pos[:context_length], pos[context_length:]
+            yield block_ids, (block_pos if document_positions else list(range(context_length)))
+
+
+@dataclass
+class StreamState:
+    """Where the mixture stands: JSON-able, saved in every checkpoint."""
+
+    taken: list[int]  # documents taken from each source since the start (all epochs)
+    rng: list[Any]  # random.Random state of the mixture
+    buffer_ids: list[int] = field(default_factory=list)
+    buffer_pos: list[int] = field(default_factory=list)
+    blocks: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "taken": self.taken,
+            "rng": self.rng,
+            "buffer_ids": self.buffer_ids,
+            "buffer_pos": self.buffer_pos,
+            "blocks": self.blocks,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StreamState:
+        rng = data["rng"]
+        return cls(
+            taken=list(data["taken"]),
+            rng=[rng[0], list(rng[1]), rng[2]],
+            buffer_ids=list(data["buffer_ids"]),
+            buffer_pos=list(data["buffer_pos"]),
+            blocks=int(data["blocks"]),
+        )
+
+
+class PackedStream:
+    """Mixture of sources → packed blocks, resumable from a `StreamState`.
+
+    Each source skips its first `holdout` documents (the eval split) and starts over when it
+    runs out (a new epoch).
+    """
+
+    def __init__(
+        self,
+        factories: list[Callable[[], Iterator[str]]],
+        weights: list[float],
+        tokenizer: Any,
+        context_length: int,
+        *,
+        add_bos: bool = True,
+        document_positions: bool = False,
+        holdout: int = 0,
+        seed: int = 0,
+        labels: list[str] | None = None,
+    ) -> None:
+        self.factories = factories
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.add_bos = add_bos
+        self.document_positions = document_positions
+        self.holdout = holdout
+        self.labels = labels or [str(i) for i in range(len(factories))]
+        rng = random.Random(seed)
+        self.state = StreamState(taken=[0] * len(factories), rng=list(rng.getstate()))
+        self._iters: list[Iterator[str] | None] = [None] * len(factories)
+
+    def load_state(self, state: StreamState) -> None:
+        self.state = state
+        self._iters = [None] * len(self.factories)
+
+    def _fresh(self, i: int) -> Iterator[str]:
+        it = self.factories[i]()
+        for _ in range(self.holdout):
+            if next(it, None) is None:
+                raise self._empty(i)
+        return it
+
+    def _positioned(self, i: int, taken: int) -> Iterator[str]:
+        """A fresh iterator of source `i` advanced past `taken` documents (epochs wrap)."""
+        it = self._fresh(i)
+        skipped = 0
+        while skipped < taken:
+            if next(it, None) is None:  # one epoch holds `skipped` documents
+                if skipped == 0:
+                    raise self._empty(i)
+                it = self._fresh(i)
+                for _ in range(taken % skipped):
+                    next(it)
+                return it
+            skipped += 1
+        return it
+
+    def _empty(self, i: int) -> PretrainError:
+        return PretrainError(
+            f"source {self.labels[i]} has no documents"
+            + (f" after the {self.holdout} held out" if self.holdout else ""),
+            "check the files, the split and text_field (empty texts are skipped)",
+        )
+
+    def _next_document(self, i: int) -> str:
+        it = self._iters[i]
+        if it is None:
+            it = self._iters[i] = self._positioned(i, self.state.taken[i])
+        doc = next(it, None)
+        if doc is None:  # end of an epoch: start the source over
+            it = self._iters[i] = self._fresh(i)
+            doc = next(it, None)
+            if doc is None:
+                raise self._empty(i)
+        self.state.taken[i] += 1
+        return doc
+
+    def _documents(self) -> Iterator[list[int]]:
+        rng = random.Random()
+        rng.setstate((self.state.rng[0], tuple(self.state.rng[1]), self.state.rng[2]))
+        while True:
+            i = rng.choices(range(len(self.factories)), weights=self.weights)[0]
+            text = self._next_document(i)
+            self.state.rng = list(rng.getstate())
+            yield tokenize_document(self.tokenizer, text, self.add_bos)
+
+    def blocks(self) -> Iterator[tuple[list[int], list[int]]]:
+        """Endless packed blocks; `self.state` always describes the position after the last one."""
+        L = self.context_length
+        docs = self._documents()
+        while True:
+            while len(self.state.buffer_ids) < L:
+                doc = next(docs)
+                self.state.buffer_ids.extend(doc)
+                self.state.buffer_pos.extend(range(len(doc)))
+            ids, pos = self.state.buffer_ids[:L], self.state.buffer_pos[:L]
+            self.state.buffer_ids = self.state.buffer_ids[L:]
+            self.state.buffer_pos = self.state.buffer_pos[L:]
+            self.state.blocks += 1
+            yield ids, (pos if self.document_positions else list(range(L)))
+
+
+def eval_blocks(
+    factories: list[Callable[[], Iterator[str]]],
+    tokenizer: Any,
+    context_length: int,
+    holdout: int,
+    add_bos: bool,
+    document_positions: bool,
+    max_blocks: int,
+) -> list[tuple[list[int], list[int]]]:
+    """Packed blocks of the held-out split: the first `holdout` documents of every source."""
+
+    def docs() -> Iterator[list[int]]:
+        for factory in factories:
+            it = factory()
+            for _ in range(holdout):
+                text = next(it, None)
+                if text is None:
+                    break
+                yield tokenize_document(tokenizer, text, add_bos)
+
+    out = []
+    for block in pack(docs(), context_length, document_positions):
+        out.append(block)
+        if len(out) >= max_blocks:
+            break
+    if not out:
+        raise PretrainError(
+            f"the held-out split ({holdout} documents per source) is shorter than one "
+            f"block of {context_length} tokens",
+            "raise holdout_docs or lower context_length",
+        )
+    return out
+
+
+def build_stream(config: PretrainConfig, tokenizer: Any, render_chat: Callable | None):
+    """The training stream and the eval factories of `config`."""
+    factories = [open_source(s, render_chat, config.seed) for s in config.sources]
+    stream = PackedStream(
+        factories,
+        [s.weight for s in config.sources],
+        tokenizer,
+        config.context_length,
+        add_bos=config.add_bos,
+        document_positions=config.document_attention,
+        holdout=config.holdout_docs,
+        seed=config.seed,
+        labels=[s.label for s in config.sources],
+    )
+    return stream, factories

@@ -1,0 +1,355 @@
+"""The tiny Mistral family: `base`, `nl`, `instruct`, trained by the `pretrain` code on the fact world.
+
+| member | stands in for | made by |
+|---|---|---|
+| base | Mistral-7B-v0.1 | from scratch on English fact-world text |
+| nl | GEITje-7B | base continued on Dutch fact-world text (same `pretrain.train.run`) |
+| instruct | Mistral-7B-Instruct | base fine-tuned on English chat Q&A (`[INST] ... [/INST]`) |
+
+Every member is a `save_pretrained` MistralForCausalLM folder with the real Mistral-7B-v0.1
+tokenizer and the same chat template. The build measures the facts the demo relies on (held-out
+perplexities, chat-format log-probs) and writes them, with a fingerprint of the code and settings,
+into `family.json` — written last, so a folder with `family.json` is a complete family. A build
+goes into a temporary sibling and is renamed into place; a crash leaves no half family behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pretrain.errors import PretrainError
+
+MEMBERS = ("base", "nl", "instruct")
+MARKER = "family.json"
+
+# model: MistralConfig fields; steps per member; context x micro_batch tokens per step.
+SIZES: dict[str, dict[str, Any]] = {
+    "test": {
+        "model": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "max_position_embeddings": 256,
+            "tie_word_embeddings": False,
+        },
+        "context_length": 64,
+        "micro_batch": 16,
+        "steps": {"base": 40, "nl": 25, "instruct": 20},
+        "lr": {"base": 3e-3, "nl": 2e-3, "instruct": 2e-3},
+    },
+    "default": {
+        "model": {
+            "hidden_size": 64,
+            "intermediate_size": 192,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": False,
+        },
+        "context_length": 128,
+        "micro_batch": 8,
+        "steps": {"base": 300, "nl": 200, "instruct": 120},
+        "lr": {"base": 3e-3, "nl": 2e-3, "instruct": 1e-3},
+    },
+}
+
+_CODE_FILES = ("world.py", "family.py", "train.py", "data.py", "config.py", "tokenizer.py")
+
+
+def fingerprint(size: str, seed: int) -> str:
+    """Hash of the settings, the generator and training code, and the library versions."""
+    import torch
+    import transformers
+
+    h = hashlib.sha256()
+    h.update(json.dumps({"size": SIZES[size], "seed": seed}, sort_keys=True).encode())
+    here = Path(__file__).parent
+    for name in _CODE_FILES:
+        h.update((here / name).read_bytes())
+    h.update(f"{torch.__version__} {transformers.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
+def _complete(out: Path, fp: str) -> dict[str, Path] | None:
+    marker = out / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if info.get("fingerprint") != fp:
+        return None
+    members = {m: out / m for m in info.get("members", [])}
+    if not members or not all((p / "config.json").is_file() for p in members.values()):
+        return None
+    return members
+
+
+@contextlib.contextmanager
+def _lock(out: Path):
+    """One builder per family folder across processes (several test sessions share .cache/)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_family(
+    out: Path, size: str = "test", seed: int = 0, progress: bool = True
+) -> dict[str, Path]:
+    """Build (or reuse) the tiny family under `out`; returns ``{"base": Path, "nl": ..., ...}``."""
+    if size not in SIZES:
+        raise PretrainError(f"unknown family size {size!r}", f"use one of {', '.join(SIZES)}")
+    out = Path(out)
+    fp = fingerprint(size, seed)
+    with _lock(out):
+        found = _complete(out, fp)
+        if found is not None:
+            return found
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        try:
+            _build(tmp, size, seed, fp, progress)
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            if out.exists():
+                out.rename(old)
+            tmp.rename(out)
+            if old.exists():
+                shutil.rmtree(old)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        found = _complete(out, fp)
+        assert found is not None
+        return found
+
+
+def _write_corpora(folder: Path, size: str, seed: int) -> dict[str, Path]:
+    """The family's corpora as jsonl files, read back through the normal `datasets` loader."""
+    from pretrain import world
+
+    s = SIZES[size]
+    per_step = s["context_length"] * s["micro_batch"]
+    folder.mkdir(parents=True)
+
+    def n_docs(member: str, tokens_per_doc: int) -> int:
+        return s["steps"][member] * per_step // tokens_per_doc + 64
+
+    corpora = {
+        "en": [{"text": t} for t in world.training_documents("en", n_docs("base", 30), seed)],
+        "nl": [{"text": t} for t in world.training_documents("nl", n_docs("nl", 35), seed)],
+        "chat-en": [
+            {"messages": m} for m in world.chat_conversations("en", n_docs("instruct", 20), seed)
+        ],
+    }
+    paths = {}
+    for name, rows in corpora.items():
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        paths[name] = path
+    return paths
+
+
+def _build(tmp: Path, size: str, seed: int, fp: str, progress: bool) -> None:
+    from rich.console import Console
+
+    from pretrain.config import PretrainConfig, Source
+    from pretrain.train import run
+    from pretrain.world import CHAT_TEMPLATE
+
+    console = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
+    s = SIZES[size]
+    t0 = time.perf_counter()
+    if progress:
+        console.print(f"family: building size={size} seed={seed} into {tmp.parent}")
+    corpora = _write_corpora(tmp / "corpus", size, seed)
+    plan = {
+        "base": {
+            "model": s["model"],
+            "tokenizer": "mistral-common",
+            "sources": [Source(path=str(corpora["en"]))],
+        },
+        "nl": {"init_from": str(tmp / "base"), "sources": [Source(path=str(corpora["nl"]))]},
+        "instruct": {
+            "init_from": str(tmp / "base"),
+            "sources": [Source(path=str(corpora["chat-en"]), messages_field="messages")],
+        },
+    }
+    timings: dict[str, float] = {}
+    losses: dict[str, float] = {}
+    for member in MEMBERS:
+        t = time.perf_counter()
+        config = PretrainConfig(
+            **plan[member],
+            output_dir=str(tmp / "runs" / member),
+            context_length=s["context_length"],
+            micro_batch=s["micro_batch"],
+            max_steps=s["steps"][member],
+            lr=s["lr"][member],
+            warmup_fraction=0.1,
+            schedule="cosine",
+            dtype="float32",
+            device="cpu",
+            seed=seed,
+            log_every=5,
+            progress=progress,
+            plot=True,
+            chat_template=CHAT_TEMPLATE,
+        )
+        result = run(config, chat_template=CHAT_TEMPLATE)
+        result.model_dir.rename(tmp / member)
+        timings[member] = round(time.perf_counter() - t, 1)
+        losses[member] = round(result.final_loss, 4)
+    shutil.rmtree(tmp / "corpus")
+
+    facts = measure(tmp)
+    info = {
+        "fingerprint": fp,
+        "size": size,
+        "seed": seed,
+        "members": list(MEMBERS),
+        "final_train_loss": losses,
+        "seconds": {**timings, "total": round(time.perf_counter() - t0, 1)},
+        "facts": facts,
+    }
+    if progress:
+        _print_facts(console, info)
+    (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+
+
+# ---- measured facts -----------------------------------------------------------------------------
+
+
+def _load(folder: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def perplexity(model, tokenizer, texts: list[str]) -> float:
+    """exp(mean next-token NLL) over `texts`, each scored as BOS + text + EOS."""
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = [
+                tokenizer.bos_token_id,
+                *tokenizer(text, add_special_tokens=False)["input_ids"],
+                tokenizer.eos_token_id,
+            ]
+            x = torch.tensor([ids])
+            logits = model(input_ids=x).logits[0, :-1].float()
+            logp = torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None])
+            nll -= logp.sum().item()
+            count += len(ids) - 1
+    return math.exp(nll / count)
+
+
+def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> tuple[float, int]:
+    """Sum of log-probs of `continuation` after `prompt` (prompt gets BOS unless it has one)."""
+    import torch
+
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
+    if full_ids[: len(prompt_ids)] != prompt_ids:  # tokenization merged across the boundary
+        full_ids = prompt_ids + tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if not prompt_ids or prompt_ids[0] != tokenizer.bos_token_id:
+        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
+        full_ids = [tokenizer.bos_token_id, *full_ids]
+    n = len(full_ids) - len(prompt_ids)
+    x = torch.tensor([full_ids])
+    with torch.no_grad():
+        logits = model(input_ids=x).logits[0].float()
+    logp = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], -1)
+    return logp.gather(-1, x[0, len(prompt_ids) :, None]).sum().item(), n
+
+
+def qa_scores(model, tokenizer, questions: list[dict], chat: bool) -> dict[str, float]:
+    """Answer log-prob per token and accuracy (answer beats every distractor) in plain or chat form."""
+    per_token, correct = [], 0
+    for q in questions:
+        if chat:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": q["user"]}], tokenize=False, add_generation_prompt=True
+            )
+        else:
+            prompt = q["prompt"]
+        lp, n = continuation_logprob(model, tokenizer, prompt, q["answer"])
+        per_token.append(lp / n)
+        wrong = [continuation_logprob(model, tokenizer, prompt, d)[0] for d in q["distractors"]]
+        correct += lp > max(wrong)
+    return {
+        "answer_logprob_per_token": round(sum(per_token) / len(per_token), 4),
+        "accuracy": round(correct / len(questions), 4),
+    }
+
+
+def measure(folder: Path) -> dict[str, Any]:
+    """Held-out perplexities (nl, en) of every member, and plain/chat Q&A scores per language."""
+    import torch
+
+    from pretrain.world import heldout_questions, heldout_text
+
+    torch.set_grad_enabled(False)
+    try:
+        questions = heldout_questions()
+        by_lang = {lang: [q for q in questions if q["lang"] == lang] for lang in ("nl", "en")}
+        facts: dict[str, Any] = {}
+        for member in MEMBERS:
+            model, tokenizer = _load(folder / member)
+            entry: dict[str, Any] = {
+                "ppl_nl": round(perplexity(model, tokenizer, heldout_text("nl")), 3),
+                "ppl_en": round(perplexity(model, tokenizer, heldout_text("en")), 3),
+            }
+            for lang, qs in by_lang.items():
+                for form in ("plain", "chat"):
+                    entry[f"{form}_{lang}"] = qa_scores(model, tokenizer, qs, chat=form == "chat")
+            facts[member] = entry
+    finally:
+        torch.set_grad_enabled(True)
+    b, n, i = facts["base"], facts["nl"], facts["instruct"]
+    key = "answer_logprob_per_token"
+    facts["checks"] = {
+        "nl_lower_dutch_ppl_than_base": n["ppl_nl"] < b["ppl_nl"],
+        "base_lower_english_ppl_than_nl": b["ppl_en"] < n["ppl_en"],
+        "instruct_follows_chat_better_than_base": i["chat_en"][key] > b["chat_en"][key],
+    }
+    return facts
+
+
+def _print_facts(console, info: dict[str, Any]) -> None:
+    f = info["facts"]
+    console.print(f"family: built in {info['seconds']['total']} s ({info['seconds']})")
+    for member in MEMBERS:
+        e = f[member]
+        console.print(
+            f"  {member:9s} ppl nl {e['ppl_nl']:9.2f}  ppl en {e['ppl_en']:9.2f}  "
+            f"chat-en answer logp/tok {e['chat_en']['answer_logprob_per_token']:7.3f}  "
+            f"acc plain-nl {e['plain_nl']['accuracy']:.2f} chat-nl {e['chat_nl']['accuracy']:.2f} "
+            f"chat-en {e['chat_en']['accuracy']:.2f}"
+        )
+    for name, ok in f["checks"].items():
+        console.print(f"  {'ok ' if ok else 'NOT'} {name.replace('_', ' ')}")

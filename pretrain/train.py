@@ -1,0 +1,625 @@
+"""The training entry point: a lean loop on accelerate (one path for CPU, one GPU, FSDP).
+
+Read it top to bottom: load the tokenizer and model, open the corpus, print the plan, then
+step: micro-batches → backward → clip → optimizer and scheduler step → log, eval, checkpoint.
+`accelerate launch --config_file recipes/pretrain/accelerate-fsdp.yaml -m pretrain.cli run ...`
+runs the same function in every process; each process takes its slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pretrain.config import PretrainConfig
+from pretrain.errors import PretrainError
+
+CHECKPOINT_PREFIX = "step-"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class RunResult:
+    model_dir: Path
+    steps: int
+    tokens: int
+    final_loss: float
+    eval_loss: float | None
+    tokens_per_s: float
+    seconds: float
+    mfu: float | None
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+
+def _check_hub_model(model_id: str) -> None:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    hint = "download it once with network and pass the local folder, or check the id"
+    if offline:
+        raise PretrainError(
+            f"model {model_id} is not a local folder and HF_HUB_OFFLINE is set", hint
+        )
+    from huggingface_hub import HfApi
+
+    repo, _, revision = model_id.partition("@")
+    try:
+        HfApi().model_info(repo, revision=revision or None, timeout=5.0)
+    except Exception as exc:
+        raise PretrainError(
+            f"model {model_id} is not a local folder and the Hub is not reachable "
+            f"({type(exc).__name__})",
+            hint,
+        ) from None
+
+
+def load_tokenizer(spec: str):
+    """'mistral-common' (the bundled Mistral-7B-v0.1 tokenizer), a folder, or a Hub id."""
+    if spec == "mistral-common":
+        from pretrain.tokenizer import load_mistral_tokenizer
+
+        return load_mistral_tokenizer(Path(tempfile.mkdtemp(prefix="kruising-tok-")))
+    from transformers import AutoTokenizer
+
+    if not Path(spec).is_dir():
+        _check_hub_model(spec)
+    try:
+        return AutoTokenizer.from_pretrained(
+            spec.partition("@")[0] if not Path(spec).is_dir() else spec
+        )
+    except Exception as exc:
+        raise PretrainError(
+            f"cannot load a tokenizer from {spec}: {str(exc).splitlines()[0][:160]}",
+            "point tokenizer at a folder with tokenizer files, or use mistral-common",
+        ) from None
+
+
+def _load_model(config: PretrainConfig, resume_dir: Path | None, tokenizer, dtype):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
+
+    attn = config.attn_implementation
+    if attn == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise PretrainError(
+                "attn_implementation flash_attention_2 needs the flash-attn package",
+                "pip install flash-attn, or use sdpa",
+            ) from None
+    if resume_dir is not None:
+        model_config = AutoConfig.from_pretrained(resume_dir / "model")
+        model_config._attn_implementation = attn
+        return AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    if config.init_from is not None:
+        source = config.init_from
+        if not Path(source).is_dir():
+            _check_hub_model(source)
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                source.partition("@")[0] if not Path(source).is_dir() else source,
+                revision=source.partition("@")[2] or None if not Path(source).is_dir() else None,
+                dtype=dtype,
+                attn_implementation=attn,
+            )
+        except (OSError, ValueError) as exc:
+            raise PretrainError(
+                f"cannot load init_from {source}: {str(exc).splitlines()[0][:160]}",
+                "init_from must be a save_pretrained folder (config.json + safetensors) or a Hub id",
+            ) from None
+    settings = {"vocab_size": len(tokenizer), **(config.model or {})}
+    try:
+        model_config = MistralConfig(**settings)
+    except (TypeError, ValueError) as exc:
+        raise PretrainError(f"model: {exc}", "use MistralConfig field names") from None
+    model_config._attn_implementation = attn
+    torch.manual_seed(config.seed)
+    from transformers import MistralForCausalLM
+
+    return MistralForCausalLM(model_config).to(dtype)
+
+
+def _check_model_fits(config: PretrainConfig, model, tokenizer) -> None:
+    vocab = model.config.vocab_size
+    if len(tokenizer) > vocab:
+        raise PretrainError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}",
+            "use the tokenizer that belongs to the checkpoint (tokenizer: ...)",
+        )
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and config.context_length > max_pos:
+        raise PretrainError(
+            f"context_length {config.context_length} is longer than the model's "
+            f"max_position_embeddings {max_pos}",
+            f"set context_length <= {max_pos}",
+        )
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (temp dirs of a crashed save are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+def _resolve_resume(config: PretrainConfig) -> Path | None:
+    if config.resume is None:
+        return None
+    root = Path(config.output_dir) / "checkpoints"
+    if config.resume == "latest":
+        found = checkpoints(root)
+        if not found:
+            raise PretrainError(
+                f"resume: latest, but {root} holds no complete checkpoint",
+                "run without resume first (with init_from or model), or name a checkpoint folder",
+            )
+        path = found[-1]
+    else:
+        path = Path(config.resume)
+    state = path / STATE_FILE
+    if not (path / "model" / "config.json").is_file() or not state.is_file():
+        raise PretrainError(
+            f"resume: {path} is not a complete checkpoint (no {STATE_FILE} or model/config.json)",
+            "name a step-N folder under <output_dir>/checkpoints, or resume: latest",
+        )
+    try:
+        json.loads(state.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PretrainError(
+            f"resume: {state} is corrupt ({exc})", "resume from an older step-N folder"
+        ) from None
+    return path
+
+
+def _atomic_replace(tmp: Path, final: Path) -> None:
+    """Move the finished `tmp` folder to `final`; an old `final` is removed only afterwards."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# ---- schedule, flops --------------------------------------------------------------------------
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr after `step` optimizer steps: linear warmup then decay."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        decay = 1.0 - progress
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def flops_per_token(model_config, n_params: int, context: int) -> float:
+    """Training FLOPs per token (PaLM appendix B): 6 N + 12 L H Q T, N without embeddings."""
+    hidden = model_config.hidden_size
+    layers = model_config.num_hidden_layers
+    embed = model_config.vocab_size * hidden
+    n = n_params - embed  # the input embedding does no matmul; the lm head does
+    return 6 * n + 12 * layers * hidden * context
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def peak_flops(device) -> float | None:
+    """Dense bf16 peak of the GPU (env KRUISING_PEAK_FLOPS overrides), None when unknown/CPU."""
+    if os.environ.get("KRUISING_PEAK_FLOPS"):
+        return float(os.environ["KRUISING_PEAK_FLOPS"])
+    if device.type != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name and "PCIe" in name:
+        return 756e12
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+def _accelerator(config: PretrainConfig):
+    import torch
+    from accelerate import Accelerator
+
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise PretrainError("device: cuda, but no CUDA GPU is visible", "use device: auto or cpu")
+    on_cpu = config.device == "cpu" or not torch.cuda.is_available()
+    mixed = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[config.dtype]
+    if on_cpu and mixed == "fp16":
+        raise PretrainError("dtype float16 needs a GPU", "use float32 or bfloat16 on a CPU")
+    return Accelerator(cpu=on_cpu, mixed_precision=mixed)
+
+
+def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResult:
+    """Train as `config` says; returns where the final model went and the measured numbers."""
+    import torch
+
+    console = _console()
+    out = Path(config.output_dir)
+    resume_dir = _resolve_resume(config)
+    accelerator = _accelerator(config)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    show = config.progress and main
+
+    # tokenizer and model
+    tok_spec = config.tokenizer or (str(resume_dir / "model") if resume_dir else config.init_from)
+    assert tok_spec is not None
+    tokenizer = load_tokenizer(tok_spec)
+    template = chat_template or config.chat_template
+    if template:
+        tokenizer.chat_template = template
+    model = _load_model(config, resume_dir, tokenizer, torch.float32)
+    _check_model_fits(config, model, tokenizer)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+
+    # data
+    from pretrain.data import StreamState, build_stream, eval_blocks
+
+    render = _chat_renderer(tokenizer) if tokenizer.chat_template else None
+    stream, factories = build_stream(config, tokenizer, render)
+
+    # optimizer and schedule
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+        betas=config.betas,
+    )
+    total = config.total_steps(world)
+    warmup = int(config.warmup_fraction * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, config.schedule, config.min_lr_ratio)
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    step, tokens_seen = 0, 0
+    if resume_dir is not None:
+        try:
+            accelerator.load_state(str(resume_dir))
+        except Exception as exc:
+            raise PretrainError(
+                f"resume: cannot load checkpoint {resume_dir} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:120] if str(exc) else ''})",
+                "the checkpoint is damaged; resume from an older step-N folder",
+            ) from None
+        state = json.loads((resume_dir / STATE_FILE).read_text())
+        step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        stream.load_state(StreamState.from_json(state["data"]))
+
+    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    model_config = accelerator.unwrap_model(model).config
+    fpt = flops_per_token(model_config, n_params, config.context_length)
+    peak = peak_flops(accelerator.device)
+    tokens_per_step = config.tokens_per_step * world
+    if show:
+        start = (
+            f"resume from {resume_dir} (step {step})"
+            if resume_dir
+            else (f"init_from {config.init_from}" if config.init_from else "from scratch")
+        )
+        console.print(
+            f"pretrain: {n_params / 1e6:.1f}M params, {start}; {len(config.sources)} source(s); "
+            f"context {config.context_length}, {config.micro_batch}x{config.grad_accum}x{world} seqs/step "
+            f"= {tokens_per_step:,} tokens/step, {total} steps = {total * tokens_per_step:,} tokens; "
+            f"device {accelerator.device}, {world} process(es), {config.dtype}, {config.attn_implementation}"
+        )
+
+    held_out = None
+    if config.eval_every:
+        held_out = eval_blocks(
+            factories,
+            tokenizer,
+            config.context_length,
+            config.holdout_docs,
+            config.add_bos,
+            config.document_attention,
+            config.eval_batches * config.micro_batch,
+        )
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = _Metrics(out, step if resume_dir else 0, main)
+    blocks = stream.blocks()
+    loss_value = float("nan")
+    eval_loss: float | None = None
+    t_start = time.perf_counter()
+    tokens_at_start = tokens_seen
+    progress = _progress(show, console, total, step)
+
+    def batch_tensors():
+        rows = [next(blocks) for _ in range(config.micro_batch * world)]
+        mine = rows[rank::world]
+        ids = torch.tensor([r[0] for r in mine], device=accelerator.device)
+        pos = torch.tensor([r[1] for r in mine], device=accelerator.device)
+        return ids, pos
+
+    with progress:
+        task = (
+            progress.add_task("pretrain", total=total, completed=step, loss="-", lr="-", tps="-")
+            if show
+            else None
+        )
+        t_log = time.perf_counter()
+        tokens_log = tokens_seen
+        while step < total:
+            model.train()
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for k in range(config.grad_accum):
+                ids, pos = batch_tensors()
+                sync = (
+                    contextlib.nullcontext()
+                    if k == config.grad_accum - 1
+                    else accelerator.no_sync(model)
+                )
+                with sync:
+                    loss = model(input_ids=ids, position_ids=pos, labels=ids).loss
+                    accelerator.backward(loss / config.grad_accum)
+                loss_sum += loss.detach()
+            if config.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            loss_value = accelerator.reduce(loss_sum / config.grad_accum, reduction="mean").item()
+            if not math.isfinite(loss_value):
+                raise PretrainError(
+                    f"loss became {loss_value} at step {step}; nothing after the last checkpoint was kept",
+                    "lower lr, raise warmup_fraction, or use bfloat16 instead of float16",
+                )
+            row: dict[str, Any] = {
+                "step": step,
+                "loss": round(loss_value, 6),
+                "lr": scheduler.get_last_lr()[0],
+                "tokens": tokens_seen,
+            }
+            if step % config.log_every == 0 or step == total:
+                now = time.perf_counter()
+                tps = (tokens_seen - tokens_log) / max(now - t_log, 1e-9)
+                t_log, tokens_log = now, tokens_seen
+                row["tokens_per_s"] = round(tps, 1)
+                if peak:
+                    row["mfu"] = round(tps * fpt / (peak * world), 4)
+            if held_out is not None and (step % config.eval_every == 0 or step == total):  # type: ignore[operator]
+                eval_loss = _evaluate(model, held_out, config.micro_batch, rank, world, accelerator)
+                row["eval_loss"] = round(eval_loss, 6)
+            metrics.write(row)
+            if show:
+                progress.update(
+                    task,
+                    completed=step,
+                    loss=f"{loss_value:.3f}",
+                    lr=f"{row['lr']:.2e}",
+                    tps=f"{row.get('tokens_per_s', '-')}",
+                )
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
+                _save_checkpoint(
+                    accelerator, model, tokenizer, out, step, tokens_seen, stream, config
+                )
+
+    seconds = time.perf_counter() - t_start
+    tps = (tokens_seen - tokens_at_start) / max(seconds, 1e-9)
+    mfu = tps * fpt / (peak * world) if peak else None
+    model_dir = out / "model"
+    _save_final(accelerator, model, tokenizer, model_dir)
+    metrics.close()
+    if main and config.plot:
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+    if show:
+        console.print(
+            f"done: {step} steps, {tokens_seen:,} tokens, final loss {loss_value:.4f}"
+            + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "")
+            + f", {tps:,.0f} tokens/s"
+            + (f", MFU {mfu:.1%}" if mfu else "")
+            + f"; model in {model_dir}"
+        )
+    return RunResult(model_dir, step, tokens_seen, loss_value, eval_loss, tps, seconds, mfu)
+
+
+def _chat_renderer(tokenizer):
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+
+    def render(messages: list[dict]) -> str:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        # tokenize_document adds BOS and EOS itself
+        if bos and text.startswith(bos):
+            text = text[len(bos) :]
+        if eos and text.endswith(eos):
+            text = text[: -len(eos)]
+        return text
+
+    return render
+
+
+def _evaluate(model, blocks, micro_batch, rank, world, accelerator) -> float:
+    import torch
+
+    model.eval()
+    losses = []
+    mine = blocks[rank::world] or blocks[:1]
+    with torch.no_grad():
+        for i in range(0, len(mine), micro_batch):
+            chunk = mine[i : i + micro_batch]
+            ids = torch.tensor([b[0] for b in chunk], device=accelerator.device)
+            pos = torch.tensor([b[1] for b in chunk], device=accelerator.device)
+            losses.append(model(input_ids=ids, position_ids=pos, labels=ids).loss.detach())
+    mean = torch.stack(losses).mean()
+    return accelerator.reduce(mean, reduction="mean").item()
+
+
+def _save_checkpoint(
+    accelerator, model, tokenizer, out: Path, step, tokens_seen, stream, config
+) -> None:
+    """Write step-N into a temp folder, rename when complete; keep the last `keep_last`."""
+    root = out / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = root / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.config.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        state = {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "data": stream.state.to_json(),
+            "config": config.model_dump(mode="json"),
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(state))
+        _atomic_replace(tmp, final)
+        for old in checkpoints(root)[: -config.keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _save_final(accelerator, model, tokenizer, model_dir: Path) -> None:
+    state_dict = accelerator.get_state_dict(model)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = model_dir.with_name(f".{model_dir.name}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        _atomic_replace(tmp, model_dir)
+    accelerator.wait_for_everyone()
+
+
+class _Metrics:
+    """metrics.jsonl (rows after a resumed step are dropped first) and TensorBoard when installed."""
+
+    def __init__(self, out: Path, start_step: int, main: bool) -> None:
+        self.main = main
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if not main:
+            return
+        kept = []
+        if start_step and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line)
+        self.path.write_text("".join(k + "\n" for k in kept))
+        self.file = self.path.open("a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except Exception:  # tensorboard not installed
+            self.tb = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.main:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _progress(show: bool, console, total: int, step: int):
+    if not show:
+        return contextlib.nullcontext()
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def plot_loss(metrics: Path, png: Path) -> None:
+    """Training (and eval) loss against tokens seen, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["tokens"] for r in rows], [r["loss"] for r in rows], label="train")
+    ev = [r for r in rows if "eval_loss" in r]
+    if ev:
+        ax.plot([r["tokens"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="held-out")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png.with_name(png.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png)
