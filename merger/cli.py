@@ -65,6 +65,42 @@ def run_command(
     )
 
 
+@app.command("push")
+def push_command(
+    child: Annotated[Path, typer.Argument(help="Child folder written by `merge run`.")],
+    repo: Annotated[str, typer.Option("--repo", help="Model repo on the Hub: ORG/NAME.")],
+    private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
+    recipe_only: Annotated[
+        bool, typer.Option(help="Upload only README.md, mergekit_config.yml and the scorecard.")
+    ] = False,
+) -> None:
+    """Upload CHILD (card with scores, recipe, weights) to a Hub model repo in one commit.
+
+    The token comes from HF_TOKEN or `hf auth login`; it is never written anywhere.
+    """
+    from merger.hub import push
+
+    url = push(child, repo, private=private, recipe_only=recipe_only)
+    print(url)
+
+
+@app.command("pull")
+def pull_command(
+    source: Annotated[str, typer.Argument(help="Hub model repo ORG/NAME[@rev] or a local folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Recipe file to write.")] = Path(
+        "recipe.yaml"
+    ),
+    force: Annotated[bool, typer.Option(help="Replace an existing, different --out file.")] = False,
+) -> None:
+    """Write the recipe of a Hub repo or folder, validated, for `merge run` to reproduce it.
+
+    Reads mergekit_config.yml, else the recipe YAML block of README.md (mergekit, LazyMergekit).
+    """
+    from merger.hub import pull
+
+    pull(source, out, overwrite=force)
+
+
 app.command("eval")(eval_command)
 
 
