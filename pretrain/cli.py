@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from enum import StrEnum
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(
@@ -15,9 +19,72 @@ app = typer.Typer(
 _state = {"verbose": False}
 
 
+class Size(StrEnum):
+    test = "test"
+    default = "default"
+
+
 @app.callback()
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks.")) -> None:
     _state["verbose"] = verbose
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="Pretrain config YAML (see recipes/pretrain/)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Train as CONFIG says: init_from a checkpoint (or a fresh model), or resume a run.
+
+    Writes OUTPUT_DIR/model (a save_pretrained folder), OUTPUT_DIR/checkpoints/step-N,
+    OUTPUT_DIR/metrics.jsonl and OUTPUT_DIR/loss.png. Under `accelerate launch` every process
+    runs this same command.
+    """
+    from pretrain.config import load_config
+    from pretrain.train import run as train_run
+
+    result = train_run(load_config(config))
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "model_dir": str(result.model_dir),
+                    "steps": result.steps,
+                    "tokens": result.tokens,
+                    "final_loss": result.final_loss,
+                    "eval_loss": result.eval_loss,
+                    "tokens_per_s": result.tokens_per_s,
+                    "seconds": result.seconds,
+                    "mfu": result.mfu,
+                }
+            )
+        )
+
+
+@app.command()
+def family(
+    out: Path = typer.Option(
+        ..., "--out", help="Folder for the family (one subfolder per member)."
+    ),
+    size: Size = typer.Option(Size.default, "--size", help="test: < 1 min; default: < 5 min."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the world's corpora and the weights."),
+    as_json: bool = typer.Option(False, "--json", help="Print family.json on stdout."),
+) -> None:
+    """Build the tiny Mistral family (base, nl, instruct) on the fact world; reuse it when current."""
+    from pretrain.family import MARKER, build_family
+
+    members = build_family(out, size=size.value, seed=seed)
+    if as_json:
+        print((out / MARKER).read_text())
+    else:
+        from rich.console import Console
+
+        console = Console(stderr=True, highlight=False)
+        info = json.loads((out / MARKER).read_text())
+        for name, ok in info["facts"]["checks"].items():
+            console.print(f"{'ok ' if ok else 'NOT'} {name.replace('_', ' ')}")
+        for name, path in members.items():
+            console.print(f"{name}: {path}")
 
 
 def main() -> None:

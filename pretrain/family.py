@@ -46,8 +46,8 @@ SIZES: dict[str, dict[str, Any]] = {
         },
         "context_length": 64,
         "micro_batch": 16,
-        "steps": {"base": 40, "nl": 25, "instruct": 20},
-        "lr": {"base": 3e-3, "nl": 2e-3, "instruct": 2e-3},
+        "steps": {"base": 40, "nl": 20, "instruct": 16},
+        "lr": {"base": 1e-2, "nl": 5e-3, "instruct": 5e-3},
     },
     "default": {
         "model": {

@@ -270,7 +270,9 @@ def _accelerator(config: PretrainConfig):
 def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResult:
     """Train as `config` says; returns where the final model went and the measured numbers."""
     import torch
+    import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # our own progress is enough
     console = _console()
     out = Path(config.output_dir)
     resume_dir = _resolve_resume(config)
