@@ -18,6 +18,7 @@ Light module: pydantic and yaml only, no torch.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 import types
@@ -63,6 +64,7 @@ __all__ = [
     "parse_recipe",
     "recipe_to_yaml",
     "resolve_setting",
+    "validate_recipe",
     "setting_for",
 ]
 
@@ -243,10 +245,10 @@ def _check_layer_range(value: Any) -> tuple[int, int]:
     ok = (
         isinstance(value, (list, tuple))
         and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and all(_is_number(v) and float(v).is_integer() for v in value)
     )
     if ok and 0 <= value[0] < value[1]:
-        return (value[0], value[1])
+        return (int(value[0]), int(value[1]))
     raise _fail(
         "layer_range",
         f"layer_range must be [start, end] with 0 <= start < end, got {value!r}",
@@ -616,13 +618,18 @@ def _leaves(setting: Any, loc: Loc) -> Iterator[tuple[Loc, Any]]:
         yield loc, setting
 
 
+@functools.cache
+def _adapter(tp: type) -> TypeAdapter[Any]:
+    return TypeAdapter(tp)
+
+
 def _value_problems(loc: Loc, name: str, setting: Any, expected: type | None) -> list[Problem]:
     problems: list[Problem] = []
     for where, raw in _leaves(setting, loc):
         value = raw
         if expected is not None:
             try:
-                value = TypeAdapter(expected).validate_python(raw)
+                value = _adapter(expected).validate_python(raw)
             except ValidationError:
                 what = {float: "a number", int: "an integer", bool: "true or false"}[expected]
                 problems.append((where, f"{name} must be {what}, got {value!r}", ""))
@@ -653,13 +660,13 @@ class RecipeProblem(BaseModel):
     """One problem of a recipe file: where it is, what is wrong, how to fix it."""
 
     source: str
-    line: int
+    line: int | None  # None for a recipe built from data rather than read from YAML
     path: str
     message: str
     hint: str = ""
 
     def __str__(self) -> str:
-        where = f"{self.source}:{self.line}"
+        where = self.source if self.line is None else f"{self.source}:{self.line}"
         return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
 
 
@@ -685,12 +692,13 @@ def _compose(text: str, source: str) -> tuple[Any, dict[Loc, int], list[RecipePr
         if depth > _MAX_DEPTH:
             raise yaml.YAMLError(f"nested deeper than {_MAX_DEPTH} levels (recursive alias?)")
         if isinstance(node, yaml.MappingNode):
-            loader.flatten_mapping(node)
-            out: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:  # duplicates among the keys written here
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *anchor` keys may be overridden, as YAML intends
                 key = loader.construct_object(key_node, deep=True)
                 line = key_node.start_mark.line + 1
-                if not isinstance(key, (str, int, float, bool)) or key is None:
+                if not isinstance(key, (str, int, float, bool)):
                     problems.append(
                         RecipeProblem(
                             source=source,
@@ -699,19 +707,25 @@ def _compose(text: str, source: str) -> tuple[Any, dict[Loc, int], list[RecipePr
                             message=f"a key must be a plain name, got {key!r}",
                         )
                     )
-                    continue
-                if key in out:
+                elif key in first_line:
                     problems.append(
                         RecipeProblem(
                             source=source,
                             line=line,
                             path=_format_loc((*loc, key)),
-                            message=f"duplicate key (first on line {lines[(*loc, key)]})",
+                            message=f"duplicate key (first on line {first_line[key]})",
                             hint="remove one of the two; YAML would silently keep the last",
                         )
                     )
+                else:
+                    first_line[key] = line
+            loader.flatten_mapping(node)
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:  # merged keys first, then the written ones
+                key = loader.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)):
                     continue
-                lines[(*loc, key)] = line
+                lines[(*loc, key)] = key_node.start_mark.line + 1
                 out[key] = build(value_node, (*loc, key), depth + 1)
             return out
         if isinstance(node, yaml.SequenceNode):
@@ -768,11 +782,11 @@ def _format_loc(loc: Loc) -> str:
     return out
 
 
-def _line_of(loc: Loc, lines: Mapping[Loc, int]) -> int:
+def _line_of(loc: Loc, lines: Mapping[Loc, int]) -> int | None:
     for cut in range(len(loc), -1, -1):
         if loc[:cut] in lines:
             return lines[loc[:cut]]
-    return 1
+    return None
 
 
 def _unwrap(tp: Any) -> list[Any]:
@@ -874,7 +888,30 @@ def parse_recipe(text: str, source: str = "<recipe>") -> MergeRecipe:
         )
     if problems and (data is None or not isinstance(data, dict)):
         raise RecipeError(problems)
+    return _validate(data, lines, source, problems)
 
+
+def validate_recipe(data: Mapping[str, Any], source: str = "<recipe>") -> MergeRecipe:
+    """Validate a recipe given as data (a sweep variant, a card's front matter).
+
+    Same checks and one :class:`RecipeError` as :func:`parse_recipe`; problems name the field
+    (``<recipe>: models[1].parameters.density: ...``) but no line.
+    """
+    if not isinstance(data, Mapping):
+        problem = RecipeProblem(
+            source=source,
+            line=None,
+            path="",
+            message=f"a recipe is a mapping of keys, got a {type(data).__name__}",
+            hint=_SCHEMA_HINT,
+        )
+        raise RecipeError([problem])
+    return _validate(dict(data), {}, source, [])
+
+
+def _validate(
+    data: dict[str, Any], lines: Mapping[Loc, int], source: str, problems: list[RecipeProblem]
+) -> MergeRecipe:
     semantic = [
         RecipeProblem(
             source=source,
@@ -897,7 +934,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> MergeRecipe:
     problems.extend(semantic)
     if problems:
         unique = {(p.line, p.path, p.message): p for p in problems}
-        raise RecipeError(sorted(unique.values(), key=lambda p: p.line))
+        raise RecipeError(sorted(unique.values(), key=lambda p: p.line or 0))
     assert recipe is not None
     return recipe
 

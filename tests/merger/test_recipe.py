@@ -24,6 +24,7 @@ from merger.recipe import (
     recipe_to_yaml,
     resolve_setting,
     setting_for,
+    validate_recipe,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -264,6 +265,13 @@ def test_layer_range_is_a_tuple() -> None:
     )
     assert recipe.slices is not None
     assert recipe.slices[0].sources[0].layer_range == (0, 24)
+
+
+def test_integral_float_layer_range_is_accepted_like_mergekit() -> None:
+    recipe = parse(
+        "merge_method: passthrough\nslices:\n  - sources:\n      - {model: a, layer_range: [0, 8.0]}\n"
+    )
+    assert recipe.slices is not None and recipe.slices[0].sources[0].layer_range == (0, 8)
 
 
 def test_slice_without_sources() -> None:
@@ -576,6 +584,62 @@ def test_modules_form_parses() -> None:
 def test_name_is_accepted_for_mergekit_multi_stages() -> None:
     recipe = parse("name: stage-1\nmerge_method: linear\nmodels: [{model: a}]\n")
     assert recipe.name == "stage-1"
+
+
+def test_anchors_and_merge_keys_keep_their_lines() -> None:
+    recipe = parse(
+        """
+        merge_method: ties
+        base_model: org/base
+        models:
+          - model: org/a
+            parameters: &shared
+              density: 0.5
+              weight: 0.5
+          - model: org/b
+            parameters:
+              <<: *shared
+              weight: 0.3
+        """
+    )
+    assert recipe.models is not None
+    assert recipe.models[1].parameters == {"density": 0.5, "weight": 0.3}
+    with pytest.raises(
+        KruisingError, match=r"recipe\.yaml:10: models\[1\]\.parameters\.weigth: unknown key"
+    ):
+        parse(
+            """
+            merge_method: ties
+            base_model: org/base
+            models:
+              - model: org/a
+                parameters: &shared
+                  density: 0.5
+              - model: org/b
+                parameters:
+                  <<: *shared
+                  weigth: 0.3
+            """
+        )
+
+
+def test_validate_recipe_from_data_names_the_field() -> None:
+    data = {
+        "merge_method": "ties",
+        "base_model": "org/base",
+        "models": [{"model": "org/a", "parameters": {"density": 2.0, "weight": 1.0}}],
+    }
+    with pytest.raises(
+        KruisingError,
+        match=r"^sweep:variant-3: models\[0\]\.parameters\.density: density must be in \[0, 1\], got 2\.0$",
+    ):
+        validate_recipe(data, "sweep:variant-3")
+    data["models"][0]["parameters"]["density"] = 0.4
+    assert validate_recipe(data).models[0].parameters == {"density": 0.4, "weight": 1.0}
+    with pytest.raises(
+        KruisingError, match=r"^<recipe>: a recipe is a mapping of keys, got a list$"
+    ):
+        validate_recipe([1, 2])  # type: ignore[arg-type]
 
 
 def test_load_recipe_names_the_file(tmp_path: Path) -> None:
