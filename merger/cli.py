@@ -101,6 +101,92 @@ def pull_command(
     pull(source, out, overwrite=force)
 
 
+@app.command("sweep")
+def sweep_command(
+    spec: Annotated[Path, typer.Argument(help="A sweep spec YAML (recipe + search space).")],
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Optuna storage URL; default the spec's, else sqlite:///kruising-studies.db."
+        ),
+    ] = None,
+    trials: Annotated[
+        int | None, typer.Option(help="Variants the study should hold (overrides the spec).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the leaderboard as JSON on stdout.")
+    ] = False,
+) -> None:
+    """Merge variants of a recipe in memory, score each, and rank them in an optuna study.
+
+    Rerunning a killed sweep continues it; completed variants are kept.
+    """
+    import json
+
+    from merger.rank import leaderboard, print_leaderboard
+    from merger.sweep import load_spec, run_sweep, spec_recipe
+
+    parsed, root = load_spec(spec)
+    if trials is not None and trials < 1:
+        from merger.errors import KruisingError
+
+        raise KruisingError(f"--trials must be at least 1, got {trials}", "use --trials 8")
+    study = run_sweep(
+        parsed, spec_recipe(parsed, root), storage=storage, trials=trials, device=device
+    )
+    board = leaderboard(study)
+    print_leaderboard(board, limit=10)
+    if json_out:
+        print(json.dumps(board, indent=2))
+
+
+@app.command("rank")
+def rank_command(
+    study: Annotated[str, typer.Argument(help="The study name (a sweep spec's name:).")],
+    storage: Annotated[
+        str | None, typer.Option(help="Optuna storage URL (default sqlite:///kruising-studies.db).")
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the leaderboard as JSON on stdout.")
+    ] = False,
+    plots: Annotated[
+        Path | None, typer.Option(help="Write PNG plots (score vs parameter, Pareto) here.")
+    ] = None,
+    top: Annotated[int | None, typer.Option(help="Show only the best N rows.")] = None,
+) -> None:
+    """Show a study's leaderboard: rank, parameters, Dutch and English scores, Pareto mark."""
+    import json
+
+    from merger.console import console
+    from merger.rank import leaderboard, load_study, print_leaderboard, write_plots
+
+    board = leaderboard(load_study(study, storage))
+    print_leaderboard(board, limit=top)
+    if plots is not None:
+        for path in write_plots(board, plots):
+            console.print(f"wrote {path}")
+    if json_out:
+        print(json.dumps(board, indent=2))
+
+
+@app.command("export")
+def export_command(
+    study: Annotated[str, typer.Argument(help="The study name.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Recipe file to write.")],
+    rank: Annotated[int, typer.Option(help="Which variant: 1 is the best.")] = 1,
+    storage: Annotated[
+        str | None, typer.Option(help="Optuna storage URL (default sqlite:///kruising-studies.db).")
+    ] = None,
+) -> None:
+    """Write the variant at RANK of a study as a normal recipe (for `merge run`)."""
+    from merger.console import console
+    from merger.rank import export, leaderboard, load_study
+
+    path = export(leaderboard(load_study(study, storage)), rank, out)
+    console.print(f"wrote {path}")
+
+
 app.command("eval")(eval_command)
 
 
