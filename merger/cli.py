@@ -50,8 +50,12 @@ def run_command(
         bool, typer.Option(help="Accept .bin/.pt checkpoints (loaded with weights_only=True).")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing child folder.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the random methods (dare_*).")] = 0,
 ) -> None:
-    """Merge the models of RECIPE into a child checkpoint folder."""
+    """Merge the models of RECIPE into a child checkpoint folder.
+
+    The child is built in a temporary sibling and renamed into place when complete.
+    """
     from merger.engine import run_recipe_file
 
     run_recipe_file(
@@ -62,6 +66,7 @@ def run_command(
         engine=engine,
         allow_pickle=allow_pickle,
         overwrite=overwrite,
+        seed=seed,
     )
 
 

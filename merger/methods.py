@@ -355,7 +355,7 @@ def _task_vector_method(
 # --- registry -------------------------------------------------------------------------------
 
 _WEIGHT = ParamSpec("weight", per_model=True, required=True)
-_DENSITY = ParamSpec("density", per_model=True, default=1.0, low=0.0, high=1.0, low_open=True)
+_DENSITY = ParamSpec("density", per_model=True, default=1.0, low=0.0, high=1.0)
 
 
 def _task_vector_spec(

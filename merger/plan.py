@@ -184,27 +184,9 @@ def _resolve(
     return spec.default
 
 
-def _check_parameter_names(recipe: MergeRecipe, method: MethodSpec) -> None:
-    known = {p.name for p in method.parameters}
-    scopes: list[tuple[str, dict | None]] = [("parameters", recipe.parameters)]
-    for i, m in enumerate(recipe.models or []):
-        scopes.append((f"models[{i}].parameters", m.parameters))
-    for i, s in enumerate(recipe.slices or []):
-        scopes.append((f"slices[{i}].parameters", s.parameters))
-        for j, src in enumerate(s.sources):
-            scopes.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
-    bad = [f"{where}.{key}" for where, scope in scopes for key in (scope or {}) if key not in known]
-    if bad:
-        raise KruisingError(
-            f"unknown parameter{'s' if len(bad) > 1 else ''} for {method.name}: {', '.join(bad)}",
-            f"{method.name} takes {', '.join(sorted(known))}",
-        )
-
-
 def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePlan:
     """Resolve the whole merge up front; raise one KruisingError listing every problem."""
-    method = method_for(recipe)
-    _check_parameter_names(recipe, method)
+    method = method_for(recipe)  # parameter names and literal ranges: checked by MergeRecipe
     in_dtype = parse_dtype(recipe.dtype, "dtype")
     out_dtype = parse_dtype(recipe.out_dtype, "out_dtype")
     slices = _out_slices(recipe, sources)

@@ -150,8 +150,8 @@ def test_every_method_declares_its_parameters():
 @pytest.mark.parametrize(
     ("method", "param", "value", "message"),
     [
-        ("ties", "density", 1.5, r"density must be in \(0, 1\], got 1.5"),
-        ("ties", "density", 0.0, r"density must be in \(0, 1\], got 0.0"),
+        ("ties", "density", 1.5, r"density must be in \[0, 1\], got 1.5"),
+        ("ties", "density", -0.1, r"density must be in \[0, 1\], got -0.1"),
         ("slerp", "t", -0.1, r"t must be in \[0, 1\], got -0.1"),
         ("linear", "normalize", "maybe", r"normalize must be true or false"),
     ],
