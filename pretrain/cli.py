@@ -91,3 +91,7 @@ def main() -> None:
     from merger.console import run_cli
 
     run_cli(app, lambda: _state["verbose"])
+
+
+if __name__ == "__main__":
+    main()
