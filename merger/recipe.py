@@ -169,9 +169,8 @@ _SCHEMA_HINT = (
 
 
 def _fail(kind: str, message: str, hint: str = "") -> PydanticCustomError:
-    # The message goes through str.format-like templating; keep braces literal.
-    safe = message.replace("{", "{{").replace("}", "}}")
-    return PydanticCustomError(kind, safe, {"hint": hint})
+    # Passed through the context so that braces in the message stay literal.
+    return PydanticCustomError(kind, "{message}", {"message": message, "hint": hint})
 
 
 def _check_model_ref(value: Any) -> str:
@@ -185,8 +184,8 @@ def _check_model_ref(value: Any) -> str:
         raise _fail(
             "model_ref",
             f"LoRA references (model+lora) are not supported: {value!r}",
-            "merge the adapter into its model first (peft's merge_and_unload, or "
-            "`mergekit-yaml --engine mergekit` semantics) and reference the merged folder",
+            "merge the adapter into its model first (peft: PeftModel.from_pretrained(model, "
+            "lora).merge_and_unload().save_pretrained(folder)) and reference that folder",
         )
     if value.count("@") > 1:
         raise _fail(
@@ -200,12 +199,6 @@ def _check_model_ref(value: Any) -> str:
             "model_ref",
             f"incomplete model reference {value!r}",
             "write org/name or org/name@revision (a branch, tag or commit)",
-        )
-    if value.startswith("model:"):
-        raise _fail(
-            "model_ref",
-            f"the 'model:' prefix is not part of a model reference: {value!r}",
-            f"write tokenizer_source: {value[len('model:') :]}",
         )
     return value
 
@@ -237,6 +230,12 @@ def _check_tokenizer_source(value: Any) -> Any:
             "tokenizer_source",
             f"tokenizer_source is 'base', 'union' or a model reference, got {value!r}",
             "write tokenizer_source: base (or union, or org/name of the model whose tokenizer to use)",
+        )
+    if value.startswith("model:"):  # the syntax of mergekit's early README
+        raise _fail(
+            "tokenizer_source",
+            f"the 'model:' prefix is not part of a model reference: {value!r}",
+            f"write tokenizer_source: {value.removeprefix('model:')}",
         )
     return _check_model_ref(value)
 
@@ -473,9 +472,9 @@ class MergeRecipe(_Strict):
     def _semantics(self) -> MergeRecipe:
         problems = _semantic_problems(self.model_dump(mode="python"))
         if problems:
-            loc, message, hint = problems[0]
-            where = _format_loc(loc)
-            raise _fail("recipe_semantics", f"{where}: {message}" if where else message, hint)
+            lines = [f"{_format_loc(loc)}: {msg}" if loc else msg for loc, msg, _ in problems]
+            hints = dict.fromkeys(hint for _, _, hint in problems if hint)
+            raise _fail("recipe_semantics", "\n".join(lines), "\n".join(hints))
         return self
 
     def referenced_models(self) -> list[str]:
@@ -1072,6 +1071,8 @@ def setting_for(
     4. the global ``parameters``.
 
     Shared parameters (``t``, ``normalize``, ...) are asked with ``model=None``: only 2-4 apply.
+    For the ``slices:`` form pass ``slice_index``; as in mergekit, tensors before the layers
+    (embeddings) belong to slice ``0`` and those after them (final norm, lm_head) to slice ``-1``.
     """
     container: Any = recipe.modules[module] if module is not None and recipe.modules else recipe
     out_slice: OutputSlice | None = None

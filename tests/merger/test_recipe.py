@@ -60,6 +60,8 @@ def test_documented_recipe_parses_like_mergekit(path: Path, mergekit_config) -> 
     assert set(recipe.referenced_models()) == {str(m) for m in theirs.referenced_models()}
     assert recipe.dtype == theirs.dtype
     assert parse_recipe(recipe_to_yaml(recipe)) == recipe
+    again = mergekit_config.model_validate(yaml.safe_load(recipe_to_yaml(recipe)))
+    assert again.model_dump() == theirs.model_dump()
 
 
 def test_documented_recipes_cover_the_methods_we_promise() -> None:
@@ -305,6 +307,10 @@ def test_lora_syntax_in_base_model() -> None:
         ("''", "a model reference is a local folder or a Hub id"),
         ("null", "a model reference is a local folder or a Hub id"),
         ("[org/a]", "a model reference is a local folder or a Hub id"),
+        (
+            "{path: org/a}",
+            r"a model reference is a local folder or a Hub id, got \{'path': 'org/a'\}$",
+        ),
     ],
 )
 def test_bad_model_refs(ref: str, match: str) -> None:
