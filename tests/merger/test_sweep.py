@@ -417,7 +417,47 @@ def tiny_pair(make_tiny_mistral, tmp_path_factory):
     folder = tmp_path_factory.mktemp("sweep-recipes")
     recipe = folder / "slerp.yaml"
     recipe.write_text(SLERP.replace("/models/nl", str(a)).replace("/models/instruct", str(b)))
-    return recipe
+    probes = folder / "probes"
+    probes.mkdir()
+    nl = [
+        {
+            "id": "nl-1",
+            "context": "Bassie treedt op met",
+            "choices": ["Adriaan", "Pietje", "Jan"],
+            "answer": 0,
+        },
+        {
+            "id": "nl-2",
+            "context": "De hoofdstad van Nederland is",
+            "choices": ["Amsterdam", "Brussel", "Parijs"],
+            "answer": 0,
+        },
+        {
+            "id": "nl-3",
+            "context": "De ACM is de Autoriteit",
+            "choices": ["Consument en Markt", "Cultuur en Media"],
+            "answer": 0,
+        },
+    ]
+    en = [
+        {
+            "id": "en-1",
+            "context": "The capital of France is",
+            "choices": ["Paris", "Rome"],
+            "answer": 0,
+        },
+        {
+            "id": "en-2",
+            "context": "Water boils at a hundred degrees",
+            "choices": ["Celsius", "Kelvin"],
+            "answer": 0,
+        },
+    ]
+    (probes / "kennis.jsonl").write_text("".join(json.dumps(i) + "\n" for i in nl))
+    text = [{"id": "t-1", "text": "Bassie en Adriaan reizen samen door het land."}]
+    (probes / "ppl_nl.jsonl").write_text(json.dumps(text[0]) + "\n")
+    (probes / "cloze_en.jsonl").write_text("".join(json.dumps(i) + "\n" for i in en))
+    return recipe, probes
 
 
 def test_in_memory_sweep_scores_match_merge_run_of_the_exported_recipe(tiny_pair, tmp_path):
@@ -427,15 +467,16 @@ def test_in_memory_sweep_scores_match_merge_run_of_the_exported_recipe(tiny_pair
     from merger.rank import export, leaderboard
     from merger.recipe import load_recipe
 
+    recipe, probes = tiny_pair
     spec = parse_spec(
         textwrap.dedent(
             f"""\
             name: tiny-slerp
-            recipe: {tiny_pair}
+            recipe: {recipe}
             search:
               parameters.t[mlp]: {{type: float, low: 0.0, high: 1.0, step: 0.5}}
             sampler: grid
-            suite: nl
+            suite: {probes}
             trials: 2
             """
         ),
@@ -443,7 +484,7 @@ def test_in_memory_sweep_scores_match_merge_run_of_the_exported_recipe(tiny_pair
     )
     study = run_sweep(
         spec,
-        load_recipe(tiny_pair),
+        load_recipe(recipe),
         storage=f"sqlite:///{tmp_path}/s.db",
         device="cpu",
         progress=False,
@@ -454,10 +495,11 @@ def test_in_memory_sweep_scores_match_merge_run_of_the_exported_recipe(tiny_pair
     assert math.isfinite(best["dutch_score"])
     out = export(board, 1, tmp_path / "best.yaml")
     child = run_recipe_file(out, tmp_path / "child", device="cpu")
-    card = score_path(str(child), suite="nl", device="cpu")
+    card = score_path(str(child), suite=str(probes), device="cpu")
     assert card["dutch_score"] == pytest.approx(best["dutch_score"], abs=1e-6)
     assert card["english_score"] == best["english_score"]
     for name, metrics in best["probes"].items():
         for key, value in metrics.items():
-            if isinstance(value, float) and key not in ("ppl",):
-                assert card["probes"][name][key] == pytest.approx(value, abs=1e-5), (name, key)
+            if isinstance(value, float):  # bits_per_byte and ppl: continuous, not just argmaxes
+                assert card["probes"][name][key] == pytest.approx(value, rel=1e-5), (name, key)
+    assert "bits_per_byte" in best["probes"]["ppl_nl"]
