@@ -413,7 +413,8 @@ def write_model_card(
 
 def _child_name(child_dir: Path) -> str:
     name = child_dir.resolve().name
-    return re.sub(r"^\.|\.(tmp|partial|incomplete)[^/]*$", "", name) or name
+    bare = re.sub(r"\.(kruising-)?(tmp|partial|incomplete)(-[^/]*)?$", "", name.lstrip("."))
+    return bare or name
 
 
 def read_child_recipe(child_dir: Path) -> tuple[str, MergeRecipe]:

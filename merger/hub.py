@@ -434,8 +434,8 @@ def _recipe_from_hub(repo_id: str, revision: str | None) -> FoundRecipe:
     endpoint = _endpoint()
     where = f"{repo_id}@{revision}" if revision else repo_id
 
-    def read(filename: str, **kwargs: Any) -> str:
-        path = hf_hub_download(repo_id, filename, revision=revision, endpoint=endpoint, **kwargs)
+    def read(filename: str, at: str | None = revision, **kwargs: Any) -> str:
+        path = hf_hub_download(repo_id, filename, revision=at, endpoint=endpoint, **kwargs)
         return Path(path).read_text(encoding="utf-8")
 
     if _offline():
@@ -486,7 +486,7 @@ def _recipe_from_hub(repo_id: str, revision: str | None) -> FoundRecipe:
             continue
         label = f"{filename} of {where}"
         try:
-            text = read(filename, etag_timeout=HUB_TIMEOUT)
+            text = read(filename, info.sha or revision, etag_timeout=HUB_TIMEOUT)
         except (HfHubHTTPError, *_network_errors()) as exc:
             raise KruisingError(
                 f"could not download {label} ({type(exc).__name__})",
