@@ -21,18 +21,13 @@ import torch
 from merger.errors import KruisingError
 from merger.io import ModelSource
 from merger.methods import METHODS, MethodSpec
-from merger.recipe import MergeRecipe, evaluate_setting
+from merger.recipe import MergeRecipe, canonical_dtype, evaluate_setting
 
 LAYER_NAME = re.compile(r"^(?P<prefix>.*?\blayers\.)(?P<index>\d+)\.(?P<suffix>.+)$")
-DTYPES = {
+TORCH_DTYPES = {
     "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
     "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
     "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
     "float64": torch.float64,
 }
 TIED_HEAD = ("lm_head.weight", "model.embed_tokens.weight")
@@ -96,15 +91,15 @@ class MergePlan:
 
 
 def parse_dtype(name: str | None, field: str) -> torch.dtype | None:
+    """A recipe dtype name (``bfloat16``, ``torch.float16``, ...) as a torch dtype."""
     if name is None:
         return None
-    try:
-        return DTYPES[name.lower()]
-    except KeyError:
+    canonical = canonical_dtype(name)
+    if canonical is None:
         raise KruisingError(
-            f"recipe {field}: unknown dtype {name!r}",
-            f"use one of {', '.join(sorted(set(DTYPES) - {'float', 'half'}))}",
-        ) from None
+            f"recipe {field}: unknown dtype {name!r}", f"use one of {', '.join(TORCH_DTYPES)}"
+        )
+    return TORCH_DTYPES[canonical]
 
 
 def method_for(recipe: MergeRecipe) -> MethodSpec:
