@@ -94,6 +94,9 @@ class FakeHub:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.requests: list[Request] = []
         self.fail_commit = False
+        self.lfs_suffixes: tuple[str, ...] = ()  # files the preupload answer puts on LFS
+        self.fail_lfs_upload = False
+        self.lfs_blobs: dict[str, bytes] = {}
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -215,17 +218,28 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 if upload.group(2) == "preupload":
                     files = json.loads(body)["files"]
                     modes = [
-                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                        {
+                            "path": f["path"],
+                            "uploadMode": "lfs" if f["path"].endswith(hub.lfs_suffixes or "\0")
+                            else "regular",
+                            "shouldIgnore": False,
+                        }
                         for f in files
-                    ]
+                    ]  # fmt: skip
                     return self._send(200, {"files": modes})
                 if hub.fail_commit:
                     return self._send(500, {"error": "fake hub: commit failed"})
                 lines = [json.loads(line) for line in body.splitlines() if line.strip()]
                 added = {}
                 for line in lines[1:]:
-                    assert line["key"] == "file", line  # regular files only, see preupload
-                    added[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+                    value = line["value"]
+                    if line["key"] == "lfsFile":
+                        if value["oid"] not in hub.lfs_blobs:
+                            return self._send(400, {"error": f"LFS object {value['oid']} missing"})
+                        added[value["path"]] = hub.lfs_blobs[value["oid"]]
+                    else:
+                        assert line["key"] == "file", line
+                        added[value["path"]] = base64.b64decode(value["content"])
                 repo.files.update(added)
                 repo.commits.append(lines[0]["value"]["summary"])
                 return self._send(
@@ -233,7 +247,25 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     {"commitUrl": f"{hub.url}/{upload.group(1)}/commit/{repo.sha}",
                      "commitOid": repo.sha, "pullRequestUrl": None},
                 )  # fmt: skip
+            batch = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
+            if batch:
+                objects = [
+                    {"oid": o["oid"], "size": o["size"],
+                     "actions": {"upload": {"href": f"{hub.url}/lfs-upload/{o['oid']}"}}}
+                    for o in json.loads(body)["objects"]
+                ]  # fmt: skip
+                return self._send(200, {"transfer": "basic", "objects": objects})
             self._send(404, {"error": f"fake hub: no route POST {path}"})
+
+        def do_PUT(self) -> None:
+            body = self._record()
+            oid = self.path.rsplit("/", 1)[-1]
+            if hub.fail_lfs_upload:
+                return self._send(403, {"error": "fake hub: storage refused the upload"})
+            if hashlib.sha256(body).hexdigest() != oid:
+                return self._send(400, {"error": "sha256 mismatch"})
+            hub.lfs_blobs[oid] = body
+            self._send(200, {})
 
     return Handler
 
@@ -336,6 +368,46 @@ def test_push_creates_repo_and_uploads_the_child_in_one_commit(hub, tmp_path, ca
     assert len(whoami) == 1 and whoami[0].headers["authorization"] == f"Bearer {TOKEN}"
     _no_token_in(hub)
     assert TOKEN not in capsys.readouterr().err
+
+
+# huggingface_hub's own LFS PUT passes bytes as data=; httpx2 warns about it, not about us.
+_LFS_PUT_WARNING = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
+
+@pytest.fixture
+def lfs_hub(hub, monkeypatch):
+    """The fake Hub putting weights on LFS, with Xet off so the client takes the LFS protocol."""
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    hub.lfs_suffixes = (".safetensors",)
+    return hub
+
+
+@_LFS_PUT_WARNING
+def test_push_sends_weights_through_lfs_then_commits_once(lfs_hub, tmp_path):
+    from merger.hub import push
+
+    child = make_child(tmp_path)
+    push(child, "org/geitje-slerp")
+
+    repo = lfs_hub.repos[("model", "org/geitje-slerp")]
+    weights = (child / "model.safetensors").read_bytes()
+    assert repo.files["model.safetensors"] == weights
+    assert list(lfs_hub.lfs_blobs.values()) == [weights]
+    assert len(lfs_hub.calls(r"PUT /lfs-upload/")) == 1 and len(repo.commits) == 1
+    _no_token_in(lfs_hub)
+
+
+@_LFS_PUT_WARNING
+def test_failed_weight_upload_commits_nothing(lfs_hub, tmp_path):
+    from merger.hub import push
+
+    lfs_hub.fail_lfs_upload = True
+    with pytest.raises(KruisingError, match="nothing was committed, the new repo is empty"):
+        push(make_child(tmp_path), "org/geitje-slerp")
+    assert not lfs_hub.calls(r"POST .*/commit/")
+    assert lfs_hub.repos[("model", "org/geitje-slerp")].files == {}
 
 
 def test_push_recipe_only_uploads_card_recipe_and_scorecard(hub, tmp_path):
