@@ -81,7 +81,10 @@ def build_model_card(
     """The card of a child merged by ``recipe`` (whose YAML source is ``recipe_text``).
 
     ``licenses``: the licenses the parents declare (any order, repeats allowed); ``language``: the
-    languages they declare. ``repo_id`` fills the ``merge pull`` command (a placeholder without).
+    languages they declare. ``repo_id`` marks a card bound for that Hub repo: it fills the
+    ``merge pull`` command (a placeholder without) and ``base_model`` keeps only the parents that
+    are Hub ids, as mergekit's cards do (a local path means nothing on the Hub, and the Hub's
+    metadata check expects model ids); the body still lists every parent.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -91,9 +94,10 @@ def build_model_card(
     languages = _languages(language, dutch)
     license_fields, license_line = _license(licenses)
     eval_results = _eval_results(scorecard) if scorecard else []
+    base_models = [_strip_revision(p) for p in parents if repo_id is None or _is_hub_id(p)]
 
     data = ModelCardData(
-        base_model=[_strip_revision(p) for p in parents],
+        base_model=base_models or None,
         tags=BASE_TAGS + (["dutch"] if dutch else []),
         language=languages,
         library_name="transformers",

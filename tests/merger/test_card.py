@@ -190,6 +190,16 @@ def test_reproduce_section_uses_pull_then_run():
     assert "# geitje-ties" in pushed.text
 
 
+def test_card_for_the_hub_lists_only_hub_parents_as_base_model():
+    text = (
+        "merge_method: linear\nmodels:\n  - model: ./out/nl\n  - model: org/Mistral-Instruct@v2\n"
+    )
+    assert card_for(text).data.base_model == ["./out/nl", "org/Mistral-Instruct"]
+    pushed = card_for(text, repo_id="me/kind")
+    assert pushed.data.base_model == ["org/Mistral-Instruct"]
+    assert "`./out/nl` (local folder)" in pushed.text
+
+
 def _parent(root: Path, name: str, readme: str | None, config: dict | None = None) -> Path:
     folder = root / name
     folder.mkdir()
