@@ -100,29 +100,21 @@ def _reader(plan: MergePlan, device: torch.device, out: queue.Queue, stop: threa
     """Fetch each task's inputs ahead of the compute loop."""
     try:
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        pin = stream is not None
         for task in plan.tasks:
             if stop.is_set():
                 return
-            tensors = [plan.sources[ref].read(name) for ref, name in task.inputs]
+            tensors = [plan.sources[ref].read(name, pin_memory=pin) for ref, name in task.inputs]
+            event = None
             if stream is not None:
                 with torch.cuda.stream(stream):
-                    tensors = [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+                    tensors = [t.to(device, non_blocking=True) for t in tensors]
                     event = torch.cuda.Event()
                     event.record(stream)
-            else:
-                for t in tensors:  # touch the pages now, so compute finds them in memory
-                    _prefault(t)
-                event = None
             out.put((task, tensors, event))
         out.put(_DONE)
     except BaseException as exc:  # handed to the main thread
         out.put(_Failure(exc))
-
-
-def _prefault(tensor: torch.Tensor) -> None:
-    if tensor.numel():
-        flat = tensor.reshape(-1).view(torch.uint8) if tensor.is_contiguous() else tensor
-        flat[:: 4096 // max(1, flat.element_size())].sum()
 
 
 def _writer(writer: ShardWriter, inbox: queue.Queue, failed: list[BaseException]) -> None:
@@ -175,7 +167,10 @@ def stream_merge(
                     raise item.exc
                 task, tensors, event = item
                 if event is not None:
-                    torch.cuda.current_stream(device).wait_event(event)
+                    compute_stream = torch.cuda.current_stream(device)
+                    compute_stream.wait_event(event)
+                    for t in tensors:  # allocated on the copy stream, freed after compute
+                        t.record_stream(compute_stream)
                 merged = compute_task(plan, task, tensors, seed)
                 if write_failures:
                     raise write_failures[0]
@@ -453,7 +448,7 @@ class ResidentInputs:
         self.tensors: dict[tuple[str, str], torch.Tensor] = {}
         for ref, source in sources.items():
             for name in source.tensors:
-                self.tensors[(ref, name)] = source.read(name).to(device, copy=True)
+                self.tensors[(ref, name)] = source.read(name).to(device)
             source.close()
 
     @classmethod

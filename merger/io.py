@@ -2,7 +2,7 @@
 
 Reading: a model reference (local folder or Hub id) becomes a `ModelSource` that knows every
 tensor's shard, dtype, shape and byte range from the safetensors headers alone, and reads one
-tensor at a time from a memory map (zero-copy until the caller casts or moves it).
+tensor at a time with pread into a fresh buffer (pinned when it is bound for a GPU).
 
 Writing: `ShardWriter` lays out all output shards before the first byte is written (shapes
 and dtypes are known from the plan), writes each header first and then each tensor's bytes
@@ -12,7 +12,6 @@ as soon as it is computed, so no output shard is ever held in memory.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
 import struct
@@ -131,7 +130,7 @@ class ModelSource:
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
     pickle_files: list[Path] = field(default_factory=list)
-    _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+    _fds: dict[Path, int] = field(default_factory=dict, repr=False)
     _pickled: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -142,28 +141,35 @@ class ModelSource:
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
 
-    def read(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` on the CPU: a copy-on-write view of the memory-mapped shard."""
+    def read(self, name: str, *, pin_memory: bool = False) -> torch.Tensor:
+        """Tensor ``name`` as a fresh CPU tensor, read with pread (thread-safe).
+
+        Plain reads rather than a memory map: the process holds only the tensors in flight,
+        never mapped shard pages, so peak memory stays at a few tensors.
+        """
         if name in self._pickled:
             return self._pickled[name]
         info = self.tensors[name]
-        buffer = self._maps.get(info.file)
-        if buffer is None:
-            with open(info.file, "rb") as f:
-                buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            self._maps[info.file] = buffer
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        raw = torch.frombuffer(buffer, dtype=torch.uint8, count=info.nbytes, offset=info.begin)
-        return raw.view(info.dtype).reshape(info.shape)
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        view = memoryview(buffer.numpy())
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:]], info.begin + done)
+            if n <= 0:
+                raise KruisingError(
+                    f"shard {info.file} ended while reading {name}",
+                    "the file changed or was truncated during the merge; fetch it again",
+                )
+            done += n
+        return buffer.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
-        for buffer in self._maps.values():
-            try:
-                buffer.close()
-            except BufferError:  # a tensor still views it; the GC closes it later
-                pass
-        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def resolve_model_path(ref: str, *, allow_pickle: bool = False) -> Path:
