@@ -192,6 +192,42 @@ def export_command(
     console.print(f"wrote {path}")
 
 
+@app.command("demo")
+def demo_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder to write.")] = Path(
+        "kruising-demo"
+    ),
+    family: Annotated[
+        Path | None,
+        typer.Option(help="Tiny family folder (built there once, reused after)."),
+    ] = None,
+    size: Annotated[
+        str, typer.Option(help="Family size: default (the demo) or test (seconds, for tests).")
+    ] = "default",
+    trials: Annotated[
+        int | None, typer.Option(help="Sweep variants (default: the demo sweep's).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the summary as JSON on stdout.")
+    ] = False,
+) -> None:
+    """The main job: tiny Dutch/chat Mistral family -> demo merges -> sweep -> ranked report.
+
+    States whether the best child beats both parents on Dutch questions in chat form.
+    """
+    import json
+
+    from merger.demo import run_demo
+
+    summary = run_demo(
+        out, family_dir=family, size=size, trials=trials, device=device, overwrite=overwrite
+    )
+    if json_out:
+        print(json.dumps(summary, indent=2, default=str))
+
+
 app.command("eval")(eval_command)
 
 

@@ -1,0 +1,314 @@
+"""`merge demo`: the whole chain on the embedded tiny Mistral family, on a laptop CPU.
+
+1. build (or reuse) the tiny family: ``base``, ``nl`` (Dutch, like GEITje), ``instruct`` (chat);
+2. score the parents on the ``demo`` suite (the family's facts asked in held-out phrasings, in
+   plain and in chat form, in Dutch and in English);
+3. run every recipe in ``recipes/demo/`` with the engine (``merge run``) and score each child;
+4. run a small in-memory sweep (``recipes/sweeps/demo-slerp.yaml``) and rank it;
+5. write a report folder and state, in numbers, whether the best child beats both parents on
+   Dutch questions asked in chat form (the Chat Vector result at toy scale).
+
+The demo recipes name the family's members as ``${family}/nl``, ``${family}/instruct``,
+``${family}/base``; the demo fills in the family folder and writes the resolved recipes (and a
+resolved sweep spec) into the report, so every step can be rerun by hand with ``merge run`` /
+``merge sweep``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from merger.console import console
+from merger.errors import KruisingError
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_RECIPES = REPO / "recipes" / "demo"
+DEMO_SWEEP = REPO / "recipes" / "sweeps" / "demo-slerp.yaml"
+PLACEHOLDER = "${family}"
+PARENTS = ("nl", "instruct")
+CHAT_PROBE = "demo_nl_chat"
+PROBE_COLUMNS = ("demo_nl_chat", "demo_nl_plain", "demo_en_chat", "demo_en_plain")
+
+
+def default_family_dir(size: str) -> Path:
+    """``~/.cache/kruising/family`` (``family-test`` for the test size); XDG_CACHE_HOME honoured."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kruising"
+    return cache / ("family" if size == "default" else f"family-{size}")
+
+
+def resolve_family(text: str, family: Path) -> str:
+    """Fill the ``${family}`` placeholder of a demo recipe with the family folder."""
+    return text.replace(PLACEHOLDER, str(Path(family).resolve()))
+
+
+def _acc(card: dict[str, Any], probe: str) -> float | None:
+    metrics = card.get("probes", {}).get(probe)
+    return None if metrics is None else metrics.get("acc_norm")
+
+
+def _row(name: str, kind: str, card: dict[str, Any], seconds: float | None = None) -> dict:
+    return {
+        "model": name,
+        "kind": kind,
+        "dutch_score": card.get("dutch_score"),
+        "english_score": card.get("english_score"),
+        **{probe: _acc(card, probe) for probe in PROBE_COLUMNS},
+        "items": {p: card.get("probes", {}).get(p, {}).get("n") for p in PROBE_COLUMNS},
+        "seconds": seconds if seconds is not None else card.get("seconds"),
+    }
+
+
+def _prepare(out: Path, overwrite: bool) -> Path:
+    out = Path(out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise KruisingError(
+                f"report folder {out} already exists and is not empty",
+                "pass --overwrite to replace it, or choose another --out",
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_demo(
+    out: Path,
+    *,
+    family_dir: Path | None = None,
+    size: str = "default",
+    trials: int | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run the demo; returns the summary also written to ``out/summary.json``."""
+    import yaml
+
+    from eval.api import score_path
+    from merger.engine import run_recipe
+    from merger.rank import export, leaderboard, markdown, print_leaderboard, write_plots
+    from merger.recipe import parse_recipe
+    from merger.sweep import load_spec, parse_spec, run_sweep
+    from pretrain.family import build_family
+
+    started = time.perf_counter()
+    recipe_files = sorted(DEMO_RECIPES.glob("*.yaml"))
+    if not recipe_files or not DEMO_SWEEP.is_file():
+        raise KruisingError(
+            f"the demo recipes are missing under {DEMO_RECIPES.parent}",
+            "run the demo from a checkout of kruising (pip install -e .)",
+        )
+    out = _prepare(out, overwrite)
+    family_dir = Path(family_dir) if family_dir else default_family_dir(size)
+    console.print(f"[bold]1/5[/] tiny family ({size}) in {family_dir}")
+    t0 = time.perf_counter()
+    members = _family_call(build_family, family_dir, size=size, seed=seed)
+    timings: dict[str, float] = {"family": time.perf_counter() - t0}
+    root = Path(members["nl"]).parent
+
+    (out / "recipes").mkdir()
+    (out / "scorecards").mkdir()
+    rows: list[dict[str, Any]] = []
+
+    console.print(f"[bold]2/5[/] scoring the parents: {', '.join(members)}")
+    t0 = time.perf_counter()
+    cards: dict[str, dict[str, Any]] = {}
+    for name, path in members.items():
+        card = _eval_call(score_path, str(path), suite="demo", device=device)
+        card["model"] = name
+        cards[name] = card
+        _write_json(out / "scorecards" / f"{name}.json", card)
+        rows.append(_row(name, "parent" if name in PARENTS else "shared base", card))
+    timings["parents"] = time.perf_counter() - t0
+
+    console.print(f"[bold]3/5[/] merging and scoring {len(recipe_files)} demo recipes")
+    t0 = time.perf_counter()
+    for file in recipe_files:
+        text = resolve_family(file.read_text(), root)
+        resolved = out / "recipes" / file.name
+        resolved.write_text(text)
+        recipe = parse_recipe(text, str(resolved))
+        name = file.stem
+        child = run_recipe(
+            recipe, out / "children" / name, recipe_text=text, device=device, progress=False
+        )
+        card = _eval_call(score_path, str(child), suite="demo", device=device)
+        card["model"] = name
+        cards[name] = card
+        _write_json(out / "scorecards" / f"{name}.json", card)
+        rows.append(_row(name, f"child ({recipe.merge_method})", card))
+    timings["recipes"] = time.perf_counter() - t0
+
+    console.print(f"[bold]4/5[/] sweep {DEMO_SWEEP.name}")
+    t0 = time.perf_counter()
+    spec, spec_root = load_spec(DEMO_SWEEP)
+    assert isinstance(spec.recipe, str) and spec_root is not None
+    base_text = resolve_family((spec_root / spec.recipe).read_text(), root)
+    sweep_recipe = out / "recipes" / Path(spec.recipe).name
+    sweep_recipe.write_text(base_text)
+    spec_data = spec.model_dump(mode="json", exclude_none=True)
+    spec_data["recipe"] = str(sweep_recipe.resolve())
+    if trials is not None:
+        spec_data["trials"] = trials
+    (out / "sweep.yaml").write_text(yaml.safe_dump(spec_data, sort_keys=False))
+    spec = parse_spec((out / "sweep.yaml").read_text(), str(out / "sweep.yaml"))
+    storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    study = run_sweep(
+        spec, parse_recipe(base_text, str(sweep_recipe)), storage=storage, device=device
+    )
+    board = leaderboard(study)
+    timings["sweep"] = time.perf_counter() - t0
+    if not board["rows"]:
+        raise KruisingError("every sweep variant failed", "see `merge rank demo-slerp`")
+    print_leaderboard(board)
+    best_sweep = board["rows"][0]
+    export(board, 1, out / "best-recipe.yaml")
+    sweep_card = {
+        "dutch_score": best_sweep["dutch_score"],
+        "english_score": best_sweep["english_score"],
+        "probes": best_sweep["probes"],
+        "seconds": best_sweep["seconds"],
+    }
+    params = ", ".join(f"{k}={v:g}" for k, v in best_sweep["params"].items())
+    rows.append(_row(f"sweep #1 ({params})", "child (sweep rank 1)", sweep_card))
+
+    console.print("[bold]5/5[/] report")
+    plots = write_plots(board, out / "plots")
+    plots.append(_bar_plot(rows, out / "plots" / "dutch_chat.png"))
+    verdict = chat_vector_verdict(rows)
+    timings["total"] = time.perf_counter() - started
+    summary = {
+        "family": {k: str(v) for k, v in members.items()},
+        "size": size,
+        "suite": "demo",
+        "models": rows,
+        "sweep": {
+            "study": board["study"],
+            "storage": storage,
+            "trials": len(board["rows"]),
+            "failed": len(board["failed"]),
+        },
+        "chat_vector": verdict,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+    }
+    _write_json(out / "leaderboard.json", {"models": rows, "sweep": board})
+    (out / "leaderboard.md").write_text(
+        _markdown(rows, verdict) + "\n## Sweep\n\n" + markdown(board)
+    )
+    _write_json(out / "summary.json", summary)
+    _print_models(rows)
+    console.print(verdict["text"])
+    console.print(
+        f"report in {out} (leaderboard.md, leaderboard.json, plots/, scorecards/, "
+        f"best-recipe.yaml); {timings['total']:.0f} s in all "
+        f"(family {timings['family']:.0f} s, sweep {timings['sweep']:.0f} s)"
+    )
+    return summary
+
+
+def chat_vector_verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Does the best child (by dutch_score) beat both parents on Dutch questions in chat form?"""
+    parents = {r["model"]: r for r in rows if r["kind"] == "parent"}
+    children = [r for r in rows if r["kind"].startswith("child") and r["dutch_score"] is not None]
+    best = max(children, key=lambda r: r["dutch_score"])
+    top_chat = max(children, key=lambda r: r[CHAT_PROBE] or 0)
+    parent_chat = {name: r[CHAT_PROBE] for name, r in parents.items()}
+    beats = all(best[CHAT_PROBE] > v for v in parent_chat.values() if v is not None)
+    n = best["items"].get(CHAT_PROBE)
+    text = (
+        f"Chat Vector check ({CHAT_PROBE}, acc_norm over {n} Dutch questions in chat form): "
+        f"best child by dutch_score is {best['model']} at {best[CHAT_PROBE]:.3f}; "
+        + ", ".join(f"{k} {v:.3f}" for k, v in parent_chat.items())
+        + f" -> {'beats' if beats else 'does NOT beat'} both parents. "
+        f"Highest Dutch-chat child: {top_chat['model']} at {top_chat[CHAT_PROBE]:.3f}."
+    )
+    return {
+        "probe": CHAT_PROBE,
+        "metric": "acc_norm",
+        "items": n,
+        "best_child": best["model"],
+        "best_child_chat": best[CHAT_PROBE],
+        "parents_chat": parent_chat,
+        "beats_both_parents": beats,
+        "top_chat_child": top_chat["model"],
+        "top_chat_child_value": top_chat[CHAT_PROBE],
+        "text": text,
+    }
+
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _markdown(rows: list[dict[str, Any]], verdict: dict[str, Any]) -> str:
+    head = ["model", "kind", "Dutch", "English", *PROBE_COLUMNS]
+    lines = ["# kruising demo", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], r["kind"], _fmt(r["dutch_score"]), _fmt(r["english_score"])]
+        cells += [_fmt(r[p]) for p in PROBE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + verdict["text"] + "\n"
+
+
+def _print_models(rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="parents and children (suite demo; probe columns: acc_norm)")
+    for col in ("model", "kind", "Dutch", "English", *PROBE_COLUMNS):
+        table.add_column(col, justify="left" if col in ("model", "kind") else "right")
+    for r in rows:
+        table.add_row(
+            r["model"],
+            r["kind"],
+            _fmt(r["dutch_score"]),
+            _fmt(r["english_score"]),
+            *(_fmt(r[p]) for p in PROBE_COLUMNS),
+        )
+    console.print(table)
+
+
+def _bar_plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = [r["model"] for r in rows]
+    values = [r[CHAT_PROBE] or 0 for r in rows]
+    colors = ["tab:blue" if r["kind"] == "parent" else "tab:orange" for r in rows]
+    ax.bar(range(len(rows)), values, color=colors)
+    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(f"{CHAT_PROBE} acc_norm")
+    ax.set_title("Dutch questions in chat form: parents (blue) and children")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _eval_call(fn, *args, **kwargs):
+    from eval.errors import EvalError
+
+    try:
+        return fn(*args, **kwargs)
+    except EvalError as exc:
+        raise KruisingError(exc.message, exc.hint) from None
+
+
+def _family_call(fn, *args, **kwargs):
+    from pretrain.errors import PretrainError
+
+    try:
+        return fn(*args, **kwargs)
+    except PretrainError as exc:
+        raise KruisingError(exc.message, getattr(exc, "hint", "")) from None
