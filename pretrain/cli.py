@@ -44,7 +44,7 @@ def run(
     from pretrain.train import run as train_run
 
     result = train_run(load_config(config))
-    if as_json:
+    if as_json and result.main_process:
         print(
             json.dumps(
                 {

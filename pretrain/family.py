@@ -62,7 +62,7 @@ SIZES: dict[str, dict[str, Any]] = {
         },
         "context_length": 128,
         "micro_batch": 8,
-        "steps": {"base": 300, "nl": 200, "instruct": 120},
+        "steps": {"base": 200, "nl": 150, "instruct": 80},
         "lr": {"base": 3e-3, "nl": 2e-3, "instruct": 1e-3},
     },
 }
@@ -124,9 +124,9 @@ def build_family(
         found = _complete(out, fp)
         if found is not None:
             return found
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed build
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
         try:
             _build(tmp, size, seed, fp, progress)
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -36,6 +36,7 @@ class RunResult:
     tokens_per_s: float
     seconds: float
     mfu: float | None
+    main_process: bool = True
 
 
 def _console():
@@ -348,7 +349,8 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
             f"pretrain: {n_params / 1e6:.1f}M params, {start}; {len(config.sources)} source(s); "
             f"context {config.context_length}, {config.micro_batch}x{config.grad_accum}x{world} seqs/step "
             f"= {tokens_per_step:,} tokens/step, {total} steps = {total * tokens_per_step:,} tokens; "
-            f"device {accelerator.device}, {world} process(es), {config.dtype}, {config.attn_implementation}"
+            f"device {accelerator.device}, {world} process(es) ({accelerator.distributed_type.value}), "
+            f"{config.dtype}, {config.attn_implementation}"
         )
 
     held_out = None
@@ -460,7 +462,7 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
             + (f", MFU {mfu:.1%}" if mfu else "")
             + f"; model in {model_dir}"
         )
-    return RunResult(model_dir, step, tokens_seen, loss_value, eval_loss, tps, seconds, mfu)
+    return RunResult(model_dir, step, tokens_seen, loss_value, eval_loss, tps, seconds, mfu, main)
 
 
 def _chat_renderer(tokenizer):

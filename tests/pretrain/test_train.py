@@ -1,0 +1,246 @@
+"""The training loop: outputs, determinism, bad input, checkpoints, SIGKILL + resume, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pretrain.config import parse_config
+from pretrain.errors import PretrainError
+from pretrain.train import checkpoints, lr_factor, run
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_MODEL = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 8,
+    "max_position_embeddings": 64,
+}
+
+
+def tiny(tmp_path: Path, name: str = "run", **overrides) -> dict:
+    settings = {
+        "model": TINY_MODEL,
+        "tokenizer": "mistral-common",
+        "output_dir": str(tmp_path / name),
+        "sources": [{"world": "nl", "documents": 300}, {"world": "en", "documents": 100}],
+        "context_length": 32,
+        "micro_batch": 4,
+        "max_steps": 6,
+        "lr": 5e-3,
+        "dtype": "float32",
+        "device": "cpu",
+        "log_every": 2,
+        "progress": False,
+        "plot": False,
+    }
+    settings.update(overrides)
+    return settings
+
+
+def cfg(data: dict):
+    return parse_config(data, "test.yaml")
+
+
+def test_run_writes_a_loadable_model_metrics_and_plot(tmp_path):
+    result = run(cfg(tiny(tmp_path, plot=True, holdout_docs=20, eval_every=3, eval_batches=1)))
+    out = tmp_path / "run"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    assert type(model).__name__ == "MistralForCausalLM"
+    assert len(AutoTokenizer.from_pretrained(result.model_dir)) == 32000
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["tokens"] == 6 * 4 * 32 == result.tokens
+    assert "tokens_per_s" in rows[1] and "eval_loss" in rows[2] and "eval_loss" in rows[5]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert (out / "loss.png").stat().st_size > 1000
+    assert result.tokens_per_s > 0 and result.mfu is None  # no MFU on a CPU
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path):
+    a = run(cfg(tiny(tmp_path, "a", max_steps=3)))
+    b = run(cfg(tiny(tmp_path, "b", max_steps=3)))
+    c = run(cfg(tiny(tmp_path, "c", max_steps=3, seed=1)))
+    assert a.final_loss == b.final_loss != c.final_loss
+
+
+def test_lr_schedule_shapes():
+    assert lr_factor(0, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 100, 10, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_factor(80, 100, 10, "constant", 0.1) == 1.0
+
+
+def test_context_longer_than_the_model_is_refused(tmp_path):
+    with pytest.raises(
+        PretrainError,
+        match="context_length 128 is longer than the model's max_position_embeddings 64",
+    ):
+        run(cfg(tiny(tmp_path, context_length=128)))
+
+
+def test_tokenizer_and_model_vocab_must_agree(tmp_path):
+    with pytest.raises(
+        PretrainError, match="tokenizer has 32000 tokens but the model's vocab_size is 1000"
+    ):
+        run(cfg(tiny(tmp_path, model={**TINY_MODEL, "vocab_size": 1000})))
+
+
+def test_missing_corpus_and_init_from(tmp_path):
+    with pytest.raises(PretrainError, match="no files match"):
+        run(cfg(tiny(tmp_path, sources=[{"path": str(tmp_path / "none/*.jsonl")}])))
+    data = tiny(tmp_path, init_from=str(tmp_path / "nothing-here"))
+    del data["model"], data["tokenizer"]
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        with pytest.raises(PretrainError, match="not a local folder and HF_HUB_OFFLINE is set"):
+            run(cfg(data))
+    finally:
+        del os.environ["HF_HUB_OFFLINE"]
+
+
+def test_cuda_asked_without_a_gpu_is_an_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(PretrainError, match="device: cuda, but no CUDA GPU is visible"):
+        run(cfg(tiny(tmp_path, device="cuda")))
+
+
+def test_checkpoints_keep_last_k_and_resume_requires_one(tmp_path):
+    run(cfg(tiny(tmp_path, max_steps=7, checkpoint_every=2, keep_last=2)))
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in checkpoints(root)] == ["step-00000004", "step-00000006"]
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    data = tiny(tmp_path, "other", resume="latest")
+    del data["model"]
+    with pytest.raises(PretrainError, match="holds no complete checkpoint"):
+        run(cfg(data))
+
+
+def test_resume_from_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    run(cfg(tiny(tmp_path, max_steps=3, checkpoint_every=2)))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
+    data = tiny(tmp_path, resume=str(ckpt), max_steps=4)
+    del data["model"]
+    with pytest.raises(PretrainError, match="resume: cannot load checkpoint .*step-00000002"):
+        run(cfg(data))
+    (ckpt / "trainer_state.json").write_text("{truncated")
+    with pytest.raises(PretrainError, match="trainer_state.json is corrupt"):
+        run(cfg(data))
+
+
+def test_a_failed_run_keeps_the_last_good_checkpoint_and_model(tmp_path):
+    good = run(cfg(tiny(tmp_path, max_steps=4, checkpoint_every=2)))
+    before = (good.model_dir / "model.safetensors").read_bytes()
+    # same output_dir, a learning rate that blows the loss up: the run must fail ...
+    with pytest.raises(PretrainError, match="loss became nan"):
+        run(cfg(tiny(tmp_path, max_steps=8, checkpoint_every=2, lr=1e30, grad_clip=None)))
+    # ... and leave the previous model and last complete checkpoint untouched
+    assert (good.model_dir / "model.safetensors").read_bytes() == before
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer_state.json").is_file()
+
+
+def _write_cfg(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_ends_at_the_same_loss(tmp_path):
+    steps = 40
+    reference = run(cfg(tiny(tmp_path, "reference", max_steps=steps, document_attention=True)))
+
+    data = tiny(
+        tmp_path,
+        "killed",
+        max_steps=steps,
+        checkpoint_every=4,
+        keep_last=3,
+        document_attention=True,
+    )
+    config = _write_cfg(tmp_path / "killed.yaml", data)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pretrain.cli", "run", str(config)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    root = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (root / "step-00000008").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "model").exists()  # it really died before the end
+
+    resume = dict(data, resume="latest")
+    del resume["model"]
+    resumed = run(cfg(resume))
+    assert resumed.steps == steps and resumed.tokens == reference.tokens
+    assert resumed.final_loss == pytest.approx(reference.final_loss, rel=1e-4, abs=1e-5)
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # no duplicated steps
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tmp_path):
+    """The multi-process path on CPU: 2 processes x micro_batch 2 == 1 process x micro_batch 4.
+
+    Launched with torchrun, which is what `accelerate launch --multi_gpu` runs underneath:
+    `accelerate launch --cpu` starts one process unless MPI is set up, and on CPU accelerate
+    runs DDP over gloo (MULTI_CPU) and ignores FSDP settings, so FSDP itself is a GPU check.
+    """
+    single = run(cfg(tiny(tmp_path, "single", max_steps=4, micro_batch=4)))
+    data = tiny(tmp_path, "double", max_steps=4, micro_batch=2, checkpoint_every=2, progress=True)
+    config = _write_cfg(tmp_path / "double.yaml", data)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "pretrain.cli",
+            "run",
+            str(config),
+            "--json",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es) (MULTI_CPU)" in " ".join(proc.stderr.split())
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1  # only the main process reports
+    assert results[0]["tokens"] == single.tokens
+    assert results[0]["final_loss"] == pytest.approx(single.final_loss, rel=1e-4)
+    ckpt = tmp_path / "double" / "checkpoints" / "step-00000002"
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ckpt.iterdir()}
