@@ -141,6 +141,7 @@ def score_model(
     import torch
 
     from eval.scoring import (
+        cpu_threads_for,
         greedy_continuations,
         loglikelihoods,
         perplexity_metrics,
@@ -197,7 +198,7 @@ def score_model(
     start = time.perf_counter()
     bar, advance = _progress(progress, _n_rows(requests) + n_gen, name)
     try:
-        with bar:
+        with bar, cpu_threads_for(model):
             results = loglikelihoods(model, requests, batch_size=batch_size, on_batch=advance)
             # 2. Greedy continuations for the language-consistency probes.
             continuations: dict[str, list[str]] = {}

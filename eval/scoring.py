@@ -16,6 +16,7 @@ How the work is shared and batched:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -72,6 +73,38 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _decoder_and_head(model):
+    """(decoder, lm_head) of a plain decoder-only LM, or (None, None) to use the full forward.
+
+    Mistral and Llama compute ``logits = lm_head(decoder(ids))`` with nothing in between, so the
+    head can be applied to the few positions that are scored. Models that post-process logits
+    (a softcap, a scale) go through the full forward.
+    """
+    decoder = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = model.config
+    plain = getattr(config, "model_type", "") in {"mistral", "llama", "qwen2", "mixtral"}
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if decoder is None or decoder is model or head is None or not plain or softcap:
+        return None, None
+    return decoder, head
+
+
+@contextlib.contextmanager
+def cpu_threads_for(model):
+    """Run a small model on CPU with one thread: thread hand-offs cost more than its matmuls."""
+    small = getattr(model.config, "hidden_size", 4096) <= 256
+    if model_device(model).type != "cpu" or not small or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.inference_mode()
 def loglikelihoods(
     model,
@@ -104,6 +137,7 @@ def loglikelihoods(
 
     device = model_device(model)
     pad = _pad_id(model)
+    decoder, head = _decoder_and_head(model)
     results: list[Loglikelihood | None] = [None] * len(requests)
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
@@ -113,17 +147,30 @@ def loglikelihoods(
         for b, seq in enumerate(batch):
             ids[b, : len(seq)] = torch.tensor(seq)
             mask[b, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        # Logits only where a continuation token is predicted: the vocabulary projection and the
+        # log-softmax over 32k entries are most of the work on a small model.
+        where: list[tuple[int, int]] = []  # (row in batch, position)
+        slices: list[tuple[int, int, tuple[int, ...], int]] = []  # (request, offset, targets, b)
         for b in range(len(batch)):
-            row_reads = reads[start + b]
-            last = max(first + len(t) for _, first, t in row_reads)
-            logprobs = logits[b, :last].float().log_softmax(-1)
-            for i, first, targets in row_reads:
-                span = logprobs[first : first + len(targets)]
-                target = torch.tensor(targets, device=span.device)
-                picked = span.gather(-1, target[:, None]).squeeze(-1)
-                greedy = bool((span.argmax(-1) == target).all())
-                results[i] = Loglikelihood(float(picked.sum()), greedy, len(targets))
+            for i, first, targets in reads[start + b]:
+                slices.append((i, len(where), targets, b))
+                where.extend((b, p) for p in range(first, first + len(targets)))
+        rows_idx = torch.tensor([b for b, _ in where], device=device)
+        pos_idx = torch.tensor([p for _, p in where], device=device)
+        if decoder is not None:
+            hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device))[0]
+            logits = head(hidden[rows_idx, pos_idx])
+        else:
+            full = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits = full[rows_idx, pos_idx]
+        logprobs = logits.float().log_softmax(-1)
+        greedy_ids = logprobs.argmax(-1)
+        for i, offset, targets, _ in slices:
+            target = torch.tensor(targets, device=logprobs.device)
+            span = logprobs[offset : offset + len(targets)]
+            picked = span.gather(-1, target[:, None]).squeeze(-1)
+            greedy = bool((greedy_ids[offset : offset + len(targets)] == target).all())
+            results[i] = Loglikelihood(float(picked.sum()), greedy, len(targets))
         if on_batch is not None:
             on_batch(len(batch))
     return results  # type: ignore[return-value]
