@@ -37,6 +37,7 @@ class RunResult:
     seconds: float
     mfu: float | None
     main_process: bool = True
+    n_params: int = 0
 
 
 def _console():
@@ -301,7 +302,15 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
     render = _chat_renderer(tokenizer) if tokenizer.chat_template else None
     stream, factories = build_stream(config, tokenizer, render)
 
-    # optimizer and schedule
+    # optimizer and schedule (fused AdamW on one GPU / DDP; FSDP swaps parameters in prepare)
+    from accelerate.utils import DistributedType
+
+    fused = accelerator.device.type == "cuda" and accelerator.distributed_type in (
+        DistributedType.NO,
+        DistributedType.MULTI_GPU,
+    )
+    if fused:
+        model.to(accelerator.device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -311,6 +320,7 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
         ],
         lr=config.lr,
         betas=config.betas,
+        fused=fused,
     )
     total = config.total_steps(world)
     warmup = int(config.warmup_fraction * total)
@@ -389,6 +399,7 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
         )
         t_log = time.perf_counter()
         tokens_log = tokens_seen
+        pending: list[tuple[int, Any, float, int]] = []
         while step < total:
             model.train()
             loss_sum = torch.zeros((), device=accelerator.device)
@@ -410,38 +421,55 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
-            loss_value = accelerator.reduce(loss_sum / config.grad_accum, reduction="mean").item()
-            if not math.isfinite(loss_value):
+            # losses stay on the device until a log step: one sync per window, not per step
+            pending.append(
+                (step, loss_sum / config.grad_accum, scheduler.get_last_lr()[0], tokens_seen)
+            )
+            evaluate = held_out is not None and (step % config.eval_every == 0 or step == total)  # type: ignore[operator]
+            ckpt = (
+                bool(config.checkpoint_every)
+                and step % config.checkpoint_every == 0
+                and step < total
+            )  # type: ignore[operator]
+            if not (step % config.log_every == 0 or step == total or evaluate or ckpt):
+                continue
+            losses = accelerator.reduce(
+                torch.stack([p[1] for p in pending]), reduction="mean"
+            ).tolist()
+            bad = [(p[0], v) for p, v in zip(pending, losses, strict=True) if not math.isfinite(v)]
+            if bad:
                 raise PretrainError(
-                    f"loss became {loss_value} at step {step}; nothing after the last checkpoint was kept",
+                    f"loss became {bad[0][1]} at step {bad[0][0]}; nothing after the last "
+                    "checkpoint was kept",
                     "lower lr, raise warmup_fraction, or use bfloat16 instead of float16",
                 )
-            row: dict[str, Any] = {
-                "step": step,
-                "loss": round(loss_value, 6),
-                "lr": scheduler.get_last_lr()[0],
-                "tokens": tokens_seen,
-            }
-            if step % config.log_every == 0 or step == total:
-                now = time.perf_counter()
-                tps = (tokens_seen - tokens_log) / max(now - t_log, 1e-9)
-                t_log, tokens_log = now, tokens_seen
-                row["tokens_per_s"] = round(tps, 1)
-                if peak:
-                    row["mfu"] = round(tps * fpt / (peak * world), 4)
-            if held_out is not None and (step % config.eval_every == 0 or step == total):  # type: ignore[operator]
+            rows: list[dict[str, Any]] = [
+                {"step": st, "loss": round(v, 6), "lr": lr, "tokens": tk}
+                for (st, _, lr, tk), v in zip(pending, losses, strict=True)
+            ]
+            pending.clear()
+            loss_value = losses[-1]
+            now = time.perf_counter()
+            tps = (tokens_seen - tokens_log) / max(now - t_log, 1e-9)
+            t_log, tokens_log = now, tokens_seen
+            rows[-1]["tokens_per_s"] = round(tps, 1)
+            if peak:
+                rows[-1]["mfu"] = round(tps * fpt / (peak * world), 4)
+            if evaluate:
                 eval_loss = _evaluate(model, held_out, config.micro_batch, rank, world, accelerator)
-                row["eval_loss"] = round(eval_loss, 6)
-            metrics.write(row)
+                rows[-1]["eval_loss"] = round(eval_loss, 6)
+                t_log = time.perf_counter()  # eval time is not training throughput
+            for row in rows:
+                metrics.write(row)
             if show:
                 progress.update(
                     task,
                     completed=step,
                     loss=f"{loss_value:.3f}",
-                    lr=f"{row['lr']:.2e}",
-                    tps=f"{row.get('tokens_per_s', '-')}",
+                    lr=f"{rows[-1]['lr']:.2e}",
+                    tps=f"{tps:,.0f}",
                 )
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
+            if ckpt:
                 _save_checkpoint(
                     accelerator, model, tokenizer, out, step, tokens_seen, stream, config
                 )
@@ -462,7 +490,9 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
             + (f", MFU {mfu:.1%}" if mfu else "")
             + f"; model in {model_dir}"
         )
-    return RunResult(model_dir, step, tokens_seen, loss_value, eval_loss, tps, seconds, mfu, main)
+    return RunResult(
+        model_dir, step, tokens_seen, loss_value, eval_loss, tps, seconds, mfu, main, n_params
+    )
 
 
 def _chat_renderer(tokenizer):
