@@ -219,7 +219,9 @@ def greedy_continuations(
     """Greedy continuations of ``prompts`` (left-padded batches, sorted by length)."""
     device = model_device(model)
     pad = _pad_id(model, tokenizer)
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    # BOS by hand: the Mistral tokenizer saved by transformers 5 has add_bos_token=False.
+    encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
     outputs: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):

@@ -77,7 +77,7 @@ def demo_probes() -> list[Probe]:
                         choices=choices,
                         answer=0,
                         format=form,
-                        delimiter=" " if form == "plain" else "",
+                        delimiter="",  # answers and distractors start with a space
                     )
                 )
             if items:
