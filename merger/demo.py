@@ -51,15 +51,16 @@ def _acc(card: dict[str, Any], probe: str) -> float | None:
     return None if metrics is None else metrics.get("acc_norm")
 
 
-def _row(name: str, kind: str, card: dict[str, Any], seconds: float | None = None) -> dict:
+def _row(name: str, kind: str, method: str, card: dict[str, Any]) -> dict:
     return {
         "model": name,
         "kind": kind,
+        "method": method,
         "dutch_score": card.get("dutch_score"),
         "english_score": card.get("english_score"),
         **{probe: _acc(card, probe) for probe in PROBE_COLUMNS},
         "items": {p: card.get("probes", {}).get(p, {}).get("n") for p in PROBE_COLUMNS},
-        "seconds": seconds if seconds is not None else card.get("seconds"),
+        "seconds": card.get("seconds"),
     }
 
 
@@ -93,7 +94,7 @@ def run_demo(
     from merger.engine import run_recipe
     from merger.rank import export, leaderboard, markdown, print_leaderboard, write_plots
     from merger.recipe import parse_recipe
-    from merger.sweep import load_spec, parse_spec, run_sweep
+    from merger.sweep import load_spec, parse_spec, run_sweep, short
     from pretrain.family import build_family
 
     started = time.perf_counter()
@@ -123,7 +124,7 @@ def run_demo(
         card["model"] = name
         cards[name] = card
         _write_json(out / "scorecards" / f"{name}.json", card)
-        rows.append(_row(name, "parent" if name in PARENTS else "shared base", card))
+        rows.append(_row(name, "parent" if name in PARENTS else "base", "-", card))
     timings["parents"] = time.perf_counter() - t0
 
     console.print(f"[bold]3/5[/] merging and scoring {len(recipe_files)} demo recipes")
@@ -141,7 +142,7 @@ def run_demo(
         card["model"] = name
         cards[name] = card
         _write_json(out / "scorecards" / f"{name}.json", card)
-        rows.append(_row(name, f"child ({recipe.merge_method})", card))
+        rows.append(_row(name, "child", recipe.merge_method, card))
     timings["recipes"] = time.perf_counter() - t0
 
     console.print(f"[bold]4/5[/] sweep {DEMO_SWEEP.name}")
@@ -174,8 +175,8 @@ def run_demo(
         "probes": best_sweep["probes"],
         "seconds": best_sweep["seconds"],
     }
-    params = ", ".join(f"{k}={v:g}" for k, v in best_sweep["params"].items())
-    rows.append(_row(f"sweep #1 ({params})", "child (sweep rank 1)", sweep_card))
+    params = ", ".join(f"{short(k)}={v:g}" for k, v in best_sweep["params"].items())
+    rows.append(_row("sweep-best", "child", f"slerp {params}", sweep_card))
 
     console.print("[bold]5/5[/] report")
     plots = write_plots(board, out / "plots")
@@ -214,7 +215,7 @@ def run_demo(
 def chat_vector_verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Does the best child (by dutch_score) beat both parents on Dutch questions in chat form?"""
     parents = {r["model"]: r for r in rows if r["kind"] == "parent"}
-    children = [r for r in rows if r["kind"].startswith("child") and r["dutch_score"] is not None]
+    children = [r for r in rows if r["kind"] == "child" and r["dutch_score"] is not None]
     best = max(children, key=lambda r: r["dutch_score"])
     top_chat = max(children, key=lambda r: r[CHAT_PROBE] or 0)
     parent_chat = {name: r[CHAT_PROBE] for name, r in parents.items()}
@@ -246,20 +247,23 @@ def _fmt(value: Any) -> str:
 
 
 def _markdown(rows: list[dict[str, Any]], verdict: dict[str, Any]) -> str:
-    head = ["model", "kind", "Dutch", "English", *PROBE_COLUMNS]
+    head = ["model", "kind", "method", "Dutch", "English", *PROBE_COLUMNS]
     lines = ["# kruising demo", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["model"], r["kind"], _fmt(r["dutch_score"]), _fmt(r["english_score"])]
+        cells = [r["model"], r["kind"], r["method"], _fmt(r["dutch_score"])]
+        cells.append(_fmt(r["english_score"]))
         cells += [_fmt(r[p]) for p in PROBE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + verdict["text"] + "\n"
 
 
 def _print_models(rows: list[dict[str, Any]]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title="parents and children (suite demo; probe columns: acc_norm)")
-    for col in ("model", "kind", "Dutch", "English", *PROBE_COLUMNS):
+    table = Table(title="parents and children, suite demo (probe columns: acc_norm)")
+    columns = ("model", "kind", "Dutch", "English", "nl chat", "nl plain", "en chat", "en plain")
+    for col in columns:
         table.add_column(col, justify="left" if col in ("model", "kind") else "right")
     for r in rows:
         table.add_row(
@@ -270,6 +274,9 @@ def _print_models(rows: list[dict[str, Any]]) -> None:
             *(_fmt(r[p]) for p in PROBE_COLUMNS),
         )
     console.print(table)
+    for r in rows:
+        if r["kind"] == "child":
+            console.print(escape(f"  {r['model']}: {r['method']}"))
 
 
 def _bar_plot(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -10,8 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from merger.console import console
 from merger.errors import KruisingError
+from merger.sweep import short
 
 
 def load_study(name: str, storage: str | None):
@@ -102,11 +105,11 @@ def print_leaderboard(board: dict[str, Any], limit: int | None = None) -> None:
     """A rich table on stderr: rank, the variant's parameters, scores, Pareto mark, seconds."""
     from rich.table import Table
 
-    table = Table(title=f"study {board['study']} ({board['suite'] or 'suite ?'})")
+    table = Table(title=escape(f"study {board['study']} (suite {board['suite'] or '?'})"))
     table.add_column("rank", justify="right")
     params = board["search"]
     for name in params:
-        table.add_column(name, justify="right")
+        table.add_column(escape(short(name)), justify="right")
     table.add_column("Dutch", justify="right")
     table.add_column("English", justify="right")
     weighted = len(board["objectives"]) == 1 and board["objectives"][0] not in (
@@ -130,7 +133,7 @@ def print_leaderboard(board: dict[str, Any], limit: int | None = None) -> None:
     if failed:
         console.print(f"{len(failed)} failed variant(s):")
         for f in failed[:5]:
-            console.print(f"  trial {f['trial']} {f['params']}: {f['reason']}")
+            console.print(escape(f"  trial {f['trial']} {f['params']}: {f['reason']}"))
     if board["running"]:
         console.print(f"{board['running']} variant(s) still running")
 

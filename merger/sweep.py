@@ -44,6 +44,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from rich.markup import escape
 
 from merger.console import console
 from merger.errors import KruisingError
@@ -560,6 +561,10 @@ def _requeue_stale(study, trial) -> None:
 def _sampler(spec: SweepSpec):
     import optuna
 
+    if spec.sampler == "grid" and spec.mode == "streaming":
+        # ask/tell outside study.optimize: GridSampler's stop() would raise; the streaming
+        # runner queues the grid points itself (`_queue_grid`).
+        return optuna.samplers.RandomSampler(seed=spec.seed)
     if spec.sampler == "grid":
         return optuna.samplers.GridSampler(
             {path: rng.grid() for path, rng in spec.search.items()}, seed=spec.seed
@@ -697,7 +702,8 @@ def run_sweep(
     import optuna
 
     validate(spec, recipe)
-    study = open_study(spec, open_storage(storage or spec.storage), recipe_yaml(recipe))
+    store = open_storage(storage or spec.storage, heartbeat=spec.mode == "resident")
+    study = open_study(spec, store, recipe_yaml(recipe))
     target = trials or spec.trials
     if spec.sampler == "grid":
         size = math.prod(len(r.grid()) for r in spec.search.values())
@@ -736,15 +742,16 @@ def run_sweep(
             trial.set_user_attr("fail_reason", reason.splitlines()[0][:500])
             trial.set_user_attr("seconds", round(time.perf_counter() - start, 3))
             if progress:
-                console.print(f"  trial {trial.number}: [red]failed[/] ({reason.splitlines()[0]})")
+                why = escape(reason.splitlines()[0])
+                console.print(f"  trial {trial.number}: [red]failed[/] ({why})")
             raise VariantFailed(reason) from exc
         _store(trial, card, time.perf_counter() - start)
         if progress:
-            shown = ", ".join(f"{k}={v:.3g}" for k, v in params.items() if _is_number(v))
+            shown = escape(", ".join(f"{short(k)}={_show(v)}" for k, v in params.items()))
             scores = "  ".join(
                 f"{n} {v:.4f}" for n, v in zip(spec.objective_names(), values, strict=True)
             )
-            console.print(f"  trial {trial.number}: {shown or params}  {scores}")
+            console.print(f"  trial {trial.number}: {shown}  {scores}")
         return values
 
     with warnings.catch_warnings():
@@ -758,8 +765,13 @@ def run_sweep(
     return study
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def short(path: str) -> str:
+    """A search path as a column label: ``parameters.t[mlp]`` -> ``t[mlp]``."""
+    return path.removeprefix("parameters.")
+
+
+def _show(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _stop_at(target: int) -> Callable:
@@ -915,6 +927,8 @@ def _run_streaming(spec: SweepSpec, recipe, study, remaining: int, device: str, 
     host, pid = socket.gethostname(), os.getpid()
     while remaining > 0:
         k = min(spec.batch, remaining)
+        if spec.sampler == "grid":
+            _queue_grid(study, spec, k)
         trials, variants = [], []
         for _ in range(k):
             trial = study.ask()
@@ -954,6 +968,26 @@ def _run_streaming(spec: SweepSpec, recipe, study, remaining: int, device: str, 
         if progress:
             console.print(f"  batch of {len(variants)} variants merged in one pass")
     return study
+
+
+def _queue_grid(study, spec: SweepSpec, k: int) -> None:
+    """Queue up to ``k`` grid points no trial has taken yet (the streaming runner's grid)."""
+    import itertools
+
+    from optuna.trial import TrialState
+
+    paths = list(spec.search)
+    taken = {
+        tuple(t.params.get(p, t.system_attrs.get("fixed_params", {}).get(p)) for p in paths)
+        for t in study.get_trials(deepcopy=False)
+        if not (t.state == TrialState.FAIL and t.user_attrs.get("stale"))
+    }
+    for point in itertools.product(*(spec.search[p].grid() for p in paths)):
+        if k == 0:
+            return
+        if point not in taken:
+            study.enqueue_trial(dict(zip(paths, point, strict=True)))
+            k -= 1
 
 
 def _tell_failed(study, trial, reason: str) -> None:

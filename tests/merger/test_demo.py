@@ -24,16 +24,22 @@ def test_demo_recipes_parse_once_the_family_is_filled_in(tmp_path):
 
 
 def _row(name, kind, dutch, chat):
-    return {"model": name, "kind": kind, "dutch_score": dutch, "demo_nl_chat": chat,
-            "items": {"demo_nl_chat": 20}}
+    return {
+        "model": name,
+        "kind": kind,
+        "method": "-",
+        "dutch_score": dutch,
+        "demo_nl_chat": chat,
+        "items": {"demo_nl_chat": 20},
+    }
 
 
 def test_verdict_compares_the_best_child_with_both_parents():
     rows = [
         _row("nl", "parent", 0.5, 0.40),
         _row("instruct", "parent", 0.3, 0.35),
-        _row("slerp", "child (slerp)", 0.6, 0.45),
-        _row("linear", "child (linear)", 0.4, 0.60),
+        _row("slerp", "child", 0.6, 0.45),
+        _row("linear", "child", 0.4, 0.60),
     ]
     verdict = chat_vector_verdict(rows)
     assert verdict["best_child"] == "slerp" and verdict["beats_both_parents"] is True
@@ -54,15 +60,27 @@ def test_merge_demo_end_to_end_on_the_test_family(tiny_family, tmp_path):
     family = tiny_family["nl"].parent
     result = CliRunner().invoke(
         app,
-        ["demo", "--out", str(out), "--family", str(family), "--size", "test", "--trials", "3",
-         "--device", "cpu", "--json"],
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--family",
+            str(family),
+            "--size",
+            "test",
+            "--trials",
+            "3",
+            "--device",
+            "cpu",
+            "--json",
+        ],
     )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     kinds = {r["model"]: r["kind"] for r in summary["models"]}
     assert kinds["nl"] == kinds["instruct"] == "parent"
     for name in ("slerp", "ties", "linear"):
-        assert kinds[name].startswith("child")
+        assert kinds[name] == "child"
         card = json.loads((out / "scorecards" / f"{name}.json").read_text())
         assert card["suite"] == "demo" and "demo_nl_chat" in card["probes"]
         assert (out / "children" / name / "config.json").is_file()
@@ -77,6 +95,7 @@ def test_merge_demo_end_to_end_on_the_test_family(tiny_family, tmp_path):
     assert (out / "plots" / "pareto.png").is_file() and (out / "plots" / "dutch_chat.png").is_file()
     best_recipe = load_recipe(out / "best-recipe.yaml")
     assert best_recipe.merge_method == "slerp"
-    rerun = CliRunner().invoke(app, ["demo", "--out", str(out), "--family", str(family),
-                                     "--size", "test"])
+    rerun = CliRunner().invoke(
+        app, ["demo", "--out", str(out), "--family", str(family), "--size", "test"]
+    )
     assert rerun.exit_code != 0 and "already exists" in rerun.exception.message

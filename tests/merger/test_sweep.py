@@ -503,3 +503,43 @@ def test_in_memory_sweep_scores_match_merge_run_of_the_exported_recipe(tiny_pair
             if isinstance(value, float):  # bits_per_byte and ppl: continuous, not just argmaxes
                 assert card["probes"][name][key] == pytest.approx(value, rel=1e-5), (name, key)
     assert "bits_per_byte" in best["probes"]["ppl_nl"]
+
+
+def test_streaming_mode_scores_what_the_resident_mode_scores(tiny_pair, tmp_path):
+    """One pass over the shards for K variants gives the same scores as merging each in memory."""
+    from merger.recipe import load_recipe
+
+    recipe, probes = tiny_pair
+    boards = {}
+    for mode in ("resident", "streaming"):
+        spec = parse_spec(
+            textwrap.dedent(
+                f"""\
+                name: tiny-{mode}
+                recipe: {recipe}
+                search:
+                  parameters.t[default]: {{type: categorical, choices: [0.2, 0.9]}}
+                sampler: grid
+                suite: {probes}
+                trials: 2
+                mode: {mode}
+                batch: 2
+                """
+            ),
+            f"{mode}.yaml",
+        )
+        study = run_sweep(
+            spec,
+            load_recipe(recipe),
+            storage=f"sqlite:///{tmp_path}/s.db",
+            device="cpu",
+            progress=False,
+        )
+        boards[mode] = {t.params["parameters.t[default]"]: t.user_attrs for t in study.trials}
+    assert sorted(boards["streaming"]) == [0.2, 0.9]
+    for t in (0.2, 0.9):
+        resident, streaming = boards["resident"][t], boards["streaming"][t]
+        assert streaming["dutch_score"] == resident["dutch_score"]
+        assert streaming["probes"]["ppl_nl"]["bits_per_byte"] == pytest.approx(
+            resident["probes"]["ppl_nl"]["bits_per_byte"], rel=1e-6
+        )

@@ -1,0 +1,127 @@
+"""Rank K slerp variants of the tiny family: our in-memory sweep vs the mergekit way.
+
+    python bench/sweep_vs_mergekit.py [--k 8] [--size default] [--family DIR] [--suite demo]
+
+Ours: ``merger.sweep.run_sweep`` — inputs loaded once, each variant merged into a resident
+model and scored in memory. The mergekit way: for each variant, ``mergekit-yaml`` writes a child
+folder (a subprocess, as a user would run it), ``from_pretrained`` loads it, and the same probes
+score it. Prints both wall times, the ratio, and the largest score difference between the two
+(they merge the same recipes, so the scores should agree). Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=8, help="variants (t evenly over [0, 1])")
+    parser.add_argument("--size", default="default", help="tiny family size: default or test")
+    parser.add_argument("--family", type=Path, default=None, help="family folder (cached)")
+    parser.add_argument("--suite", default="demo", help="eval suite for both ways")
+    args = parser.parse_args()
+
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.api import score_model
+    from eval.suites import load_suite
+    from merger.demo import default_family_dir, resolve_family
+    from merger.rank import leaderboard
+    from merger.recipe import parse_recipe
+    from merger.sweep import parse_spec, run_sweep
+    from pretrain.family import build_family
+
+    torch.manual_seed(0)
+    family_dir = args.family or default_family_dir(args.size)
+    members = build_family(family_dir, size=args.size, seed=0)
+    root = Path(members["nl"]).parent
+    base_text = resolve_family(
+        (REPO / "recipes" / "sweeps" / "demo-slerp.recipe.yaml").read_text(), root
+    )
+    recipe = parse_recipe(base_text, "demo-slerp.recipe.yaml")
+    ts = [round(i / (args.k - 1), 6) for i in range(args.k)]
+    work = Path(tempfile.mkdtemp(prefix="kruising-bench-"))
+    try:
+        spec = parse_spec(
+            yaml.safe_dump(
+                {
+                    "name": "bench",
+                    "recipe": {},
+                    "search": {"parameters.t[default]": {"type": "categorical", "choices": ts}},
+                    "sampler": "grid",
+                    "objectives": ["dutch_score", "english_score"],
+                    "suite": args.suite,
+                    "trials": args.k,
+                }
+            ),
+            "bench",
+        )
+        # The filtered t's stay at the recipe's values; only the default t moves. Set all three
+        # to the same t so both ways merge plain slerp(t).
+        recipe_data = recipe.model_dump(mode="json", exclude_none=True)
+        recipe_data["parameters"]["t"] = 0.5
+        recipe = parse_recipe(yaml.safe_dump(recipe_data), "bench-recipe")
+        spec = spec.model_copy(
+            update={
+                "search": {
+                    "parameters.t": spec.search["parameters.t[default]"],
+                }
+            }
+        )
+
+        print(f"K={args.k} slerp variants of the {args.size} tiny family, suite {args.suite}")
+        start = time.perf_counter()
+        study = run_sweep(
+            spec, recipe, storage=f"sqlite:///{work / 'bench.db'}", device="cpu", progress=False
+        )
+        ours = time.perf_counter() - start
+        board = leaderboard(study)
+        ours_scores = {r["params"]["parameters.t"]: r for r in board["rows"]}
+
+        start = time.perf_counter()
+        probes = load_suite(args.suite)
+        theirs_scores = {}
+        for t in ts:
+            data = dict(recipe_data)
+            data["parameters"] = {"t": t}
+            path = work / f"t{t}.yaml"
+            path.write_text(yaml.safe_dump(data))
+            out = work / f"child-{t}"
+            subprocess.run(
+                [shutil.which("mergekit-yaml") or "mergekit-yaml", str(path), str(out)],
+                check=True,
+                capture_output=True,
+            )
+            model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(out))
+            theirs_scores[t] = score_model(model, tokenizer, args.suite, probes=probes)
+        theirs = time.perf_counter() - start
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    diff = max(
+        abs(ours_scores[t][key] - theirs_scores[t][key])
+        for t in ts
+        for key in ("dutch_score", "english_score")
+    )
+    print(f"{'way':<34}{'wall s':>10}{'s/variant':>12}")
+    print(f"{'kruising in-memory sweep':<34}{ours:>10.1f}{ours / args.k:>12.2f}")
+    print(f"{'mergekit-yaml + from_pretrained':<34}{theirs:>10.1f}{theirs / args.k:>12.2f}")
+    print(f"ratio mergekit / ours: {theirs / ours:.1f}x (target >= 10x)")
+    print(f"largest score difference between the two ways: {diff:.2g}")
+
+
+if __name__ == "__main__":
+    main()
