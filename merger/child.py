@@ -149,6 +149,12 @@ def _set_chat_template(folder: Path, template: str, plan: MergePlan) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
+def check_chat_template(template: str | None) -> None:
+    """Fail before merging when `chat_template` names no known template."""
+    if template and template != "auto" and "{" not in template:
+        _named_template(template)
+
+
 def _named_template(name: str) -> str:
     spec = importlib.util.find_spec("mergekit")
     if spec and spec.submodule_search_locations:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from merger.child import check_chat_template
 from merger.console import console
 from merger.errors import KruisingError
 from merger.io import ModelSource, ShardWriter, open_model, parse_size
@@ -302,6 +303,7 @@ def run_recipe(
         )
     sources = open_sources(recipe, allow_pickle=allow_pickle)
     plan = build_plan(recipe, sources)
+    check_chat_template(recipe.chat_template)
     out = Path(out)
     if out.expanduser().resolve().exists() and not overwrite:
         raise KruisingError(

@@ -368,3 +368,25 @@ def test_a_failure_mid_merge_leaves_no_child(models, tmp_path, monkeypatch):
     with pytest.raises(KruisingError, match="simulated failure"):
         run_recipe(load_recipe(recipe), tmp_path / "child", device="cpu")
     assert_no_child(tmp_path / "child")
+
+
+def test_chat_template_by_name_and_tokenizer_source(models, tmp_path):
+    from transformers import AutoTokenizer
+
+    text = SLERP.replace("{t}", "0.5") + "tokenizer_source: {b}\nchat_template: chatml\n"
+    child = run_recipe_file(write_recipe(tmp_path, text, **models), tmp_path / "c", device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(child)
+    assert "<|im_start|>" in tokenizer.chat_template
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Wie is Bassie?"}], tokenize=False
+    )
+    assert rendered.startswith("<|im_start|>user\nWie is Bassie?")
+
+
+def test_unknown_chat_template_name_is_an_error(models, tmp_path):
+    from merger.errors import KruisingError
+
+    text = SLERP.replace("{t}", "0.5") + "chat_template: klingon\n"
+    with pytest.raises(KruisingError, match="chat_template 'klingon' is neither"):
+        run_recipe_file(write_recipe(tmp_path, text, **models), tmp_path / "c", device="cpu")
+    assert_no_child(tmp_path / "c")
