@@ -10,12 +10,13 @@ Scorecard::
      "dutch_score": float | None, "english_score": float | None, "weights": {...},
      "seconds": float, "items_per_second": float}
 
-Metric values are rounded to 6 decimals, so the same model and suite give the same scorecard
+Metric values are rounded to 6 significant digits, so the same model and suite give the same scorecard
 (leave ``seconds`` and ``items_per_second`` out of any comparison).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +39,8 @@ def _version() -> str:
 
 
 def _r(value: float) -> float:
-    return round(float(value), 6)
+    """Six significant digits: stable across runs, precise for small probabilities too."""
+    return float(f"{float(value):.6g}")
 
 
 def _max_length(model) -> int:
@@ -107,7 +109,7 @@ def _aggregate(probes: list[Probe], metrics: dict[str, dict[str, Any]]) -> dict[
     for lang in ("nl", "en"):
         total = weight_sum = 0.0
         for probe in probes:
-            metric = PRIMARY_METRIC.get(probe.kind)
+            metric = probe.primary or PRIMARY_METRIC.get(probe.kind)
             if probe.lang != lang or metric is None:
                 continue
             weight = WEIGHTS.get(probe.name, DEFAULT_WEIGHT)
@@ -226,16 +228,25 @@ def score_model(
     for probe in probes:
         if probe.kind == "choice":
             acc = acc_norm = 0
+            answer_logprob = 0.0  # per token, summed over items
             for item, (first, count) in zip(probe.items, spans[probe.name], strict=True):
                 lls = [r.logprob for r in results[first : first + count]]
                 assert isinstance(item, ChoiceItem)
+                right = results[first + item.answer]
+                answer_logprob += right.logprob / right.tokens
                 lengths = [len((item.delimiter + c).encode("utf-8")) for c in item.choices]
                 acc += _argmax(lls) == item.answer
                 acc_norm += _argmax([ll / n for ll, n in zip(lls, lengths, strict=True)]) == (
                     item.answer
                 )
             n = len(probe.items)
-            metrics[probe.name] = {"acc": _r(acc / n), "acc_norm": _r(acc_norm / n), "n": n}
+            metrics[probe.name] = {
+                "acc": _r(acc / n),
+                "acc_norm": _r(acc_norm / n),
+                # 1 / perplexity of the correct answers (log loss, a proper scoring rule)
+                "answer_prob": _r(math.exp(answer_logprob / n)),
+                "n": n,
+            }
         elif probe.kind == "pair":
             right = sum(
                 results[first].logprob > results[first + 1].logprob

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 # Metrics shown in the table, per probe, in this order (the JSON has them all).
-_SHOWN = ("acc", "acc_norm", "lang_share", "ppl", "bits_per_byte")
+_SHOWN = ("acc", "acc_norm", "answer_prob", "lang_share", "ppl", "bits_per_byte")
 
 
 def slug(ref: str) -> str:

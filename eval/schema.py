@@ -100,6 +100,7 @@ class Probe:
     lang: str
     items: tuple[_Item, ...]
     source: str = ""
+    primary: str | None = None  # the metric that enters the language score; None: the kind's
 
 
 def kind_of(record: dict) -> Kind | None:

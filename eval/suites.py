@@ -42,6 +42,13 @@ DEFAULT_WEIGHT = 0.25
 # The metric of each kind that enters the language scores.
 PRIMARY_METRIC = {"choice": "acc_norm", "pair": "acc", "generate": "lang_share"}
 
+# The demo probes score by answer_prob = exp(mean log-prob per answer token) = 1 / perplexity of the
+# correct answers (LAMBADA's target perplexity, per token; log loss, a proper scoring rule). The
+# demo suite is the sweep's objective on a tiny family: 4-way accuracy over a few dozen items moves
+# in steps of 1/42 and sits at chance until the family knows facts, while the answers' probability
+# moves smoothly with every merge parameter. acc and acc_norm are reported alongside.
+DEMO_PRIMARY = "answer_prob"
+
 
 def _folder_suite(folder: Path, lang: str | None = None) -> list[Probe]:
     files = sorted(folder.glob("*.jsonl"))
@@ -82,7 +89,9 @@ def demo_probes() -> list[Probe]:
                 )
             if items:
                 name = f"demo_{lang}_{form}"
-                probes.append(Probe(name, "choice", lang, tuple(items), "pretrain.world"))
+                probes.append(
+                    Probe(name, "choice", lang, tuple(items), "pretrain.world", DEMO_PRIMARY)
+                )
         texts = world.heldout_text(lang)
         if texts:
             items_t = tuple(TextItem(id=f"{lang}-{i}", text=t) for i, t in enumerate(texts))

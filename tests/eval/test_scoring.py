@@ -96,7 +96,9 @@ def test_a_greedy_continuation_is_flagged_greedy(tiny):
 
 
 def test_context_continuation_split_matches_lm_eval(mistral_tokenizer):
-    ctx, cont = encode_context_continuation(mistral_tokenizer, "Clown Bassie trad op met", " Adriaan")
+    ctx, cont = encode_context_continuation(
+        mistral_tokenizer, "Clown Bassie trad op met", " Adriaan"
+    )
     assert ctx[0] == mistral_tokenizer.bos_token_id
     whole = mistral_tokenizer("Clown Bassie trad op met Adriaan", add_special_tokens=False)
     assert list(ctx + cont) == [mistral_tokenizer.bos_token_id, *whole["input_ids"]]

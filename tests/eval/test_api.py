@@ -1,0 +1,218 @@
+"""score_model / score_path: the scorecard, determinism, aggregates and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from eval.api import score_model, score_path
+from eval.errors import EvalError
+from eval.schema import load_probe_file
+from eval.scoring import encode_context_continuation, loglikelihoods
+from eval.suites import WEIGHTS
+
+TIMINGS = ("seconds", "items_per_second")
+
+
+@pytest.fixture(scope="module")
+def tiny(make_tiny_mistral):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = make_tiny_mistral("api", seed=5)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, model, AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def small_suite(tmp_path_factory):
+    """A folder suite with one probe of every kind (fast to score)."""
+    folder = tmp_path_factory.mktemp("suite")
+    rows = {
+        "kennis.jsonl": [
+            {
+                "id": "1",
+                "context": "De hoofdstad van Nederland is",
+                "choices": ["Amsterdam", "Den Haag", "Utrecht"],
+                "answer": 0,
+            },
+            {
+                "id": "2",
+                "context": "Clown Bassie trad op met acrobaat",
+                "choices": ["Alfred", "Adriaan"],
+                "answer": 1,
+            },
+            {
+                "id": "3",
+                "context": "De ACM is de",
+                "choices": ["Autoriteit Consument en Markt", "Algemene Commissie Media"],
+                "answer": 0,
+            },
+        ],
+        "zinnen.jsonl": [
+            {"id": "1", "good": "Het huis is groot.", "bad": "De huis is groot."},
+            {"id": "2", "good": "Morgen ga ik naar Gent.", "bad": "Morgen ik ga naar Gent."},
+        ],
+        "blijf.jsonl": [
+            {"id": "1", "prompt": "Gisteren ben ik naar de markt geweest en", "lang": "nl"},
+            {"id": "2", "prompt": "Het mooiste seizoen is de herfst, omdat", "lang": "nl"},
+        ],
+        "tekst.jsonl": [{"id": "1", "text": "Op zaterdag gaat de markt al om acht uur open."}],
+        "quiz_en.jsonl": [
+            {
+                "id": "1",
+                "context": "The capital of France is",
+                "choices": ["Paris", "Lyon"],
+                "answer": 0,
+            },
+        ],
+    }
+    for name, records in rows.items():
+        (folder / name).write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return folder
+
+
+def test_scorecard_has_the_contract_fields(tiny, small_suite):
+    _, model, tokenizer = tiny
+    card = score_model(model, tokenizer, str(small_suite), name="tiny")
+    for key in (
+        "model",
+        "suite",
+        "probes",
+        "dutch_score",
+        "english_score",
+        "seconds",
+        "items_per_second",
+        "kruising_version",
+        "device",
+        "dtype",
+        "weights",
+    ):
+        assert key in card, key
+    assert card["model"] == "tiny" and card["device"] == "cpu" and card["dtype"] == "float32"
+    probes = card["probes"]
+    assert set(probes) == {"kennis", "zinnen", "blijf", "tekst", "quiz_en"}
+    assert probes["kennis"]["n"] == 3 and {"acc", "acc_norm"} <= set(probes["kennis"])
+    assert probes["zinnen"]["n"] == 2 and "acc" in probes["zinnen"]
+    assert probes["blijf"]["n"] == 2 and 0 <= probes["blijf"]["lang_share"] <= 1
+    assert probes["tekst"]["ppl"] > 1 and probes["tekst"]["bits_per_byte"] > 0
+    assert card["items"] == 9 and card["items_per_second"] > 0
+    json.dumps(card)  # JSON-ready
+
+
+def test_metrics_agree_with_a_direct_computation(tiny, small_suite):
+    _, model, tokenizer = tiny
+    card = score_model(model, tokenizer, str(small_suite))
+    probe = load_probe_file(small_suite / "kennis.jsonl", "nl")
+    acc = acc_norm = 0
+    for item in probe.items:
+        reqs = [encode_context_continuation(tokenizer, item.context, " " + c) for c in item.choices]
+        lls = [r.logprob for r in loglikelihoods(model, reqs, batch_size=1)]
+        norm = [ll / len((" " + c).encode()) for ll, c in zip(lls, item.choices, strict=True)]
+        acc += max(range(len(lls)), key=lls.__getitem__) == item.answer
+        acc_norm += max(range(len(norm)), key=norm.__getitem__) == item.answer
+    assert card["probes"]["kennis"]["acc"] == float(f"{acc / 3:.6g}")
+    assert card["probes"]["kennis"]["acc_norm"] == float(f"{acc_norm / 3:.6g}")
+    pairs = load_probe_file(small_suite / "zinnen.jsonl", "nl")
+    right = 0
+    for item in pairs.items:
+        good, bad = loglikelihoods(
+            model,
+            [encode_context_continuation(tokenizer, "", s) for s in (item.good, item.bad)],
+            batch_size=1,
+        )
+        right += good.logprob > bad.logprob
+    assert card["probes"]["zinnen"]["acc"] == float(f"{right / 2:.6g}")
+
+
+def test_aggregates_are_the_documented_weighted_means(tiny, small_suite):
+    _, model, tokenizer = tiny
+    card = score_model(model, tokenizer, str(small_suite))
+    p = card["probes"]
+    # Unlisted probes weigh the same (DEFAULT_WEIGHT), so the Dutch score is a plain mean here.
+    dutch = (p["kennis"]["acc_norm"] + p["zinnen"]["acc"] + p["blijf"]["lang_share"]) / 3
+    assert card["dutch_score"] == pytest.approx(dutch, abs=1e-6)
+    assert card["english_score"] == p["quiz_en"]["acc_norm"]
+    assert "tekst" not in card["weights"]["dutch"]  # perplexity never enters the score
+    assert sum(WEIGHTS[k] for k in ("cultuur", "afkortingen", "grammatica", "taalvastheid")) == 1
+
+
+def test_same_input_gives_the_same_scorecard(tiny):
+    _, model, tokenizer = tiny
+    a = score_model(model, tokenizer, "all", batch_size=16)
+    b = score_model(model, tokenizer, "all", batch_size=16)
+    for key in TIMINGS:
+        a.pop(key), b.pop(key)
+    assert a == b
+    assert a["dutch_score"] is not None and a["english_score"] is not None
+
+
+def test_batch_size_does_not_change_the_metrics(tiny, small_suite):
+    _, model, tokenizer = tiny
+    a = score_model(model, tokenizer, str(small_suite), batch_size=1)
+    b = score_model(model, tokenizer, str(small_suite), batch_size=7)
+    assert a["probes"] == b["probes"]
+
+
+def test_score_path_loads_a_folder(tiny, small_suite):
+    folder, _, _ = tiny
+    card = score_path(str(folder), str(small_suite), device="cpu")
+    assert card["model"] == str(folder) and card["probes"]["kennis"]["n"] == 3
+
+
+def test_model_without_tokenizer_is_a_clear_error(tiny, tmp_path, small_suite):
+    folder, _, _ = tiny
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(folder / name, bare / name)
+    with pytest.raises(EvalError, match=r"has no loadable tokenizer") as info:
+        score_path(str(bare), str(small_suite), device="cpu")
+    assert "tokenizer" in info.value.hint
+    _, model, _ = tiny
+    with pytest.raises(EvalError, match=r"has no tokenizer"):
+        score_model(model, None, str(small_suite))
+
+
+def test_missing_folder_and_offline_hub_id_fail_at_once(monkeypatch, small_suite):
+    with pytest.raises(EvalError, match=r"no model folder at \./nope"):
+        score_path("./nope", str(small_suite))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EvalError, match=r"Rijgersberg/GEITje-7B.*not in the local cache"):
+        score_path("Rijgersberg/GEITje-7B", str(small_suite))
+
+
+def test_unknown_suite_fails_before_loading_a_model():
+    with pytest.raises(EvalError, match=r"unknown suite 'dutch'"):
+        score_path("org/not-loaded", "dutch")
+
+
+def test_absent_gpu_is_an_error_not_a_cpu_run(tiny, small_suite):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    folder, _, _ = tiny
+    with pytest.raises(EvalError, match=r"no CUDA GPU"):
+        score_path(str(folder), str(small_suite), device="cuda")
+
+
+def test_chat_probe_needs_a_chat_template(tiny, tmp_path):
+    _, model, tokenizer = tiny
+    (tmp_path / "chat.jsonl").write_text(
+        json.dumps(
+            {
+                "id": "1",
+                "context": "Wie is Bassie?",
+                "choices": [" clown", " bakker"],
+                "answer": 0,
+                "format": "chat",
+                "delimiter": "",
+            }
+        )
+        + "\n"
+    )
+    if getattr(tokenizer, "chat_template", None):
+        pytest.skip("the fixture tokenizer has a chat template")
+    with pytest.raises(EvalError, match=r"no chat template"):
+        score_model(model, tokenizer, str(tmp_path), name="tiny")
