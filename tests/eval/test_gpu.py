@@ -1,0 +1,42 @@
+"""On a GPU: bf16 scoring on CUDA agrees with float32 on CPU (skipped, visibly, without one)."""
+
+from __future__ import annotations
+
+import pytest
+
+from eval.api import score_path
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_scores_agree_with_cpu_float32(make_tiny_mistral, tmp_path):
+    import json
+
+    folder = make_tiny_mistral("gpu", seed=7)
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    items = [
+        {
+            "id": "1",
+            "context": "De hoofdstad van Nederland is",
+            "choices": ["Amsterdam", "Utrecht"],
+            "answer": 0,
+        },
+        {
+            "id": "2",
+            "context": "De ACM is de",
+            "choices": ["Autoriteit Consument en Markt", "Algemene Commissie Media"],
+            "answer": 0,
+        },
+    ]
+    (suite / "kennis.jsonl").write_text("\n".join(json.dumps(i) for i in items) + "\n")
+    (suite / "tekst.jsonl").write_text(
+        json.dumps({"id": "1", "text": "Op zaterdag gaat de markt open."}) + "\n"
+    )
+    cpu = score_path(str(folder), str(suite), device="cpu")
+    gpu = score_path(str(folder), str(suite), device="cuda")
+    assert gpu["device"].startswith("cuda") and gpu["dtype"] == "bfloat16"
+    assert cpu["dtype"] == "float32"
+    assert gpu["probes"]["kennis"]["answer_prob"] == pytest.approx(
+        cpu["probes"]["kennis"]["answer_prob"], rel=0.05
+    )
+    assert gpu["probes"]["tekst"]["ppl"] == pytest.approx(cpu["probes"]["tekst"]["ppl"], rel=0.05)
