@@ -367,12 +367,23 @@ def resolve_model_path(ref: str) -> Path:
             f"Hub model {ref} is not in the local cache and HF_HUB_OFFLINE is set",
             "download it first (huggingface-cli download) or pass a local folder",
         )
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
     try:
         return Path(snapshot_download(repo_id, revision=revision or None, etag_timeout=10))
-    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo
+    except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as exc:
         raise EvalError(
-            f"cannot fetch Hub model {ref}: {type(exc).__name__}",
-            "check the id and your connection, or pass a local folder",
+            f"Hub model {ref} does not exist or is not accessible ({type(exc).__name__})",
+            "check the id and revision; for a gated model log in with `hf auth login`",
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - offline, proxy, timeouts
+        raise EvalError(
+            f"cannot fetch Hub model {ref}: the Hub is unreachable ({type(exc).__name__})",
+            "download it where the Hub is reachable (hf download) or pass a local folder",
         ) from exc
 
 

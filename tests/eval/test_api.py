@@ -216,3 +216,18 @@ def test_chat_probe_needs_a_chat_template(tiny, tmp_path):
         pytest.skip("the fixture tokenizer has a chat template")
     with pytest.raises(EvalError, match=r"no chat template"):
         score_model(model, tokenizer, str(tmp_path), name="tiny")
+
+
+def test_unreachable_hub_names_the_id(monkeypatch, small_suite):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def no_network(repo_id, **kwargs):
+        raise LocalEntryNotFoundError(f"{repo_id}: connection refused")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    with pytest.raises(
+        EvalError, match=r"cannot fetch Hub model org/kind@v2: the Hub is unreachable"
+    ):
+        score_path("org/kind@v2", str(small_suite))
