@@ -1,7 +1,10 @@
 """GPU check: one short `pretrain` run of a ~1B-parameter Mistral on one GPU; prints tokens/s and MFU.
 
-    python bench/pretrain_gpu.py                 # ~1.0B params, bf16, sdpa, context 2048
-    python bench/pretrain_gpu.py --steps 20 --micro-batch 4
+    python bench/pretrain_gpu.py                 # ~1.0B params, bf16, sdpa, torch.compile, ctx 2048
+    python bench/pretrain_gpu.py --no-compile    # eager (a minute less warm-up, ~30% slower)
+
+Measured on one H100 80GB HBM3 (2026-11-27): 63,698 tokens/s, MFU 41.2% compiled (wall 104 s);
+47,415 tokens/s, MFU 30.7% eager (wall 53 s).
 
 It runs the real training loop (`pretrain.train.run`: accelerate, packed fact-world text, AdamW,
 cosine schedule) from a fresh random model, so the numbers are what a `pretrain run` would see.
@@ -45,6 +48,12 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=MODEL_1B["num_hidden_layers"])
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch.compile the model (default; --no-compile for eager)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: a temp dir)")
     args = parser.parse_args()
 
@@ -79,6 +88,7 @@ def main() -> int:
             "device": "cuda",
             "attn_implementation": args.attn,
             "gradient_checkpointing": args.gradient_checkpointing,
+            "compile": args.compile,
             "log_every": 5,
             "plot": True,
         },
@@ -101,7 +111,8 @@ def main() -> int:
         else "MFU n/a (unknown GPU peak: set KRUISING_PEAK_FLOPS)"
     )
     print(
-        f"pretrain_gpu: {params / 1e9:.2f}B params on {name}, bf16 autocast, {args.attn}, "
+        f"pretrain_gpu: {params / 1e9:.2f}B params on {name}, bf16 autocast, {args.attn}"
+        f"{' + torch.compile' if args.compile else ''}, "
         f"context {args.context}, {tokens_per_step:,} tokens/step, {args.steps} steps: "
         f"{tps:,.0f} tokens/s (median after step {args.warmup}), {mfu_text}, "
         f"final loss {result.final_loss:.3f}, peak memory {peak_mem:.1f} GiB, wall {wall:.0f} s"

@@ -101,6 +101,7 @@ class PretrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    compile: bool = Field(False, description="torch.compile the model (GPU; a minute of warm-up)")
     seed: int = 0
 
     # observability and checkpoints

@@ -328,6 +328,8 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
         optimizer, lambda s: lr_factor(s, total, warmup, config.schedule, config.min_lr_ratio)
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    # forward through the compiled module; save, sync and clip through the plain one
+    forward = torch.compile(model) if config.compile else model
     accelerator.register_for_checkpointing(scheduler)
 
     step, tokens_seen = 0, 0
@@ -387,9 +389,14 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
     def batch_tensors():
         rows = [next(blocks) for _ in range(config.micro_batch * world)]
         mine = rows[rank::world]
-        ids = torch.tensor([r[0] for r in mine], device=accelerator.device)
-        pos = torch.tensor([r[1] for r in mine], device=accelerator.device)
-        return ids, pos
+        ids = torch.tensor([r[0] for r in mine])
+        pos = torch.tensor([r[1] for r in mine])
+        if accelerator.device.type == "cuda":  # pinned + async: the host packs the next batch
+            return (  # while the GPU still runs this one
+                ids.pin_memory().to(accelerator.device, non_blocking=True),
+                pos.pin_memory().to(accelerator.device, non_blocking=True),
+            )
+        return ids.to(accelerator.device), pos.to(accelerator.device)
 
     with progress:
         task = (
@@ -411,7 +418,7 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
                     else accelerator.no_sync(model)
                 )
                 with sync:
-                    loss = model(input_ids=ids, position_ids=pos, labels=ids).loss
+                    loss = forward(input_ids=ids, position_ids=pos, labels=ids).loss
                     accelerator.backward(loss / config.grad_accum)
                 loss_sum += loss.detach()
             if config.grad_clip:
