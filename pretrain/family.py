@@ -241,37 +241,44 @@ def _build(tmp: Path, size: str, seed: int, fp: str, progress: bool) -> None:
 
 def _load(folder: Path):
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.utils.logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
 
+def _sequence_logprobs(model, sequences: list[list[int]], starts: list[int]) -> list[float]:
+    """Sum of log-probs of tokens ``seq[start:]`` of each sequence, in one right-padded batch."""
+    import torch
+
+    width = max(len(seq) for seq in sequences)
+    ids = torch.zeros((len(sequences), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    out = []
+    for row, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
+        out.append(logp[row, start - 1 : len(seq) - 1].sum().item())
+    return out
+
+
 def perplexity(model, tokenizer, texts: list[str]) -> float:
     """exp(mean next-token NLL) over `texts`, each scored as BOS + text + EOS."""
-    import torch
-
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for text in texts:
-            ids = [
-                tokenizer.bos_token_id,
-                *tokenizer(text, add_special_tokens=False)["input_ids"],
-                tokenizer.eos_token_id,
-            ]
-            x = torch.tensor([ids])
-            logits = model(input_ids=x).logits[0, :-1].float()
-            logp = torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None])
-            nll -= logp.sum().item()
-            count += len(ids) - 1
-    return math.exp(nll / count)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    seqs = [[bos, *tokenizer(t, add_special_tokens=False)["input_ids"], eos] for t in texts]
+    total = sum(_sequence_logprobs(model, seqs, [1] * len(seqs)))
+    return math.exp(-total / sum(len(s) - 1 for s in seqs))
 
 
-def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> tuple[float, int]:
-    """Sum of log-probs of `continuation` after `prompt` (prompt gets BOS unless it has one)."""
-    import torch
-
+def _with_continuation(tokenizer, prompt: str, continuation: str) -> tuple[list[int], int]:
+    """Token ids of prompt + continuation (BOS first) and where the continuation starts."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
     if full_ids[: len(prompt_ids)] != prompt_ids:  # tokenization merged across the boundary
@@ -279,12 +286,13 @@ def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> tu
     if not prompt_ids or prompt_ids[0] != tokenizer.bos_token_id:
         prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
         full_ids = [tokenizer.bos_token_id, *full_ids]
-    n = len(full_ids) - len(prompt_ids)
-    x = torch.tensor([full_ids])
-    with torch.no_grad():
-        logits = model(input_ids=x).logits[0].float()
-    logp = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], -1)
-    return logp.gather(-1, x[0, len(prompt_ids) :, None]).sum().item(), n
+    return full_ids, len(prompt_ids)
+
+
+def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> tuple[float, int]:
+    """Sum of log-probs of `continuation` after `prompt` (prompt gets BOS unless it has one)."""
+    ids, start = _with_continuation(tokenizer, prompt, continuation)
+    return _sequence_logprobs(model, [ids], [start])[0], len(ids) - start
 
 
 def qa_scores(model, tokenizer, questions: list[dict], chat: bool) -> dict[str, float]:
@@ -297,10 +305,12 @@ def qa_scores(model, tokenizer, questions: list[dict], chat: bool) -> dict[str, 
             )
         else:
             prompt = q["prompt"]
-        lp, n = continuation_logprob(model, tokenizer, prompt, q["answer"])
-        per_token.append(lp / n)
-        wrong = [continuation_logprob(model, tokenizer, prompt, d)[0] for d in q["distractors"]]
-        correct += lp > max(wrong)
+        options = [
+            _with_continuation(tokenizer, prompt, c) for c in [q["answer"], *q["distractors"]]
+        ]
+        scores = _sequence_logprobs(model, [o[0] for o in options], [o[1] for o in options])
+        per_token.append(scores[0] / (len(options[0][0]) - options[0][1]))
+        correct += scores[0] > max(scores[1:])
     return {
         "answer_logprob_per_token": round(sum(per_token) / len(per_token), 4),
         "accuracy": round(correct / len(questions), 4),
