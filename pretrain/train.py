@@ -418,7 +418,9 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
                     else accelerator.no_sync(model)
                 )
                 with sync:
-                    loss = forward(input_ids=ids, position_ids=pos, labels=ids).loss
+                    loss = forward(
+                        input_ids=ids, position_ids=pos, labels=ids, use_cache=False
+                    ).loss
                     accelerator.backward(loss / config.grad_accum)
                 loss_sum += loss.detach()
             if config.grad_clip:
@@ -528,7 +530,9 @@ def _evaluate(model, blocks, micro_batch, rank, world, accelerator) -> float:
             chunk = mine[i : i + micro_batch]
             ids = torch.tensor([b[0] for b in chunk], device=accelerator.device)
             pos = torch.tensor([b[1] for b in chunk], device=accelerator.device)
-            losses.append(model(input_ids=ids, position_ids=pos, labels=ids).loss.detach())
+            losses.append(
+                model(input_ids=ids, position_ids=pos, labels=ids, use_cache=False).loss.detach()
+            )
     mean = torch.stack(losses).mean()
     return accelerator.reduce(mean, reduction="mean").item()
 

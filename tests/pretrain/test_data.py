@@ -191,3 +191,25 @@ def test_repo_path_is_not_needed(tmp_path: Path):
         assert list(open_source(Source(path="*.txt"))()) == ["hallo"]
     finally:
         os.chdir(cwd)
+
+
+def test_document_positions_keep_attention_inside_documents(make_tiny_mistral):
+    # with restarting position ids, no attention mask and no KV cache (use_cache=False, as the
+    # training loop calls the model) transformers' sdpa path masks across documents: a packed
+    # document gets exactly the logits it gets alone
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_mistral("packing", seed=3))
+    doc_a, doc_b = [1, 500, 600, 700, 2], [1, 800, 900, 2]
+    block = torch.tensor([doc_a + doc_b])
+    (ids, pos), *_ = list(pack(iter([doc_a, doc_b, [5] * 9]), 9, document_positions=True))
+    assert ids == doc_a + doc_b
+    with torch.no_grad():
+        packed = model(input_ids=block, position_ids=torch.tensor([pos]), use_cache=False).logits[
+            0, len(doc_a) :
+        ]
+        alone = model(input_ids=torch.tensor([doc_b])).logits[0]
+        leaky = model(input_ids=block, use_cache=False).logits[0, len(doc_a) :]
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(leaky, alone, atol=1e-4)  # without it, doc_b sees doc_a
