@@ -327,10 +327,19 @@ def set_path(data: dict[str, Any], path: str, value: Any) -> None:
     parts = parse_path(path)
     node: Any = data
     done = ""
-    for part in parts[:-1]:
+    last = parts[-1]
+    for i, part in enumerate(parts[:-1]):
+        if (
+            part == "parameters"
+            and i == len(parts) - 2
+            and isinstance(node, dict)
+            and node.get("parameters") is None
+            and isinstance(last, str)
+            and _method_param(data.get("merge_method", ""), last, i > 0)
+        ):
+            node["parameters"] = {}  # a model without parameters: add the one searched
         node = _step(node, part, path, done)
         done = _join(done, part)
-    last = parts[-1]
     parent_is_params = len(parts) >= 2 and parts[-2] == "parameters"
     if isinstance(last, str) and not last.startswith("[") and isinstance(node, dict):
         if last not in node or node[last] is None:

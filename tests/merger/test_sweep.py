@@ -122,6 +122,9 @@ def test_variant_sets_filtered_gradient_points_and_per_model_values():
     assert _dump(ties)["models"][1]["parameters"]["density"] == 0.3
     assert _dump(ties)["models"][0]["parameters"]["density"] == 0.5
     # a parameter the method declares but the recipe leaves at its default is added
+    linear = _recipe(SLERP.replace("slerp", "linear").split("parameters:")[0])
+    soup = variant_recipe(linear, {"models[0].parameters.weight": 0.3})
+    assert _dump(soup)["models"][0]["parameters"] == {"weight": 0.3}
     lam = variant_recipe(_recipe(TIES), {"parameters.lambda": 0.8})
     assert _dump(lam)["parameters"]["lambda"] == 0.8
 
