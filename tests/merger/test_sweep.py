@@ -184,6 +184,15 @@ def test_grid_needs_a_step_and_merge_method_choices_must_exist():
         _validate("{merge_method: {type: categorical, choices: [slerp, soup]}}")
 
 
+def test_cmaes_is_single_objective():
+    with pytest.raises(KruisingError, match="cmaes optimizes one objective"):
+        _validate(
+            "{parameters.t[mlp]: {type: float, low: 0, high: 1}}",
+            sampler="cmaes",
+            objectives=["dutch_score", "english_score"],
+        )
+
+
 def test_storage_that_cannot_be_opened_is_an_error_before_merging(tmp_path):
     spec = parse_spec(_spec("{parameters.t[mlp]: {type: float, low: 0, high: 1}}"), "s.yaml")
     evaluator = FakeEvaluator()
