@@ -96,13 +96,6 @@ def _languages(texts: list[str]) -> list[str]:
     return [py3langid.classify(t)[0] if t.strip() else "" for t in texts]
 
 
-def _n_rows(requests: list) -> int:
-    """How many rows `loglikelihoods` will run (the progress bar's share of the work)."""
-    sequences = {ctx + cont[:-1] for ctx, cont in requests}
-    prefixes = {s[:end] for s in sequences for end in range(1, len(s))}
-    return sum(1 for s in sequences if s not in prefixes)
-
-
 def _aggregate(probes: list[Probe], metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
     scores: dict[str, float | None] = {}
     used: dict[str, dict[str, float]] = {"nl": {}, "en": {}}
@@ -198,7 +191,7 @@ def score_model(
     gen_probes = [p for p in probes if p.kind == "generate"]
     n_gen = sum(len(p.items) for p in gen_probes)
     start = time.perf_counter()
-    bar, advance = _progress(progress, _n_rows(requests) + n_gen, name)
+    bar, advance = _progress(progress, len(requests) + n_gen, name)
     try:
         with bar, cpu_threads_for(model):
             results = loglikelihoods(model, requests, batch_size=batch_size, on_batch=advance)

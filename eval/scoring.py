@@ -5,13 +5,15 @@ of the continuation given the context, and whether greedy decoding would have pr
 
 How the work is shared and batched:
 
-- every request needs the model to read ``context + continuation[:-1]`` once; requests whose
-  sequence is a prefix of another request's sequence are read off that longer row (identical
-  requests, one-token choices after one shared prompt, a sentence that is the start of another);
-- rows are sorted by length, longest first, and padded on the right to the longest row of their
-  batch; with causal attention a real token never sees padding, so batching does not change the
-  numbers beyond float rounding;
-- log-softmax runs in float32 whatever the model's dtype (bf16 on GPU).
+- identical requests are scored once;
+- requests are sorted by context, longest first, and batched; each distinct context of a batch is
+  read once (right-padded, so a real token never sees padding) and its KV cache is copied to one
+  row per continuation, which reads the rest of its tokens on it: the prompt of a 4-way choice
+  costs one forward pass, not four;
+- models whose decoder cannot be driven with a cache fall back to one padded row per distinct
+  ``context + continuation[:-1]``, with a row shared by every request that is a prefix of it;
+- the vocabulary projection runs only at scored positions, in chunks, and log-softmax runs in
+  float32 whatever the model's dtype (bf16 on GPU).
 """
 
 from __future__ import annotations
@@ -112,14 +114,144 @@ def loglikelihoods(
     *,
     batch_size: int = 16,
     on_batch: Callable[[int], None] | None = None,
+    share_prompts: bool = True,
 ) -> list[Loglikelihood]:
-    """Summed log-probability of each continuation given its context (see module docstring)."""
+    """Summed log-probability of each continuation given its context (see module docstring).
+
+    ``on_batch(n)`` is called with the number of requests each batch finished.
+    """
     for ctx, cont in requests:
         if not ctx:
             raise ValueError("a request needs at least one context token (BOS)")
         if not cont:
             raise ValueError("a request needs at least one continuation token")
-    # One row per distinct sequence that is not a prefix of a longer one.
+    decoder, head = _decoder_and_head(model)
+    if decoder is not None and share_prompts and _cache_argument(decoder) is not None:
+        return _shared_prompt_loglikelihoods(model, decoder, head, requests, batch_size, on_batch)
+    return _row_loglikelihoods(model, decoder, head, requests, batch_size, on_batch)
+
+
+def _cache_argument(decoder) -> str | None:
+    """The decoder's name for the KV cache argument (``cache`` from transformers 5.2x)."""
+    import inspect
+
+    parameters = inspect.signature(decoder.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    return None
+
+
+def _score_positions(
+    head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each target and whether it is the argmax, from hidden states [N, H].
+
+    The vocabulary projection runs in chunks so a long text never holds N x 32k float32 logits.
+    """
+    logprobs, greedy = [], []
+    for lo in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[lo : lo + chunk]).float()
+        lp = logits.log_softmax(-1)
+        t = targets[lo : lo + chunk]
+        logprobs.append(lp.gather(-1, t[:, None]).squeeze(-1))
+        greedy.append(lp.argmax(-1) == t)
+    return torch.cat(logprobs), torch.cat(greedy)
+
+
+def _collect(
+    results: list,
+    owners: list[list[int]],
+    lengths: list[int],
+    logprobs: torch.Tensor,
+    greedy: torch.Tensor,
+) -> None:
+    """Split flat per-token scores into per-request sums (``owners[k]``: requests of slice k)."""
+    sums = logprobs.double().split(lengths)
+    hits = greedy.split(lengths)
+    for who, lp, hit in zip(owners, sums, hits, strict=True):
+        value = Loglikelihood(float(lp.sum()), bool(hit.all()), len(lp))
+        for i in who:
+            results[i] = value
+
+
+def _shared_prompt_loglikelihoods(model, decoder, head, requests, batch_size, on_batch):
+    """Each distinct context is read once per batch; its continuations run on its KV cache.
+
+    Contexts are right-padded (a real token never sees padding); the cache rows are then copied
+    to one row per continuation, whose positions continue from its own context length, and the
+    attention mask hides the context padding between them. Identical requests are scored once.
+    """
+    cache_arg = _cache_argument(decoder)
+    device = model_device(model)
+    pad = _pad_id(model)
+    owners: dict[Request, list[int]] = {}
+    for i, request in enumerate(requests):
+        owners.setdefault(request, []).append(i)
+    unique = sorted(owners, key=lambda r: (-len(r[0]), r[0], -len(r[1]), r[1]))
+    results: list[Loglikelihood | None] = [None] * len(requests)
+    for start in range(0, len(unique), batch_size):
+        batch = unique[start : start + batch_size]
+        contexts = list(dict.fromkeys(ctx for ctx, _ in batch))
+        row_of = {ctx: k for k, ctx in enumerate(contexts)}
+        width = max(len(c) for c in contexts)
+        ids = torch.full((len(contexts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(contexts), width), dtype=torch.long)
+        for k, ctx in enumerate(contexts):
+            ids[k, : len(ctx)] = torch.tensor(ctx)
+            mask[k, : len(ctx)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = torch.arange(width, device=device).expand(len(contexts), width)
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        ctx_hidden = out[0]
+        cache = out[1]
+        # Continuations longer than one token read the rest of their tokens on the shared cache.
+        long = [r for r in batch if len(r[1]) > 1]
+        cont_hidden = None
+        cont_row: dict[Request, int] = {}
+        if long:
+            select = torch.tensor([row_of[ctx] for ctx, _ in long], device=device)
+            cache.batch_select_indices(select)
+            cwidth = max(len(cont) - 1 for _, cont in long)
+            x_ids = torch.full((len(long), cwidth), pad, dtype=torch.long)
+            x_mask = torch.zeros((len(long), cwidth), dtype=torch.long)
+            x_pos = torch.zeros((len(long), cwidth), dtype=torch.long)
+            for r, (ctx, cont) in enumerate(long):
+                x_ids[r, : len(cont) - 1] = torch.tensor(cont[:-1])
+                x_mask[r, : len(cont) - 1] = 1
+                x_pos[r] = torch.arange(len(ctx), len(ctx) + cwidth)
+                cont_row[(ctx, cont)] = r
+            cont_hidden = decoder(
+                input_ids=x_ids.to(device),
+                attention_mask=torch.cat([mask[select], x_mask.to(device)], dim=1),
+                position_ids=x_pos.to(device),
+                use_cache=True,
+                **{cache_arg: cache},
+            )[0]
+        pieces, targets, lengths, who = [], [], [], []
+        for request in batch:
+            ctx, cont = request
+            pieces.append(ctx_hidden[row_of[ctx], len(ctx) - 1 : len(ctx)])
+            if len(cont) > 1:
+                assert cont_hidden is not None
+                pieces.append(cont_hidden[cont_row[request], : len(cont) - 1])
+            targets.extend(cont)
+            lengths.append(len(cont))
+            who.append(owners[request])
+        target = torch.tensor(targets, device=device)
+        logprobs, greedy = _score_positions(head, torch.cat(pieces), target)
+        _collect(results, who, lengths, logprobs, greedy)
+        if on_batch is not None:
+            on_batch(sum(len(w) for w in who))
+    return results
+
+
+def _row_loglikelihoods(model, decoder, head, requests, batch_size, on_batch):
+    """One padded row per distinct ``context + continuation[:-1]`` that is not a prefix of another.
+
+    The path for models whose decoder cannot be driven with a KV cache: identical requests,
+    one-token choices after one shared prompt and a sentence that starts another share a row.
+    """
     sequences = {ctx + cont[:-1] for ctx, cont in requests}
     rows: list[tuple[int, ...]] = []
     row_of: dict[tuple[int, ...], int] = {}
@@ -130,14 +262,12 @@ def loglikelihoods(
         for end in range(1, len(seq)):
             row_of.setdefault(seq[:end], len(rows))
         rows.append(seq)
-    # Reads per row: (request index, first position, targets).
     reads: list[list[tuple[int, int, tuple[int, ...]]]] = [[] for _ in rows]
     for i, (ctx, cont) in enumerate(requests):
         reads[row_of[ctx + cont[:-1]]].append((i, len(ctx) - 1, cont))
 
     device = model_device(model)
     pad = _pad_id(model)
-    decoder, head = _decoder_and_head(model)
     results: list[Loglikelihood | None] = [None] * len(requests)
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
@@ -147,33 +277,27 @@ def loglikelihoods(
         for b, seq in enumerate(batch):
             ids[b, : len(seq)] = torch.tensor(seq)
             mask[b, : len(seq)] = 1
-        # Logits only where a continuation token is predicted: the vocabulary projection and the
-        # log-softmax over 32k entries are most of the work on a small model.
-        where: list[tuple[int, int]] = []  # (row in batch, position)
-        slices: list[tuple[int, int, tuple[int, ...], int]] = []  # (request, offset, targets, b)
+        rows_idx, pos_idx, targets, lengths, who = [], [], [], [], []
         for b in range(len(batch)):
-            for i, first, targets in reads[start + b]:
-                slices.append((i, len(where), targets, b))
-                where.extend((b, p) for p in range(first, first + len(targets)))
-        rows_idx = torch.tensor([b for b, _ in where], device=device)
-        pos_idx = torch.tensor([p for _, p in where], device=device)
+            for i, first, cont in reads[start + b]:
+                rows_idx.extend([b] * len(cont))
+                pos_idx.extend(range(first, first + len(cont)))
+                targets.extend(cont)
+                lengths.append(len(cont))
+                who.append([i])
+        rows_t = torch.tensor(rows_idx, device=device)
+        pos_t = torch.tensor(pos_idx, device=device)
+        target = torch.tensor(targets, device=device)
         if decoder is not None:
             hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device))[0]
-            logits = head(hidden[rows_idx, pos_idx])
+            logprobs, greedy = _score_positions(head, hidden[rows_t, pos_t], target)
         else:
-            full = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            logits = full[rows_idx, pos_idx]
-        logprobs = logits.float().log_softmax(-1)
-        greedy_ids = logprobs.argmax(-1)
-        for i, offset, targets, _ in slices:
-            target = torch.tensor(targets, device=logprobs.device)
-            span = logprobs[offset : offset + len(targets)]
-            picked = span.gather(-1, target[:, None]).squeeze(-1)
-            greedy = bool((greedy_ids[offset : offset + len(targets)] == target).all())
-            results[i] = Loglikelihood(float(picked.sum()), greedy, len(targets))
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logprobs, greedy = _score_positions(lambda x: x, logits[rows_t, pos_t], target)
+        _collect(results, who, lengths, logprobs, greedy)
         if on_batch is not None:
-            on_batch(len(batch))
-    return results  # type: ignore[return-value]
+            on_batch(len(who))
+    return results
 
 
 def rolling_requests(token_ids: Sequence[int], bos: int, max_length: int) -> list[Request]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -75,14 +76,43 @@ def test_batched_loglikelihood_equals_unbatched_transformers(tiny, batch_size):
         assert result.tokens == len(cont)
 
 
-def test_full_forward_fallback_gives_the_same_numbers(tiny, monkeypatch):
+@pytest.mark.parametrize("path", ["rows", "full-forward"])
+def test_paths_without_the_kv_cache_give_the_same_numbers(tiny, monkeypatch, path):
     model, tokenizer = tiny
     requests = make_requests(tokenizer)
-    fast = loglikelihoods(model, requests, batch_size=4)
-    monkeypatch.setattr(scoring, "_decoder_and_head", lambda m: (None, None))
-    slow = loglikelihoods(model, requests, batch_size=4)
-    for a, b in zip(fast, slow, strict=True):
+    shared = loglikelihoods(model, requests, batch_size=4)
+    if path == "full-forward":
+        monkeypatch.setattr(scoring, "_decoder_and_head", lambda m: (None, None))
+    rows = loglikelihoods(model, requests, batch_size=4, share_prompts=False)
+    for a, b in zip(shared, rows, strict=True):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert (a.greedy, a.tokens) == (b.greedy, b.tokens)
+
+
+def test_each_distinct_context_is_read_once_per_batch(tiny, monkeypatch):
+    model, tokenizer = tiny
+    ctx, _ = encode_context_continuation(tokenizer, "De hoofdstad van Nederland is", " x")
+    choices = [" Amsterdam", " Den Haag", " Utrecht", " Rotterdam"]
+    requests = [
+        encode_context_continuation(tokenizer, "De hoofdstad van Nederland is", c) for c in choices
+    ]
+    seen = []
+    decoder = model.base_model
+    original = decoder.forward
+
+    @functools.wraps(original)  # keeps the signature, which names the cache argument
+    def spy(*args, **kwargs):
+        seen.append(tuple(kwargs["input_ids"].shape))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", spy)
+    loglikelihoods(model, requests, batch_size=16)
+    # One pass over the shared prompt (1 row), one over the remaining tokens of the choices that
+    # have more than one (" Amsterdam" is one token: its log-prob comes from the prompt's pass).
+    multi = sum(len(cont) > 1 for _, cont in requests)
+    assert multi >= 2
+    assert seen[0] == (1, len(ctx))
+    assert len(seen) == 2 and seen[1] == (multi, max(len(c) for _, c in requests) - 1)
 
 
 def test_a_greedy_continuation_is_flagged_greedy(tiny):
