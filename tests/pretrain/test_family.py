@@ -11,6 +11,8 @@ from pretrain import family
 from pretrain.errors import PretrainError
 from pretrain.world import CHAT_TEMPLATE
 
+pytestmark = pytest.mark.slow  # the tiny_family fixture trains three models (once per session)
+
 
 def test_members_are_mistral_checkpoints_with_the_chat_template(tiny_family):
     from transformers import AutoConfig, AutoTokenizer

@@ -164,7 +164,7 @@ def _write_cfg(path: Path, data: dict) -> Path:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_ends_at_the_same_loss(tmp_path):
-    steps = 40
+    steps = 24
     reference = run(cfg(tiny(tmp_path, "reference", max_steps=steps, document_attention=True)))
 
     data = tiny(
