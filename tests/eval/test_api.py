@@ -231,3 +231,23 @@ def test_unreachable_hub_names_the_id(monkeypatch, small_suite):
         EvalError, match=r"cannot fetch Hub model org/kind@v2: the Hub is unreachable"
     ):
         score_path("org/kind@v2", str(small_suite))
+
+
+def test_taalvastheid_counts_continuations_the_language_identifier_calls_dutch(
+    tiny, small_suite, monkeypatch
+):
+    import eval.scoring
+
+    _, model, tokenizer = tiny
+    texts = {
+        "Gisteren ben ik naar de markt geweest en": "we kochten daar verse groente en een bos tulpen.",
+        "Het mooiste seizoen is de herfst, omdat": "the leaves turn red and the evenings get darker.",
+    }
+
+    def fake_greedy(model, tokenizer, prompts, **kwargs):
+        return [texts[p] for p in prompts]
+
+    monkeypatch.setattr(eval.scoring, "greedy_continuations", fake_greedy)
+    card = score_model(model, tokenizer, str(small_suite))
+    assert card["probes"]["blijf"]["lang_share"] == 0.5
+    assert card["probes"]["blijf"]["examples"][1].startswith("the leaves")
