@@ -39,12 +39,15 @@ def eval_command(
     checked by a language identifier, and held-out perplexity; dutch_score and english_score are
     weighted means (see eval/probes/README.md).
     """
+    from transformers.utils import logging as hf_logging
+
     from eval.api import score_path
     from eval.harness import parse_tasks
     from eval.report import comparison_table, write_scorecards
     from eval.suites import load_suite
     from merger.console import console
 
+    hf_logging.disable_progress_bar()  # our own progress bar says what is happening
     tasks = parse_tasks(lm_eval) if lm_eval is not None else None
     probes = load_suite(suite)
     n_items = sum(len(p.items) for p in probes)
@@ -65,8 +68,10 @@ def eval_command(
             lm_eval_limit=lm_eval_limit,
         )
         console.print(
-            f"{ref}: dutch_score {card['dutch_score']}, english_score {card['english_score']}, "
-            f"{card['seconds']:.1f} s ({card['items_per_second']} items/s on {card['device']})"
+            f"{ref}: dutch_score {_g(card['dutch_score'])}, "
+            f"english_score {_g(card['english_score'])}; {card['seconds']:.1f} s, "
+            f"{card['items_per_second']:.0f} items/s on {card['device']}",
+            soft_wrap=True,
         )
         cards.append(card)
     written = write_scorecards(cards, list(models), out)
@@ -76,3 +81,7 @@ def eval_command(
     if json_:
         payload = cards[0] if len(cards) == 1 else cards
         print(json.dumps(payload, indent=2, ensure_ascii=False))
+
+
+def _g(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"

@@ -44,7 +44,11 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+        if abs(value) >= 100:
+            return f"{value:.1f}"
+        if 0 < abs(value) < 0.01:
+            return f"{value:.3g}"  # small probabilities keep three significant digits
+        return f"{value:.4f}"
     return str(value)
 
 
@@ -89,6 +93,6 @@ def comparison_table(cards: list[dict[str, Any]]):
             f"[bold]{_fmt(v)}[/]" if best is not None and v == best else _fmt(v) for v in values
         ]
         table.add_row(probe, metric, *cells)
-    table.add_row("seconds", "", *[_fmt(c.get("seconds")) for c in cards])
-    table.add_row("items/s", "", *[_fmt(c.get("items_per_second")) for c in cards])
+    table.add_row("seconds", "", *[f"{c['seconds']:.2f}" for c in cards])
+    table.add_row("items/s", "", *[f"{c['items_per_second'] or 0:.1f}" for c in cards])
     return table
