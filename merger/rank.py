@@ -34,9 +34,12 @@ def load_study(name: str, storage: str | None):
     return optuna.load_study(study_name=name, storage=store)
 
 
+TIE = 1e-6  # scorecards round metrics to 6 decimals: closer values are a tie
+
+
 def _dominates(a: list[float], b: list[float]) -> bool:
-    return all(x >= y for x, y in zip(a, b, strict=True)) and any(
-        x > y for x, y in zip(a, b, strict=True)
+    return all(x >= y - TIE for x, y in zip(a, b, strict=True)) and any(
+        x > y + TIE for x, y in zip(a, b, strict=True)
     )
 
 

@@ -714,9 +714,9 @@ def run_sweep(
     store = open_storage(storage or spec.storage, heartbeat=spec.mode == "resident")
     study = open_study(spec, store, recipe_yaml(recipe))
     target = trials or spec.trials
-    if spec.sampler == "grid":
-        size = math.prod(len(r.grid()) for r in spec.search.values())
-        target = min(target, size)
+    grids = [r.grid() for r in spec.search.values()]
+    if all(g is not None for g in grids):  # a discrete space holds this many variants at most
+        target = min(target, math.prod(len(g) for g in grids))
     requeued = recover(study)
     done = finished(study)
     remaining = max(0, target - done)
@@ -740,6 +740,10 @@ def run_sweep(
         trial.set_user_attr("host", host)
         trial.set_user_attr("pid", pid)
         params = _suggest(trial, spec)
+        twin = _twin(study, trial.number, params)
+        if twin is not None:  # samplers repeat points of discrete spaces: don't merge twice
+            trial.set_user_attr("duplicate_of", twin)
+            raise optuna.TrialPruned(f"same variant as trial {twin}")
         start = time.perf_counter()
         try:
             variant = variant_recipe(recipe, params)
@@ -767,11 +771,24 @@ def run_sweep(
         warnings.simplefilter("ignore")
         study.optimize(
             objective,
-            n_trials=remaining,
+            n_trials=4 * remaining + 8,  # room for repeated points; _stop_at ends the run
             catch=(VariantFailed,),
             callbacks=[_stop_at(target)],
         )
     return study
+
+
+def _twin(study, number: int, params: dict[str, Any]) -> int | None:
+    """An earlier trial (complete, or failed for its own reason) with these exact params."""
+    from optuna.trial import TrialState
+
+    for other in study.get_trials(deepcopy=False):
+        if other.number == number or other.params != params:
+            continue
+        own_failure = "fail_reason" in other.user_attrs and not other.user_attrs.get("stale")
+        if other.state == TrialState.COMPLETE or (other.state == TrialState.FAIL and own_failure):
+            return other.number
+    return None
 
 
 def short(path: str) -> str:

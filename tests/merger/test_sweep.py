@@ -288,6 +288,21 @@ def test_pareto_sweep_ranks_the_front_first_and_exports_a_recipe(tmp_path):
         export(board, 9, tmp_path / "x.yaml")
 
 
+def test_repeated_points_are_not_merged_twice_and_a_discrete_space_caps_trials(tmp_path):
+    from optuna.trial import TrialState
+
+    evaluator = FakeEvaluator()
+    search = "{parameters.t[default]: {type: categorical, choices: [0.1, 0.4, 0.7]}}"
+    study, _ = _run(tmp_path, search, evaluator, sampler="tpe", trials=10)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["parameters.t[default]"] for t in complete) == [0.1, 0.4, 0.7]
+    assert evaluator.calls == 3
+    for t in study.trials:
+        if t.state == TrialState.PRUNED:
+            twin = study.trials[t.user_attrs["duplicate_of"]]
+            assert twin.params == t.params and twin.state == TrialState.COMPLETE
+
+
 def test_weighted_objective_is_one_value(tmp_path):
     search = "{parameters.t[default]: {type: float, low: 0.0, high: 1.0, step: 0.5}}"
     study, _ = _run(
