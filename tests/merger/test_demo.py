@@ -30,6 +30,7 @@ def _row(name, kind, dutch, chat):
         "method": "-",
         "dutch_score": dutch,
         "demo_nl_chat": chat,
+        "demo_nl_chat_acc_norm": round(chat * 20) / 20,
         "items": {"demo_nl_chat": 20},
     }
 
@@ -41,12 +42,14 @@ def test_verdict_compares_the_best_child_with_both_parents():
         _row("slerp", "child", 0.6, 0.45),
         _row("linear", "child", 0.4, 0.60),
     ]
-    verdict = chat_vector_verdict(rows)
+    verdict = chat_vector_verdict(rows, "answer_prob")
     assert verdict["best_child"] == "slerp" and verdict["beats_both_parents"] is True
+    assert verdict["beats_both_parents_acc_norm"] is True
+    assert "one item is 0.050" in verdict["text"]
     assert verdict["top_chat_child"] == "linear"
     rows[2]["demo_nl_chat"] = 0.40  # a tie with nl is not a win
-    assert chat_vector_verdict(rows)["beats_both_parents"] is False
-    assert "does NOT beat" in chat_vector_verdict(rows)["text"]
+    assert chat_vector_verdict(rows, "answer_prob")["beats_both_parents"] is False
+    assert "does NOT beat" in chat_vector_verdict(rows, "answer_prob")["text"]
 
 
 @pytest.mark.slow
