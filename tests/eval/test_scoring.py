@@ -167,3 +167,18 @@ def test_empty_requests_are_refused(tiny):
         loglikelihoods(model, [((1,), ())])
     with pytest.raises(ValueError, match="context"):
         loglikelihoods(model, [((), (5,))])
+
+
+def test_batched_greedy_continuations_equal_one_prompt_at_a_time(tiny):
+    from eval.scoring import greedy_continuations
+
+    model, tokenizer = tiny
+    prompts = [
+        "Gisteren ben ik met mijn zus naar de markt geweest. Daar kochten we",
+        "Het weer is",
+        "De trein naar Brussel had vanochtend een uur vertraging, waardoor",
+    ]
+    alone = [greedy_continuations(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts]
+    batched = greedy_continuations(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
+    assert batched == alone
+    assert all(alone)
