@@ -11,7 +11,7 @@ import torch
 from eval.api import score_model, score_path
 from eval.errors import EvalError
 from eval.schema import load_probe_file
-from eval.scoring import encode_context_continuation, loglikelihoods
+from eval.scoring import cpu_threads_for, encode_context_continuation, loglikelihoods
 from eval.suites import WEIGHTS
 
 TIMINGS = ("seconds", "items_per_second")
@@ -23,7 +23,8 @@ def tiny(make_tiny_mistral):
 
     folder = make_tiny_mistral("api", seed=5)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return folder, model, AutoTokenizer.from_pretrained(folder)
+    with cpu_threads_for(model):  # a 32-wide model runs faster on one thread
+        yield folder, model, AutoTokenizer.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
