@@ -27,7 +27,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=8, help="variants (t evenly over [0, 1])")
     parser.add_argument("--size", default="default", help="tiny family size: default or test")
-    parser.add_argument("--family", type=Path, default=None, help="family folder (cached)")
+    parser.add_argument(
+        "--family", type=Path, default=None, help="an existing family folder, used as is"
+    )
     parser.add_argument("--suite", default="demo", help="eval suite for both ways")
     args = parser.parse_args()
 
@@ -45,7 +47,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     family_dir = args.family or default_family_dir(args.size)
-    members = build_family(family_dir, size=args.size, seed=0)
+    if args.family and all((args.family / m / "config.json").is_file() for m in ("nl", "instruct")):
+        members = {m: args.family / m for m in ("base", "nl", "instruct")}  # as is, no rebuild
+    else:
+        members = build_family(family_dir, size=args.size, seed=0)
     root = Path(members["nl"]).parent
     base_text = resolve_family(
         (REPO / "recipes" / "sweeps" / "demo-slerp.recipe.yaml").read_text(), root

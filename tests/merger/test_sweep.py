@@ -570,3 +570,52 @@ def test_streaming_mode_scores_what_the_resident_mode_scores(tiny_pair, tmp_path
         assert streaming["probes"]["ppl_nl"]["bits_per_byte"] == pytest.approx(
             resident["probes"]["ppl_nl"]["bits_per_byte"], rel=1e-6
         )
+
+
+def test_a_variant_the_engine_cannot_merge_is_failed_with_its_reason(tiny_pair, tmp_path):
+    """linear with weights summing to 0 under normalize: that variant fails, the sweep goes on."""
+    from optuna.trial import TrialState
+
+    from merger.recipe import load_recipe
+
+    slerp, probes = tiny_pair
+    data = load_recipe(slerp).model_dump(mode="json", exclude_none=True)
+    linear = tmp_path / "linear.yaml"
+    linear.write_text(
+        textwrap.dedent(
+            f"""\
+            merge_method: linear
+            models:
+              - model: {data["models"][0]["model"]}
+                parameters: {{weight: 1.0}}
+              - model: {data["models"][1]["model"]}
+                parameters: {{weight: 1.0}}
+            dtype: float32
+            """
+        )
+    )
+    spec = parse_spec(
+        textwrap.dedent(
+            f"""\
+            name: tiny-linear
+            recipe: {linear}
+            search:
+              models[1].parameters.weight: {{type: categorical, choices: [-1.0, 0.5]}}
+            sampler: grid
+            suite: {probes}
+            trials: 2
+            """
+        ),
+        "linear-sweep.yaml",
+    )
+    study = run_sweep(
+        spec,
+        load_recipe(linear),
+        storage=f"sqlite:///{tmp_path}/s.db",
+        device="cpu",
+        progress=False,
+    )
+    by_w = {t.params["models[1].parameters.weight"]: t for t in study.trials}
+    assert by_w[-1.0].state == TrialState.FAIL
+    assert "sum to 0" in by_w[-1.0].user_attrs["fail_reason"]
+    assert by_w[0.5].state == TrialState.COMPLETE
