@@ -160,7 +160,9 @@ def score_model(
         raise EvalError(f"the tokenizer of {name} has no BOS token", "use a Mistral tokenizer")
 
     # 1. Every log-likelihood request of every probe, scored in one batched pass.
+    start = time.perf_counter()
     requests: list = []
+    too_long: list[str] = []
     spans: dict[str, list[tuple[int, int]]] = {}  # probe -> [(first request, count)] per item
     extra: dict[str, list[int]] = {}  # text probes: utf-8 bytes per item
     max_length = _max_length(model)
@@ -180,17 +182,18 @@ def score_model(
             else:
                 continue
             item_spans.append((first, len(requests) - first))
+            if any(len(c) + len(x) - 1 > max_length for c, x in requests[first:]):
+                too_long.append(f"{probe.name}:{item.id}")
         spans[probe.name] = item_spans
-    too_long = [i for i, (c, x) in enumerate(requests) if len(c) + len(x) - 1 > max_length]
     if too_long:
         raise EvalError(
-            f"{len(too_long)} probe items are longer than the model's {max_length} positions",
+            f"{len(too_long)} probe items do not fit the model's {max_length} positions "
+            f"({', '.join(too_long[:3])})",
             "shorten the items or score a model with a longer context",
         )
 
     gen_probes = [p for p in probes if p.kind == "generate"]
     n_gen = sum(len(p.items) for p in gen_probes)
-    start = time.perf_counter()
     bar, advance = _progress(progress, len(requests) + n_gen, name)
     try:
         with bar, cpu_threads_for(model):

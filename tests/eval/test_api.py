@@ -252,3 +252,17 @@ def test_taalvastheid_counts_continuations_the_language_identifier_calls_dutch(
     card = score_model(model, tokenizer, str(small_suite))
     assert card["probes"]["blijf"]["lang_share"] == 0.5
     assert card["probes"]["blijf"]["examples"][1].startswith("the leaves")
+
+
+def test_item_longer_than_the_model_context_is_named(make_tiny_mistral, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = make_tiny_mistral("short-context", seed=1, max_position_embeddings=16)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    long = "De gemeente wil de komende jaren honderden nieuwe woningen bouwen op het terrein."
+    (tmp_path / "lang.jsonl").write_text(
+        json.dumps({"id": "z1", "good": long, "bad": long + "!"}) + "\n"
+    )
+    with pytest.raises(EvalError, match=r"do not fit the model's 16 positions \(lang:z1\)"):
+        score_model(model, tokenizer, str(tmp_path))
