@@ -66,7 +66,9 @@ def family(
     out: Path = typer.Option(
         ..., "--out", help="Folder for the family (one subfolder per member)."
     ),
-    size: Size = typer.Option(Size.default, "--size", help="test: < 1 min; default: < 5 min."),
+    size: Size = typer.Option(
+        Size.default, "--size", help="test: about 1 min, default: a few min (2 idle CPU cores)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the world's corpora and the weights."),
     as_json: bool = typer.Option(False, "--json", help="Print family.json on stdout."),
 ) -> None:
