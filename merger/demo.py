@@ -4,7 +4,8 @@
 2. score the parents on the ``demo`` suite (the family's facts asked in held-out phrasings, in
    plain and in chat form, in Dutch and in English);
 3. run every recipe in ``recipes/demo/`` with the engine (``merge run``) and score each child;
-4. run a small in-memory sweep (``recipes/sweeps/demo-slerp.yaml``) and rank it;
+4. run the small in-memory sweeps ``recipes/sweeps/demo-*.yaml`` (slerp t per attention/MLP;
+   the Chat Vector's two task-vector weights) and rank them;
 5. write a report folder and state, in numbers, whether the best child beats both parents on
    Dutch questions asked in chat form (the Chat Vector result at toy scale).
 
@@ -28,7 +29,7 @@ from merger.errors import KruisingError
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_RECIPES = REPO / "recipes" / "demo"
-DEMO_SWEEP = REPO / "recipes" / "sweeps" / "demo-slerp.yaml"
+DEMO_SWEEPS = REPO / "recipes" / "sweeps"
 PLACEHOLDER = "${family}"
 PARENTS = ("nl", "instruct")
 CHAT_PROBE = "demo_nl_chat"
@@ -109,7 +110,7 @@ def run_demo(
 
     started = time.perf_counter()
     recipe_files = sorted(DEMO_RECIPES.glob("*.yaml"))
-    if not recipe_files or not DEMO_SWEEP.is_file():
+    if not recipe_files or not DEMO_SWEEPS.is_dir():
         raise KruisingError(
             f"the demo recipes are missing under {DEMO_RECIPES.parent}",
             "run the demo from a checkout of kruising (pip install -e .)",
@@ -155,69 +156,91 @@ def run_demo(
         rows.append(_row(name, "child", recipe.merge_method, card))
     timings["recipes"] = time.perf_counter() - t0
 
-    console.print(f"[bold]4/5[/] sweep {DEMO_SWEEP.name}")
+    sweeps = sorted(DEMO_SWEEPS.glob("demo-*.yaml"))
+    sweeps = [p for p in sweeps if not p.name.endswith(".recipe.yaml")]
+    console.print(f"[bold]4/5[/] {len(sweeps)} sweeps: {', '.join(p.stem for p in sweeps)}")
     t0 = time.perf_counter()
-    spec, spec_root = load_spec(DEMO_SWEEP)
-    assert isinstance(spec.recipe, str) and spec_root is not None
-    base_text = resolve_family((spec_root / spec.recipe).read_text(), root)
-    sweep_recipe = out / "recipes" / Path(spec.recipe).name
-    sweep_recipe.write_text(base_text)
-    spec_data = spec.model_dump(mode="json", exclude_none=True)
-    spec_data["recipe"] = str(sweep_recipe.resolve())
-    if trials is not None:
-        spec_data["trials"] = trials
-    (out / "sweep.yaml").write_text(yaml.safe_dump(spec_data, sort_keys=False))
-    spec = parse_spec((out / "sweep.yaml").read_text(), str(out / "sweep.yaml"))
+    (out / "sweeps").mkdir()
     storage = f"sqlite:///{(out / 'study.db').resolve()}"
-    study = run_sweep(
-        spec, parse_recipe(base_text, str(sweep_recipe)), storage=storage, device=device
-    )
-    board = leaderboard(study)
-    timings["sweep"] = time.perf_counter() - t0
-    if not board["rows"]:
-        raise KruisingError("every sweep variant failed", "see `merge rank demo-slerp`")
-    print_leaderboard(board)
-    best_sweep = board["rows"][0]
-    export(board, 1, out / "best-recipe.yaml")
-    sweep_card = {
-        "dutch_score": best_sweep["dutch_score"],
-        "english_score": best_sweep["english_score"],
-        "probes": best_sweep["probes"],
-        "seconds": best_sweep["seconds"],
+    boards = []
+    recipes_text = {
+        r["model"]: (out / "recipes" / f"{r['model']}.yaml").read_text()
+        for r in rows
+        if r["kind"] == "child"
     }
-    params = ", ".join(f"{short(k)}={v:g}" for k, v in best_sweep["params"].items())
-    rows.append(_row("sweep-best", "child", f"slerp {params}", sweep_card))
+    for path in sweeps:
+        spec, spec_root = load_spec(path)
+        assert isinstance(spec.recipe, str) and spec_root is not None
+        base_text = resolve_family((spec_root / spec.recipe).read_text(), root)
+        sweep_recipe = out / "recipes" / Path(spec.recipe).name
+        sweep_recipe.write_text(base_text)
+        spec_data = spec.model_dump(mode="json", exclude_none=True)
+        spec_data["recipe"] = str(sweep_recipe.resolve())
+        if trials is not None:
+            spec_data["trials"] = trials
+        spec_file = out / "sweeps" / path.name
+        spec_file.write_text(yaml.safe_dump(spec_data, sort_keys=False))
+        spec = parse_spec(spec_file.read_text(), str(spec_file))
+        study = run_sweep(
+            spec, parse_recipe(base_text, str(sweep_recipe)), storage=storage, device=device
+        )
+        board = leaderboard(study)
+        if not board["rows"]:
+            raise KruisingError(
+                f"every variant of sweep {spec.name} failed",
+                f"see `merge rank {spec.name} --storage {storage}`",
+            )
+        print_leaderboard(board)
+        boards.append(board)
+        best = board["rows"][0]
+        export(board, 1, out / "sweeps" / f"{spec.name}-best.yaml")
+        card = {k: best[k] for k in ("dutch_score", "english_score", "probes", "seconds")}
+        params = ", ".join(f"{short(k)}={v:g}" for k, v in best["params"].items())
+        name = f"{spec.name} #1"
+        rows.append(_row(name, "child", params, card))
+        recipes_text[name] = best["recipe"]
+    timings["sweeps"] = time.perf_counter() - t0
 
     console.print("[bold]5/5[/] report")
-    plots = write_plots(board, out / "plots")
+    plots = []
+    for board in boards:
+        plots += write_plots(board, out / "plots" / board["study"])
     plots.append(_bar_plot(rows, out / "plots" / "dutch_chat.png"))
     verdict = chat_vector_verdict(rows)
+    winner = verdict["best_child"]
+    (out / "best-recipe.yaml").write_text(
+        f"# kruising demo: the best child by dutch_score ({winner})\n" + recipes_text[winner]
+    )
     timings["total"] = time.perf_counter() - started
     summary = {
         "family": {k: str(v) for k, v in members.items()},
         "size": size,
         "suite": "demo",
         "models": rows,
-        "sweep": {
-            "study": board["study"],
-            "storage": storage,
-            "trials": len(board["rows"]),
-            "failed": len(board["failed"]),
-        },
+        "sweeps": [
+            {
+                "study": b["study"],
+                "storage": storage,
+                "trials": len(b["rows"]),
+                "failed": len(b["failed"]),
+            }
+            for b in boards
+        ],
         "chat_vector": verdict,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
-    _write_json(out / "leaderboard.json", {"models": rows, "sweep": board})
+    _write_json(out / "leaderboard.json", {"models": rows, "sweeps": boards})
     (out / "leaderboard.md").write_text(
-        _markdown(rows, verdict) + "\n## Sweep\n\n" + markdown(board)
+        _markdown(rows, verdict)
+        + "".join(f"\n## Sweep {b['study']}\n\n" + markdown(b) for b in boards)
     )
     _write_json(out / "summary.json", summary)
     _print_models(rows)
     console.print(verdict["text"])
     console.print(
-        f"report in {out} (leaderboard.md, leaderboard.json, plots/, scorecards/, "
+        f"report in {out} (leaderboard.md, leaderboard.json, plots/, scorecards/, sweeps/, "
         f"best-recipe.yaml); {timings['total']:.0f} s in all "
-        f"(family {timings['family']:.0f} s, sweep {timings['sweep']:.0f} s)"
+        f"(family {timings['family']:.0f} s, sweeps {timings['sweeps']:.0f} s)"
     )
     return summary
 

@@ -87,7 +87,8 @@ def test_merge_demo_end_to_end_on_the_test_family(tiny_family, tmp_path):
         card = json.loads((out / "scorecards" / f"{name}.json").read_text())
         assert card["suite"] == "demo" and "demo_nl_chat" in card["probes"]
         assert (out / "children" / name / "config.json").is_file()
-    assert summary["sweep"]["trials"] == 3
+    assert [s["trials"] for s in summary["sweeps"]] == [3, 3]
+    assert {s["study"] for s in summary["sweeps"]} == {"demo-slerp", "demo-chat-vector"}
     verdict = summary["chat_vector"]
     rows = {r["model"]: r for r in summary["models"]}
     best = rows[verdict["best_child"]]
@@ -95,9 +96,11 @@ def test_merge_demo_end_to_end_on_the_test_family(tiny_family, tmp_path):
     expected = all(best["demo_nl_chat"] > rows[p]["demo_nl_chat"] for p in ("nl", "instruct"))
     assert verdict["beats_both_parents"] is expected
     assert verdict["text"] in (out / "leaderboard.md").read_text()
-    assert (out / "plots" / "pareto.png").is_file() and (out / "plots" / "dutch_chat.png").is_file()
-    best_recipe = load_recipe(out / "best-recipe.yaml")
-    assert best_recipe.merge_method == "slerp"
+    assert (out / "plots" / "demo-slerp" / "pareto.png").is_file()
+    assert (out / "plots" / "dutch_chat.png").is_file()
+    best_recipe = load_recipe(out / "best-recipe.yaml")  # the winner, runnable as is
+    assert all(ref.startswith(str(family.resolve())) for ref in best_recipe.referenced_models())
+    assert load_recipe(out / "sweeps" / "demo-slerp-best.yaml").merge_method == "slerp"
     rerun = CliRunner().invoke(
         app, ["demo", "--out", str(out), "--family", str(family), "--size", "test"]
     )
