@@ -196,7 +196,7 @@ def run_demo(
         export(board, 1, out / "sweeps" / f"{spec.name}-best.yaml")
         card = {k: best[k] for k in ("dutch_score", "english_score", "probes", "seconds")}
         params = ", ".join(f"{short(k)}={v:g}" for k, v in best["params"].items())
-        name = f"{spec.name} #1"
+        name = f"{spec.name.removeprefix('demo-')} #1"
         rows.append(_row(name, "child", params, card))
         recipes_text[name] = best["recipe"]
     timings["sweeps"] = time.perf_counter() - t0
@@ -316,7 +316,10 @@ def _print_models(rows: list[dict[str, Any]]) -> None:
     table = Table(title=f"parents and children, suite demo (probe columns: {primary_metric()})")
     columns = ("model", "kind", "Dutch", "English", "nl chat", "nl plain", "en chat", "en plain")
     for col in columns:
-        table.add_column(col, justify="left" if col in ("model", "kind") else "right")
+        if col in ("model", "kind"):
+            table.add_column(col, no_wrap=True)
+        else:
+            table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
             r["model"],
