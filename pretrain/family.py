@@ -47,7 +47,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "context_length": 64,
         "micro_batch": 16,
         "steps": {"base": 40, "nl": 20, "instruct": 16},
-        "lr": {"base": 1e-2, "nl": 5e-3, "instruct": 5e-3},
+        "lr": {"base": 1e-2, "nl": 1e-2, "instruct": 5e-3},
     },
     "default": {
         "model": {
@@ -250,22 +250,38 @@ def _load(folder: Path):
     return model, AutoTokenizer.from_pretrained(folder)
 
 
-def _sequence_logprobs(model, sequences: list[list[int]], starts: list[int]) -> list[float]:
-    """Sum of log-probs of tokens ``seq[start:]`` of each sequence, in one right-padded batch."""
+def _sequence_logprobs(
+    model, sequences: list[list[int]], starts: list[int], batch: int = 32
+) -> list[float]:
+    """Sum of log-probs of tokens ``seq[start:]`` of each sequence, in right-padded batches."""
     import torch
 
-    width = max(len(seq) for seq in sequences)
-    ids = torch.zeros((len(sequences), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-    out = []
-    for row, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
-        out.append(logp[row, start - 1 : len(seq) - 1].sum().item())
+    out: list[float] = []
+    for lo in range(0, len(sequences), batch):
+        chunk, chunk_starts = sequences[lo : lo + batch], starts[lo : lo + batch]
+        width = max(len(seq) for seq in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(chunk):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        # the (vocab-sized) head runs only where a scored token is predicted, in one call
+        rows = torch.cat(
+            [
+                torch.full((len(q) - s,), r)
+                for r, (q, s) in enumerate(zip(chunk, chunk_starts, strict=True))
+            ]
+        )
+        cols = torch.cat(
+            [torch.arange(s - 1, len(q) - 1) for q, s in zip(chunk, chunk_starts, strict=True)]
+        )
+        with torch.no_grad():
+            hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+            logits = model.get_output_embeddings()(hidden[rows, cols]).float()
+            target = ids[rows, cols + 1]
+            logp = logits.gather(-1, target[:, None])[:, 0] - torch.logsumexp(logits, -1)
+        sums = torch.zeros(len(chunk)).index_add_(0, rows, logp)
+        out += sums.tolist()
     return out
 
 
@@ -297,7 +313,7 @@ def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> tu
 
 def qa_scores(model, tokenizer, questions: list[dict], chat: bool) -> dict[str, float]:
     """Answer log-prob per token and accuracy (answer beats every distractor) in plain or chat form."""
-    per_token, correct = [], 0
+    seqs, starts, groups = [], [], []
     for q in questions:
         if chat:
             prompt = tokenizer.apply_chat_template(
@@ -308,9 +324,15 @@ def qa_scores(model, tokenizer, questions: list[dict], chat: bool) -> dict[str, 
         options = [
             _with_continuation(tokenizer, prompt, c) for c in [q["answer"], *q["distractors"]]
         ]
-        scores = _sequence_logprobs(model, [o[0] for o in options], [o[1] for o in options])
-        per_token.append(scores[0] / (len(options[0][0]) - options[0][1]))
-        correct += scores[0] > max(scores[1:])
+        groups.append((len(seqs), len(options), len(options[0][0]) - options[0][1]))
+        seqs += [o[0] for o in options]
+        starts += [o[1] for o in options]
+    scores = _sequence_logprobs(model, seqs, starts)
+    per_token, correct = [], 0
+    for first, n, answer_tokens in groups:
+        answer, wrong = scores[first], scores[first + 1 : first + n]
+        per_token.append(answer / answer_tokens)
+        correct += answer > max(wrong)
     return {
         "answer_logprob_per_token": round(sum(per_token) / len(per_token), 4),
         "accuracy": round(correct / len(questions), 4),
