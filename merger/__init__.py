@@ -1,0 +1,8 @@
+"""kruising's merger: recipes -> plan -> streamed tensor merges -> child folders."""
+
+import os
+
+# Large CPU tensors on transparent huge pages: a streamed merge allocates a fresh output per
+# tensor, and faulting those in 4 KiB at a time cost more kernel time than the merge math.
+# Read by torch when it is first imported, so set here, before any merger module imports it.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

@@ -17,7 +17,9 @@ import shutil
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -78,8 +80,11 @@ def compute_task(
     if plan.method.name in RANDOM_METHODS:
         generator = torch.Generator(device=tensors[0].device)
         generator.manual_seed(_seed_for(seed, task))
-    merged = plan.method(tensors, task.base_index, task.params, task.per_model, generator)
-    if not bool(torch.isfinite(merged).all()):
+    merged = plan.method(
+        tensors, task.base_index, task.params, task.per_model, generator, task.out_dtype
+    )
+    # fast path: one float64 sum is finite exactly when no element is NaN/Inf
+    if not bool(torch.isfinite(torch.sum(merged, dtype=torch.float64))):
         bad = int((~torch.isfinite(merged)).sum())
         raise KruisingError(
             f"merged tensor {task.name} has {bad} NaN/Inf values",
@@ -101,17 +106,19 @@ def _reader(plan: MergePlan, device: torch.device, out: queue.Queue, stop: threa
     """Fetch each task's inputs ahead of the compute loop."""
     try:
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        pin = stream is not None
         for task in plan.tasks:
             if stop.is_set():
                 return
-            tensors = [plan.sources[ref].read(name, pin_memory=pin) for ref, name in task.inputs]
+            tensors = [plan.sources[ref].read(name) for ref, name in task.inputs]
             event = None
             if stream is not None:
                 with torch.cuda.stream(stream):
-                    tensors = [t.to(device, non_blocking=True) for t in tensors]
+                    tensors = [t.pin_memory().to(device, non_blocking=True) for t in tensors]
                     event = torch.cuda.Event()
                     event.record(stream)
+            else:
+                for ref, name in task.inputs:
+                    plan.sources[ref].prefetch(name)
             out.put((task, tensors, event))
         out.put(_DONE)
     except BaseException as exc:  # handed to the main thread
@@ -132,17 +139,27 @@ def _writer(writer: ShardWriter, inbox: queue.Queue, failed: list[BaseException]
             failed.append(exc)
 
 
+def cpu_workers() -> int:
+    """Tensors merged at once on the CPU: one per core, at most 4 (each holds its inputs)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def stream_merge(
     plan: MergePlan,
     device: torch.device,
-    write: Callable[[str, torch.Tensor], None] | None = None,
     *,
     writer: ShardWriter | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> None:
-    """Run every task of the plan in order, overlapping reads, compute and writes."""
-    inbox: queue.Queue = queue.Queue(maxsize=3)
+    """Run every task of the plan, overlapping reads, compute and writes; write in order.
+
+    On the CPU, `cpu_workers()` tensors are merged at once, each on one thread: the methods
+    work in cache-sized blocks, where an OpenMP region per block costs more than the block
+    itself, so parallelism comes from merging different tensors side by side instead.
+    """
+    workers = cpu_workers() if device.type == "cpu" else 1
+    inbox: queue.Queue = queue.Queue(maxsize=workers + 1)
     stop = threading.Event()
     reader = threading.Thread(target=_reader, args=(plan, device, inbox, stop), daemon=True)
     write_queue: queue.Queue = queue.Queue(maxsize=3)
@@ -156,10 +173,36 @@ def stream_merge(
     reader.start()
     bar = _progress(progress)
     n_tasks = len(plan.tasks)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+
+    def merge_one(task: TensorTask, tensors: list[torch.Tensor]) -> torch.Tensor:
+        merged = compute_task(plan, task, tensors, seed)
+        for ref, name in task.inputs:
+            plan.sources[ref].release(name)
+        return merged
+
+    pending: deque = deque()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge")
     try:
         with bar:
             job = bar.add_task(f"merging 0/{n_tasks} tensors", total=plan.write_bytes)
             done = 0
+
+            def finish_oldest() -> None:
+                nonlocal done
+                task, future = pending.popleft()
+                merged = future.result()
+                if write_failures:
+                    raise write_failures[0]
+                if writer is not None:
+                    write_queue.put((task.name, merged))
+                done += 1
+                bar.update(
+                    job, advance=task.nbytes, description=f"merging {done}/{n_tasks} tensors"
+                )
+
             while True:
                 item = inbox.get()
                 if item is _DONE:
@@ -172,19 +215,18 @@ def stream_merge(
                     compute_stream.wait_event(event)
                     for t in tensors:  # allocated on the copy stream, freed after compute
                         t.record_stream(compute_stream)
-                merged = compute_task(plan, task, tensors, seed)
-                if write_failures:
-                    raise write_failures[0]
-                if writer is not None:
-                    write_queue.put((task.name, merged))
-                if write is not None:
-                    write(task.name, merged)
-                done += 1
-                bar.update(
-                    job, advance=task.nbytes, description=f"merging {done}/{n_tasks} tensors"
-                )
+                pending.append((task, pool.submit(merge_one, task, tensors)))
+                del tensors
+                if len(pending) >= workers:
+                    finish_oldest()
+            while pending:
+                finish_oldest()
     finally:
         stop.set()
+        for _, future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
+        torch.set_num_threads(threads)
         if write_thread is not None:
             write_queue.put(_DONE)
             write_thread.join()
@@ -450,7 +492,7 @@ class ResidentInputs:
         self.tensors: dict[tuple[str, str], torch.Tensor] = {}
         for ref, source in sources.items():
             for name in source.tensors:
-                self.tensors[(ref, name)] = source.read(name).to(device)
+                self.tensors[(ref, name)] = source.read(name).to(device, copy=True)
             source.close()
 
     @classmethod

@@ -1,8 +1,8 @@
 """The only module of the merger that opens shard files.
 
 Reading: a model reference (local folder or Hub id) becomes a `ModelSource` that knows every
-tensor's shard, dtype, shape and byte range from the safetensors headers alone, and reads one
-tensor at a time with pread into a fresh buffer (pinned when it is bound for a GPU).
+tensor's shard, dtype, shape and byte range from the safetensors headers alone, and maps one
+tensor at a time from the page cache (zero-copy; released after use).
 
 Writing: `ShardWriter` lays out all output shards before the first byte is written (shapes
 and dtypes are known from the plan), writes each header first and then each tensor's bytes
@@ -12,9 +12,11 @@ as soon as it is computed, so no output shard is ever held in memory.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import struct
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +132,8 @@ class ModelSource:
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
     pickle_files: list[Path] = field(default_factory=list)
-    _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+    _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _pickled: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -141,35 +144,53 @@ class ModelSource:
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
 
-    def read(self, name: str, *, pin_memory: bool = False) -> torch.Tensor:
-        """Tensor ``name`` as a fresh CPU tensor, read with pread (thread-safe).
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` on the CPU: a zero-copy view of its bytes in the memory-mapped shard.
 
-        Plain reads rather than a memory map: the process holds only the tensors in flight,
-        never mapped shard pages, so peak memory stays at a few tensors.
+        The page cache is mapped, not copied (a copy of every input into fresh buffers costs
+        more than the merge math). Call `release` when done, so the mapped pages leave this
+        process's resident set: peak memory then stays at the tensors in flight.
         """
         if name in self._pickled:
             return self._pickled[name]
         info = self.tensors[name]
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        view = memoryview(buffer.numpy())
-        done = 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.begin + done)
-            if n <= 0:
-                raise KruisingError(
-                    f"shard {info.file} ended while reading {name}",
-                    "the file changed or was truncated during the merge; fetch it again",
-                )
-            done += n
-        return buffer.view(info.dtype).reshape(info.shape)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        mapping = self._maps.get(info.file)
+        if mapping is None:
+            with self._lock:
+                mapping = self._maps.get(info.file)
+                if mapping is None:
+                    with open(info.file, "rb") as f:
+                        # copy-on-write: torch wants a writable buffer; nothing writes to it
+                        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                    self._maps[info.file] = mapping
+        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=info.begin)
+        return raw.view(info.dtype).reshape(info.shape)
+
+    def prefetch(self, name: str) -> None:
+        """Fault the tensor's pages in now (from a reader thread, ahead of the math)."""
+        if name in self._pickled or not self.tensors[name].nbytes:
+            return
+        raw = self.read(name).reshape(-1).view(torch.uint8)
+        raw[:: mmap.PAGESIZE].sum()
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's mapped pages from this process (they stay in the page cache)."""
+        info = self.tensors.get(name)
+        mapping = self._maps.get(info.file) if info is not None else None
+        if mapping is None or info.nbytes == 0:
+            return
+        start = info.begin - info.begin % mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, start, info.end - start)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for mapping in self._maps.values():
+            try:
+                mapping.close()
+            except BufferError:  # a tensor still views it; it closes when that is freed
+                pass
+        self._maps.clear()
 
 
 def resolve_model_path(ref: str, *, allow_pickle: bool = False) -> Path:

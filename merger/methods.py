@@ -91,12 +91,36 @@ class MethodSpec:
         params: dict[str, Any],
         per_model: Sequence[dict[str, Any]],
         generator: torch.Generator | None = None,
+        out_dtype: torch.dtype | None = None,
     ) -> Tensor:
-        return self.fn(tensors, base_index, params, per_model, generator=generator, **self.options)
+        return self.fn(
+            tensors,
+            base_index,
+            params,
+            per_model,
+            generator=generator,
+            out_dtype=out_dtype,
+            **self.options,
+        )
 
 
 def _compute_dtype(tensor: Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+#: Elements per block on the CPU: large tensors are merged block by block through small
+#: reused float32 buffers that stay in cache, instead of full-size temporaries (whose page
+#: faults alone cost more than the arithmetic). On a GPU a tensor is one block.
+CPU_BLOCK = 1 << 18
+
+
+def _blocks(n: int, device: torch.device) -> list[tuple[int, int]]:
+    size = n if device.type != "cpu" else CPU_BLOCK
+    return [(start, min(n, start + size)) for start in range(0, max(n, 1), max(size, 1))]
+
+
+def _flat(tensor: Tensor) -> Tensor:
+    return tensor.reshape(-1) if tensor.is_contiguous() else tensor.contiguous().reshape(-1)
 
 
 # --- linear -------------------------------------------------------------------------------
@@ -106,22 +130,33 @@ def linear(
     tensors: Sequence[Tensor],
     weights: Sequence[float],
     normalize: bool = True,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Weighted sum of the tensors, divided by the sum of weights when ``normalize``."""
-    dtype = _compute_dtype(tensors[0])
-    out = torch.zeros(tensors[0].shape, dtype=dtype, device=tensors[0].device)
-    for tensor, weight in zip(tensors, weights, strict=True):
-        out.add_(tensor.to(dtype), alpha=float(weight))
-    if normalize:
-        total = float(sum(weights))
-        if total == 0:
-            raise ValueError("linear weights sum to 0 with normalize: true")
-        out.div_(total)
-    return out
+    first = tensors[0]
+    dtype = _compute_dtype(first)
+    total = float(sum(weights))
+    if normalize and total == 0:
+        raise ValueError("linear weights sum to 0 with normalize: true")
+    flats = [_flat(t) for t in tensors]
+    n = first.numel()
+    out = torch.empty(n, dtype=out_dtype or dtype, device=first.device)
+    blocks = _blocks(n, first.device)
+    acc_full = torch.empty(blocks[0][1] - blocks[0][0], dtype=dtype, device=first.device)
+    for start, end in blocks:
+        acc = acc_full[: end - start]
+        acc.zero_()
+        for flat, weight in zip(flats, weights, strict=True):
+            acc.add_(flat[start:end], alpha=float(weight))
+        if normalize:
+            acc.div_(total)
+        out[start:end].copy_(acc)
+    return out.reshape(first.shape)
 
 
-def _linear_method(tensors, base_index, params, per_model, generator=None) -> Tensor:
-    return linear(tensors, [p["weight"] for p in per_model], bool(params["normalize"]))
+def _linear_method(tensors, base_index, params, per_model, generator=None, out_dtype=None):
+    weights = [p["weight"] for p in per_model]
+    return linear(tensors, weights, bool(params["normalize"]), out_dtype)
 
 
 # --- slerp --------------------------------------------------------------------------------
@@ -133,6 +168,7 @@ def slerp(
     v1: Tensor,
     dot_threshold: float = 0.9995,
     eps: float = 1e-8,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Spherical interpolation from ``v0`` (t=0) to ``v1`` (t=1) over the flattened tensor.
 
@@ -140,86 +176,140 @@ def slerp(
     (|cos| > ``dot_threshold``) this falls back to linear interpolation, as mergekit does.
     """
     dtype = _compute_dtype(v0)
-    a = v0.to(dtype)
-    b = v1.to(dtype)
+    out_dtype = out_dtype or dtype
     if t == 0:
-        return a.clone() if a is v0 else a
+        return v0.to(out_dtype, copy=True)
     if t == 1:
-        return b.clone() if b is v1 else b
-    norm_a = torch.linalg.vector_norm(a)
-    norm_b = torch.linalg.vector_norm(b)
-    norm_a = torch.where(norm_a > eps, norm_a, 1)
-    norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = float(torch.vdot(a.reshape(-1), b.reshape(-1)) / (norm_a * norm_b))
-    dot = max(-1.0, min(1.0, dot))
-    if abs(dot) > dot_threshold:
+        return v1.to(out_dtype, copy=True)
+    a, b = _flat(v0), _flat(v1)
+    n = a.numel()
+    blocks = _blocks(n, v0.device)
+    size = blocks[0][1] - blocks[0][0]
+    xa = torch.empty(size, dtype=dtype, device=v0.device)
+    xb = torch.empty(size, dtype=dtype, device=v0.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=v0.device)  # |a|^2, |b|^2, a.b
+    for start, end in blocks:
+        x, y = xa[: end - start], xb[: end - start]
+        x.copy_(a[start:end])
+        y.copy_(b[start:end])
+        sums[0] += torch.dot(x, x)
+        sums[1] += torch.dot(y, y)
+        sums[2] += torch.dot(x, y)
+    norm_a, norm_b, dot = (float(v) for v in sums.cpu())
+    norm_a = math.sqrt(norm_a) if math.sqrt(norm_a) > eps else 1.0
+    norm_b = math.sqrt(norm_b) if math.sqrt(norm_b) > eps else 1.0
+    cos = max(-1.0, min(1.0, dot / (norm_a * norm_b)))
+    if abs(cos) > dot_threshold:
         coef_a, coef_b = 1 - t, t
     else:
-        theta = math.acos(dot)
+        theta = math.acos(cos)
         sin_theta = math.sin(theta)
         coef_a = math.sin((1 - t) * theta) / sin_theta
         coef_b = math.sin(t * theta) / sin_theta
-    return torch.add(a * coef_a, b, alpha=coef_b)
+    out = torch.empty(n, dtype=out_dtype, device=v0.device)
+    for start, end in blocks:
+        x, y = xa[: end - start], xb[: end - start]
+        x.copy_(a[start:end])
+        y.copy_(b[start:end])
+        x.mul_(coef_a).add_(y, alpha=coef_b)
+        out[start:end].copy_(x)
+    return out.reshape(v0.shape)
 
 
-def _slerp_method(tensors, base_index, params, per_model, generator=None) -> Tensor:
+def _slerp_method(tensors, base_index, params, per_model, generator=None, out_dtype=None):
     other = 1 - base_index
-    return slerp(float(params["t"]), tensors[base_index], tensors[other])
+    return slerp(float(params["t"]), tensors[base_index], tensors[other], out_dtype=out_dtype)
 
 
 # --- the task-vector family -----------------------------------------------------------------
 
 
-def magnitude_mask(delta: Tensor, density: float) -> Tensor:
-    """Boolean mask keeping exactly ``k = max(1, int(density * n))`` largest-|x| entries.
+class _Magnitude:
+    """TIES trim of one task vector: keep exactly ``k = max(1, int(density * n))`` entries.
 
     The threshold is the k-th largest magnitude, found by a two-pass radix select on the
-    float32 bit patterns (monotonic for non-negative floats), not by a sort. Entries
+    float32 bit patterns (monotonic for non-negative floats) — counting, not sorting. Entries
     strictly above it are kept; entries equal to it are kept in index order until k are
     kept. mergekit's argsort breaks such ties arbitrarily, so only they may differ.
     """
+
+    def __init__(self, density: float, n: int) -> None:
+        self.k = max(1, int(density * n))
+        self.n = n
+        self.high_counts: Tensor | None = None
+        self.low_parts: list[Tensor] = []
+        self.threshold: Tensor | None = None
+        self.quota = 0
+
+    @staticmethod
+    def keys(delta: Tensor) -> Tensor:
+        magnitude = delta.abs()
+        return magnitude.view(torch.int32) if magnitude.dtype == torch.float32 else magnitude
+
+    def count_high(self, delta: Tensor) -> None:
+        high = torch.bincount(self.keys(delta) >> 16, minlength=1 << 15)
+        self.high_counts = high if self.high_counts is None else self.high_counts + high
+
+    def pick_bucket(self) -> None:
+        from_top = self.high_counts.flip(0).cumsum(0)
+        position = int(torch.searchsorted(from_top, self.k))
+        self.bucket = self.high_counts.numel() - 1 - position
+        self.above = int(from_top[position]) - int(self.high_counts[self.bucket])
+
+    def collect_low(self, delta: Tensor) -> None:
+        keys = self.keys(delta)
+        self.low_parts.append(keys[(keys >> 16) == self.bucket] & 0xFFFF)
+
+    def pick_threshold(self, device: torch.device) -> None:
+        lows = torch.cat(self.low_parts)
+        counts = torch.bincount(lows, minlength=1 << 16)
+        from_top = counts.flip(0).cumsum(0)
+        position = int(torch.searchsorted(from_top, self.k - self.above))
+        low = counts.numel() - 1 - position
+        strictly_above = self.above + int(from_top[position]) - int(counts[low])
+        value = (self.bucket << 16) | low
+        self.threshold = torch.tensor(value, dtype=torch.int32, device=device)
+        self.quota = self.k - strictly_above
+        self.low_parts = []
+
+    def exact_threshold(self, delta: Tensor) -> None:
+        """float64 task vectors: a selection over the whole tensor."""
+        magnitude = delta.abs().reshape(-1)
+        kth = torch.kthvalue(magnitude.cpu(), self.n - self.k + 1).values
+        self.threshold = kth.to(delta.device)
+        self.quota = self.k - int((magnitude > self.threshold).sum())
+
+    def mask(self, delta: Tensor) -> Tensor:
+        keys = self.keys(delta)
+        keep = keys > self.threshold
+        if self.quota > 0:
+            equal = keys == self.threshold
+            n_equal = int(equal.sum())
+            if n_equal:
+                if n_equal > self.quota:
+                    equal &= equal.cumsum(0) <= self.quota
+                keep |= equal
+                self.quota -= min(n_equal, self.quota)
+        return keep
+
+
+def magnitude_mask(delta: Tensor, density: float) -> Tensor:
+    """Boolean mask of the ``max(1, int(density * n))`` largest-|x| entries (see `_Magnitude`)."""
     n = delta.numel()
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     if density <= 0 or n == 0:
         return torch.zeros_like(delta, dtype=torch.bool)
-    k = max(1, int(density * n))
-    magnitude = delta.abs().reshape(-1)
-    if magnitude.dtype == torch.float32:
-        keys = magnitude.view(torch.int32)
-        threshold, strictly_above = _kth_largest_key(keys, k)
-        mask = keys > threshold
+    flat = _flat(delta)
+    trim = _Magnitude(density, n)
+    if flat.dtype == torch.float32:
+        trim.count_high(flat)
+        trim.pick_bucket()
+        trim.collect_low(flat)
+        trim.pick_threshold(flat.device)
     else:
-        keys = magnitude
-        threshold = torch.kthvalue(magnitude.cpu(), n - k + 1).values.to(delta.device)
-        mask = keys > threshold
-        strictly_above = int(mask.sum())
-    missing = k - strictly_above
-    if missing > 0:
-        at_threshold = torch.nonzero(keys == threshold).reshape(-1)[:missing]
-        mask[at_threshold] = True
-    return mask.reshape(delta.shape)
-
-
-def _kth_largest_key(keys: Tensor, k: int) -> tuple[Tensor, int]:
-    """The k-th largest of non-negative int32 keys and how many keys are strictly larger.
-
-    Two counting passes: bucket by the high 16 bits, then the low 16 bits of that bucket.
-    """
-    high = keys >> 16
-    counts = torch.bincount(high, minlength=1 << 15)
-    from_top = counts.flip(0).cumsum(0)
-    position = int(torch.searchsorted(from_top, k))
-    bucket = counts.numel() - 1 - position
-    above = int(from_top[position]) - int(counts[bucket])
-    low = keys[high == bucket] & 0xFFFF
-    low_counts = torch.bincount(low, minlength=1 << 16)
-    low_from_top = low_counts.flip(0).cumsum(0)
-    low_position = int(torch.searchsorted(low_from_top, k - above))
-    low_value = low_counts.numel() - 1 - low_position
-    strictly_above = above + int(low_from_top[low_position]) - int(low_counts[low_value])
-    threshold = torch.tensor((bucket << 16) | low_value, dtype=torch.int32, device=keys.device)
-    return threshold, strictly_above
+        trim.exact_threshold(flat)
+    return trim.mask(flat).reshape(delta.shape)
 
 
 def outlier_magnitude_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
@@ -234,23 +324,6 @@ def outlier_magnitude_mask(delta: Tensor, density: float, gamma: float) -> Tenso
     mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
     mask[order[bottom : bottom + keep]] = True
     return mask.reshape(delta.shape)
-
-
-def random_mask(delta: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
-    """DARE: keep each entry with probability ``density`` (seeded by ``generator``)."""
-    if density >= 1:
-        return torch.ones_like(delta, dtype=torch.bool)
-    draws = torch.rand(delta.shape, generator=generator, device=delta.device)
-    return draws < density
-
-
-def _rescale_l1(delta: Tensor, kept: Tensor, eps: float = 1e-7) -> Tensor:
-    """Scale the kept entries so the L1 norm matches the unpruned task vector (DARE)."""
-    before = delta.abs().sum()
-    after = kept.abs().sum()
-    if before < eps or after < eps:
-        return kept
-    return kept * (before / after)
 
 
 def sign_consensus(weighted: Tensor, method: str = "sum") -> Tensor:
@@ -278,52 +351,135 @@ def task_vector_merge(
     lambda_: float = 1.0,
     gammas: Sequence[float] | None = None,
     generator: torch.Generator | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """The task-vector core: base + lambda * combine(weight_i * sparsify(model_i - base)).
 
-    ``sparsify``: None, "magnitude" (TIES trim), "random" (DARE drop) or "outliers"
-    (Breadcrumbs); ``consensus``: None or "sum"/"count" (TIES sign election, disjoint mean);
-    ``normalize`` divides by the summed weights of the contributing models.
+    ``sparsify``: None, "magnitude" (TIES trim), "random" (DARE drop, seeded by
+    ``generator``) or "outliers" (Breadcrumbs); ``rescale`` scales each kept task vector to
+    its unpruned L1 norm; ``consensus``: None or "sum"/"count" (TIES sign election, disjoint
+    mean); ``normalize`` divides by the summed weights of the contributing models.
+
+    Block by block: a pass counts what the trims need (magnitude thresholds, L1 norms), the
+    last pass merges; task vectors are recomputed per pass rather than stored.
     """
     dtype = _compute_dtype(base)
-    base32 = base.to(dtype)
+    device = base.device
+    n = base.numel()
+    out = torch.empty(n, dtype=out_dtype or dtype, device=device)
+    flat_base = _flat(base)
     if not others:
-        return base32
-    deltas = torch.empty((len(others), *base.shape), dtype=dtype, device=base.device)
-    for i, (model, density) in enumerate(zip(others, densities, strict=True)):
-        delta = deltas[i]
-        torch.sub(model.to(dtype), base32, out=delta)
-        if sparsify is None or density >= 1:
-            continue
-        if sparsify == "magnitude":
-            mask = magnitude_mask(delta, density)
-        elif sparsify == "random":
-            mask = random_mask(delta, density, generator)
-        elif sparsify == "outliers":
-            mask = outlier_magnitude_mask(delta, density, gammas[i] if gammas else 0.01)
+        return out.copy_(flat_base).reshape(base.shape)
+    flats = [_flat(o) for o in others]
+    k_models = len(others)
+    blocks = _blocks(n, device)
+    size = blocks[0][1] - blocks[0][0]
+    base_buf = torch.empty(size, dtype=dtype, device=device)
+    delta_buf = torch.empty((k_models, size), dtype=dtype, device=device)
+
+    def load(start: int, end: int) -> tuple[Tensor, Tensor]:
+        b = base_buf[: end - start]
+        b.copy_(flat_base[start:end])
+        d = delta_buf[:, : end - start]
+        for i, flat in enumerate(flats):
+            torch.sub(flat[start:end], b, out=d[i])
+        return b, d
+
+    active = [sparsify is not None and densities[i] < 1 for i in range(k_models)]
+    trims: dict[int, _Magnitude] = {}
+    outlier_masks: dict[int, Tensor] = {}
+    if sparsify == "magnitude":
+        for i in range(k_models):
+            if active[i]:
+                trims[i] = _Magnitude(max(densities[i], 0.0), n) if densities[i] > 0 else None
+        live = {i: t for i, t in trims.items() if t is not None}
+        if dtype == torch.float32:
+            for start, end in blocks:
+                _, d = load(start, end)
+                for i, trim in live.items():
+                    trim.count_high(d[i])
+            for trim in live.values():
+                trim.pick_bucket()
+            for start, end in blocks:
+                _, d = load(start, end)
+                for i, trim in live.items():
+                    trim.collect_low(d[i])
+            for trim in live.values():
+                trim.pick_threshold(device)
         else:
-            raise ValueError(f"unknown sparsification {sparsify!r}")
-        if rescale:
-            delta.copy_(_rescale_l1(delta, delta * mask))
+            for i, trim in live.items():
+                trim.exact_threshold(flats[i].to(dtype) - flat_base.to(dtype))
+    elif sparsify == "outliers":
+        for i in range(k_models):
+            if active[i]:
+                delta = flats[i].to(dtype) - flat_base.to(dtype)
+                outlier_masks[i] = outlier_magnitude_mask(delta, densities[i], gammas[i])
+
+    def trimmed(d: Tensor, start: int, end: int) -> None:
+        """Zero the dropped entries of each task vector in the block, in place."""
+        for i in range(k_models):
+            if not active[i]:
+                continue
+            if sparsify == "magnitude":
+                trim = trims[i]
+                keep = (
+                    trim.mask(d[i])
+                    if trim is not None
+                    else torch.zeros_like(d[i], dtype=torch.bool)
+                )
+            elif sparsify == "random":
+                draws = torch.rand(end - start, generator=generator, device=device)
+                keep = draws < densities[i]
+            else:
+                keep = outlier_masks[i][start:end]
+            d[i].masked_fill_(~keep, 0)
+
+    scales = [1.0] * k_models
+    if rescale and any(active):
+        state = generator.get_state() if generator is not None else None
+        before = torch.zeros(k_models, dtype=torch.float64, device=device)
+        after = torch.zeros(k_models, dtype=torch.float64, device=device)
+        quotas = {i: t.quota for i, t in trims.items() if t is not None}
+        for start, end in blocks:
+            _, d = load(start, end)
+            before += d.abs().sum(dim=1)
+            trimmed(d, start, end)
+            after += d.abs().sum(dim=1)
+        for i, quota in quotas.items():
+            trims[i].quota = quota
+        if state is not None:
+            generator.set_state(state)
+        for i, (b_sum, a_sum) in enumerate(zip(before.tolist(), after.tolist(), strict=True)):
+            if active[i] and b_sum >= 1e-7 and a_sum >= 1e-7:
+                scales[i] = b_sum / a_sum
+
+    weight = torch.tensor(list(weights), dtype=dtype, device=device).reshape(-1, 1)
+    plain_divisor = float(sum(weights))
+    if abs(plain_divisor) < 1e-8:
+        plain_divisor = 1.0
+    for start, end in blocks:
+        b, d = load(start, end)
+        trimmed(d, start, end)
+        for i, scale in enumerate(scales):
+            if scale != 1.0:
+                d[i].mul_(scale)
+        d.mul_(weight)
+        if consensus:
+            agree = sign_consensus(d, consensus)
+            mixed = (d * agree).sum(dim=0)
+            if normalize:
+                divisor = (weight * agree).sum(dim=0)
+                divisor[divisor == 0] = 1
+                mixed.div_(divisor)
         else:
-            delta.masked_fill_(~mask, 0)
-    weight = torch.tensor(list(weights), dtype=dtype, device=base.device)
-    weight = weight.reshape(-1, *([1] * base.dim()))
-    deltas.mul_(weight)
-    if consensus:
-        agree = sign_consensus(deltas, consensus)
-        mixed = (deltas * agree).sum(dim=0)
-        divisor = (weight * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(dim=0)
-        divisor = weight.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed.div_(divisor)
-    if lambda_ != 1:
-        mixed.mul_(lambda_)
-    return mixed.add_(base32)
+            mixed = d.sum(dim=0)
+            if normalize:
+                mixed.div_(plain_divisor)
+        if lambda_ != 1:
+            mixed.mul_(lambda_)
+        mixed.add_(b)
+        out[start:end].copy_(mixed)
+    return out.reshape(base.shape)
 
 
 def _task_vector_method(
@@ -332,6 +488,7 @@ def _task_vector_method(
     params,
     per_model,
     generator=None,
+    out_dtype=None,
     *,
     sparsify: str | None,
     consensus: str | None,
@@ -349,6 +506,7 @@ def _task_vector_method(
         lambda_=float(params["lambda"]),
         gammas=[per_model[i].get("gamma", 0.01) for i in others],
         generator=generator,
+        out_dtype=out_dtype,
     )
 
 

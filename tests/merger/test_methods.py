@@ -159,3 +159,52 @@ def test_every_method_declares_its_parameters():
 def test_parameter_ranges_are_checked(method, param, value, message):
     with pytest.raises(ValueError, match=message):
         METHODS[method].param(param).check(value)
+
+
+@pytest.mark.parametrize(
+    "merge",
+    [
+        lambda base, a, b, g: linear([base, a, b], [0.2, 0.5, 0.3]),
+        lambda base, a, b, g: slerp(0.35, a, b),
+        lambda base, a, b, g: task_vector_merge(base, [a, b], [0.7, 0.4], [1.0, 1.0]),
+        lambda base, a, b, g: task_vector_merge(
+            base,
+            [a, b],
+            [1.0, 0.5],
+            [0.3, 0.6],
+            sparsify="magnitude",
+            consensus="sum",
+            normalize=True,
+        ),
+        lambda base, a, b, g: task_vector_merge(
+            base, [a, b], [1.0, 1.0], [0.5, 0.7], sparsify="outliers", gammas=[0.05, 0.01]
+        ),
+    ],
+    ids=["linear", "slerp", "task_arithmetic", "ties", "breadcrumbs"],
+)
+def test_block_by_block_equals_one_block(merge, monkeypatch):
+    """Blocks of 7 elements (many, with a ragged last one) give the one-block result.
+
+    (DARE draws its mask block by block: seeded and reproducible, see above, but a
+    different stream than one block, so it is not in this list.)"""
+    from merger import methods
+
+    g = torch.Generator().manual_seed(5)
+    # quantised values: many entries share the trim threshold, across block borders
+    base, a, b = (torch.randint(-8, 8, (10, 9), generator=g).float() / 4 for _ in range(3))
+    monkeypatch.setattr(methods, "CPU_BLOCK", 10**9)
+    whole = merge(base, a, b, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(methods, "CPU_BLOCK", 7)
+    blocked = merge(base, a, b, torch.Generator().manual_seed(1))
+    assert torch.equal(blocked, whole)
+
+
+def test_ties_trim_across_blocks_keeps_exactly_k_in_index_order(monkeypatch):
+    from merger import methods
+
+    monkeypatch.setattr(methods, "CPU_BLOCK", 4)
+    base = torch.zeros(20)
+    model = torch.tensor([1.0] * 10 + [2.0] * 3 + [0.5] * 7)
+    out = task_vector_merge(base, [model], [1.0], [0.4], sparsify="magnitude")
+    # k = 8: the three 2.0s, then the first five 1.0s (index order, across blocks of 4)
+    assert out.tolist() == [1.0] * 5 + [0.0] * 5 + [2.0] * 3 + [0.0] * 7
