@@ -12,13 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merger.engine import run_recipe, run_recipe_file
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(shard))
-    return out
+from tests.helpers import load_tensors
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +71,7 @@ parameters:
 def test_slerp_endpoints_give_the_parents(t, expected, models, tmp_path):
     recipe = write_recipe(tmp_path, SLERP.replace("{t}", str(t)), **models)
     child = run_recipe_file(recipe, tmp_path / "child", device="cpu", progress=False)
-    got, want = _tensors(child), _tensors(models[expected])
+    got, want = load_tensors(child), load_tensors(models[expected])
     assert sorted(got) == sorted(want)
     for name in want:
         assert torch.equal(got[name], want[name]), name
@@ -93,7 +87,7 @@ models:
     parameters: {{weight: 2.0}}
 """
     child = run_recipe_file(write_recipe(tmp_path, text, **models), tmp_path / "c", device="cpu")
-    got, want = _tensors(child), _tensors(models["b"])
+    got, want = load_tensors(child), load_tensors(models["b"])
     for name in want:
         assert torch.equal(got[name], want[name]), name
 
@@ -107,7 +101,7 @@ models:
     parameters: {{density: 0.3, weight: 1.0}}
 """
     child = run_recipe_file(write_recipe(tmp_path, text, **models), tmp_path / "c", device="cpu")
-    got, base, other = _tensors(child), _tensors(models["a"]), _tensors(models["b"])
+    got, base, other = load_tensors(child), load_tensors(models["a"]), load_tensors(models["b"])
     checked = 0
     for name, tensor in got.items():
         if not bool((other[name] != base[name]).all()):
@@ -138,9 +132,9 @@ models:
     parameters: {{density: 0.5, weight: 1.0}}
 """
     recipe = write_recipe(tmp_path, text, **models)
-    one = _tensors(run_recipe_file(recipe, tmp_path / "one", device="cpu", seed=3))
-    two = _tensors(run_recipe_file(recipe, tmp_path / "two", device="cpu", seed=3))
-    other = _tensors(run_recipe_file(recipe, tmp_path / "other", device="cpu", seed=4))
+    one = load_tensors(run_recipe_file(recipe, tmp_path / "one", device="cpu", seed=3))
+    two = load_tensors(run_recipe_file(recipe, tmp_path / "two", device="cpu", seed=3))
+    other = load_tensors(run_recipe_file(recipe, tmp_path / "other", device="cpu", seed=4))
     name = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(one[name], two[name])
     assert not torch.equal(one[name], other[name])
@@ -152,7 +146,7 @@ def test_shards_are_split_and_indexed(models, tmp_path):
     shards = sorted(p.name for p in child.glob("*.safetensors"))
     assert len(shards) > 1 and shards[0].startswith("model-00001-of-")
     index = json.loads((child / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(_tensors(child))
+    assert set(index["weight_map"]) == set(load_tensors(child))
 
 
 def test_cli_prints_the_plan_first_and_writes_a_loadable_child(models, tmp_path, capsys):
@@ -168,9 +162,9 @@ def test_cli_prints_the_plan_first_and_writes_a_loadable_child(models, tmp_path,
 
 def test_mergekit_engine_runs_the_recipe(models, tmp_path):
     recipe = write_recipe(tmp_path, SLERP.replace("{t}", "0.4"), **models)
-    ours = _tensors(run_recipe_file(recipe, tmp_path / "ours", device="cpu"))
+    ours = load_tensors(run_recipe_file(recipe, tmp_path / "ours", device="cpu"))
     theirs_dir = run_recipe_file(recipe, tmp_path / "theirs", device="cpu", engine="mergekit")
-    theirs = _tensors(theirs_dir)
+    theirs = load_tensors(theirs_dir)
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
     assert (theirs_dir / "README.md").is_file()
@@ -195,7 +189,7 @@ def test_pickle_checkpoints_need_allow_pickle(models, tmp_path, capsys):
     assert code == 1 and "only pickle checkpoints" in err and "--allow-pickle" in err
     assert_no_child(out)
     child = run_recipe_file(recipe, out, device="cpu", allow_pickle=True)
-    got, want = _tensors(child), _tensors(models["b"])
+    got, want = load_tensors(child), load_tensors(models["b"])
     assert torch.equal(got["lm_head.weight"], want["lm_head.weight"])
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from merger.engine import ResidentInputs, merge_in_memory, run_recipe
 from merger.recipe import parse_recipe
+from tests.helpers import load_tensors
 
 pytestmark = pytest.mark.gpu
 
@@ -48,19 +46,12 @@ def parents(make_tiny_mistral):
     return {k: str(make_tiny_mistral(f"gpu-{k}", seed=20 + i)) for i, k in enumerate("abc")}
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(shard))
-    return out
-
-
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_cuda_matches_cpu(name, parents, tmp_path):
     text = RECIPES[name].format(**parents)
     recipe = parse_recipe(text)
-    cpu = _tensors(run_recipe(recipe, tmp_path / "cpu", recipe_text=text, device="cpu"))
-    gpu = _tensors(run_recipe(recipe, tmp_path / "gpu", recipe_text=text, device="cuda"))
+    cpu = load_tensors(run_recipe(recipe, tmp_path / "cpu", recipe_text=text, device="cpu"))
+    gpu = load_tensors(run_recipe(recipe, tmp_path / "gpu", recipe_text=text, device="cuda"))
     for tensor_name, expected in cpu.items():
         torch.testing.assert_close(gpu[tensor_name], expected, rtol=1e-5, atol=1e-6)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from merger.errors import KruisingError
+from tests.helpers import load_tensors
 
 TOKEN = "hf_kruisingTestToken0123456789abcdefXYZ"
 USER = "tester"
@@ -795,15 +796,6 @@ def _engine_or_skip():
     return run_recipe_file
 
 
-def _tensors(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(str(shard)))
-    return tensors
-
-
 def test_merge_pull_then_merge_run_reproduces_the_child(make_tiny_mistral, tmp_path, monkeypatch):
     run_recipe_file = _engine_or_skip()
     import torch
@@ -844,7 +836,7 @@ def test_merge_pull_then_merge_run_reproduces_the_child(make_tiny_mistral, tmp_p
         cli.main()
     assert done.value.code in (0, None)
 
-    first, second = _tensors(child), _tensors(again)
+    first, second = load_tensors(child), load_tensors(again)
     assert first.keys() == second.keys() and first
     for name in first:
         assert torch.equal(first[name], second[name]), name

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from merger.engine import run_recipe
 from merger.recipe import parse_recipe
+from tests.helpers import load_tensors
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -154,19 +154,12 @@ def parents(make_tiny_mistral):
     }
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(shard))
-    return out
-
-
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_tensors_match_mergekit(name, parents, mergekit_run, tmp_path):
     text = RECIPES[name].format(**{k: str(v) for k, v in parents.items()})
     ours = run_recipe(parse_recipe(text), tmp_path / "ours", recipe_text=text, device="cpu")
     theirs = mergekit_run(text, tmp_path / "theirs")
-    mine, ref = _tensors(ours), _tensors(theirs)
+    mine, ref = load_tensors(ours), load_tensors(theirs)
     assert sorted(mine) == sorted(ref)
     for tensor_name, expected in ref.items():
         got = mine[tensor_name]
@@ -203,7 +196,7 @@ def test_child_loads_in_transformers(parents, tmp_path):
     text = RECIPES["ties_half"].format(**{k: str(v) for k, v in parents.items()})
     child = run_recipe(parse_recipe(text), tmp_path / "child", recipe_text=text, device="cpu")
     model = AutoModelForCausalLM.from_pretrained(child)
-    merged = _tensors(child)
+    merged = load_tensors(child)
     for name, param in model.state_dict().items():
         assert torch.equal(param, merged[name]), name
     assert (child / "mergekit_config.yml").read_text() == text
