@@ -662,6 +662,13 @@ def recover(study) -> list[int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fail_stale_trials(study)
+    # Interrupted (Ctrl-C) variants failed without a retry: queue them once.
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for trial in trials:
+        stale = trial.state == TrialState.FAIL and trial.user_attrs.get("stale")
+        if stale and trial.params and trial.number not in retried:
+            study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
     return failed
 
 
@@ -750,6 +757,10 @@ def run_sweep(
             trial.set_user_attr("recipe", recipe_yaml(variant))
             card = evaluator(variant)
             values = spec.values(card)
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted")
+            trial.set_user_attr("stale", True)  # not the variant's fault: rerun it next time
+            raise
         except (VariantFailed, KruisingError, ValueError, ValidationError, RuntimeError) as exc:
             reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             trial.set_user_attr("fail_reason", reason.splitlines()[0][:500])

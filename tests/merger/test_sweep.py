@@ -406,6 +406,27 @@ def test_sigkill_mid_sweep_then_rerun_continues_without_losing_completed_variant
     assert evaluator.calls == 6 - len(kept)
 
 
+def test_an_interrupted_variant_is_queued_again_on_the_next_run(tmp_path):
+    from optuna.trial import TrialState
+
+    class Interrupting(FakeEvaluator):
+        def __call__(self, variant):
+            if self.calls == 2:
+                raise KeyboardInterrupt
+            return super().__call__(variant)
+
+    grid = "{parameters.t[default]: {type: float, low: 0.0, high: 1.0, step: 0.25}}"
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, grid, Interrupting(), sampler="grid", trials=5)
+    study, _ = _run(tmp_path, grid, FakeEvaluator(), sampler="grid", trials=5)
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["parameters.t[default]"] for t in done) == [0, 0.25, 0.5, 0.75, 1]
+    interrupted = [t for t in study.trials if t.user_attrs.get("fail_reason") == "interrupted"]
+    assert len(interrupted) == 1
+    retry = [t for t in study.trials if t.user_attrs.get("retry_of") == interrupted[0].number]
+    assert len(retry) == 1 and retry[0].params == interrupted[0].params
+
+
 def test_rank_cli_json_and_plots(tmp_path):
     from typer.testing import CliRunner
 
