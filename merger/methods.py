@@ -334,7 +334,7 @@ def sign_consensus(weighted: Tensor, method: str = "sum") -> Tensor:
     """
     signs = weighted.sign()
     total = weighted.sum(dim=0) if method == "sum" else signs.sum(dim=0)
-    elected = torch.where(total >= 0, 1.0, -1.0).to(signs.dtype)
+    elected = (total >= 0).to(signs.dtype).mul_(2).sub_(1)  # +1 / -1, ties go to +1
     return signs == elected
 
 
@@ -432,7 +432,7 @@ def task_vector_merge(
                 keep = draws < densities[i]
             else:
                 keep = outlier_masks[i][start:end]
-            d[i].masked_fill_(~keep, 0)
+            d[i].mul_(keep)  # (a multiply is vectorised; masked_fill_ is not, on the CPU)
 
     scales = [1.0] * k_models
     if rescale and any(active):
@@ -469,7 +469,7 @@ def task_vector_merge(
             mixed = (d * agree).sum(dim=0)
             if normalize:
                 divisor = (weight * agree).sum(dim=0)
-                divisor[divisor == 0] = 1
+                divisor += divisor == 0  # no agreeing model: divide by 1
                 mixed.div_(divisor)
         else:
             mixed = d.sum(dim=0)
