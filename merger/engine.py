@@ -2,9 +2,10 @@
 
 1. load   — parse the recipe, open every input (local folder or Hub id) from shard headers.
 2. plan   — resolve every tensor's inputs and parameters (merger.plan); all errors up front.
-3. stream — a reader thread fetches the next tensors (onto the GPU on a copy stream when
-            there is one) while the device merges the current one in float32; a writer
-            thread writes finished tensors straight into pre-laid-out output shards.
+3. stream — a reader thread maps the next tensors (and moves them onto the GPU on a copy
+            stream when there is one) while the device merges in float32; on the CPU,
+            several tensors at once, each computed block by block straight into its place
+            in the memory-mapped output shard, laid out up front from the plan.
 4. write  — config, generation config, tokenizer, model card, recipe, provenance; the
             child is built in a temporary sibling folder and renamed into place when complete.
 """
@@ -71,9 +72,17 @@ def _seed_for(seed: int, task: TensorTask) -> int:
 
 
 def compute_task(
-    plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor], seed: int = 0
+    plan: MergePlan,
+    task: TensorTask,
+    tensors: list[torch.Tensor],
+    seed: int = 0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Merge one tensor on the device its inputs are on; returns it in the output dtype."""
+    """Merge one tensor on the device its inputs are on; returns it in the output dtype.
+
+    With ``out`` (a flat buffer of the output dtype, e.g. a view of the output shard) the
+    result is computed straight into it.
+    """
     if task.in_dtype is not None:
         tensors = [t.to(task.in_dtype) for t in tensors]
     generator = None
@@ -81,16 +90,18 @@ def compute_task(
         generator = torch.Generator(device=tensors[0].device)
         generator.manual_seed(_seed_for(seed, task))
     merged = plan.method(
-        tensors, task.base_index, task.params, task.per_model, generator, task.out_dtype
+        tensors, task.base_index, task.params, task.per_model, generator, task.out_dtype, out
     )
-    # fast path: one float64 sum is finite exactly when no element is NaN/Inf
-    if not bool(torch.isfinite(torch.sum(merged, dtype=torch.float64))):
+    # fast path: a sum is finite when no element is NaN/Inf (no copy, unlike a float64 sum);
+    # only when it is not, count exactly (a huge but finite sum can overflow on its own)
+    if not bool(torch.isfinite(merged.sum())):
         bad = int((~torch.isfinite(merged)).sum())
-        raise KruisingError(
-            f"merged tensor {task.name} has {bad} NaN/Inf values",
-            "check the inputs for NaN/Inf and the parameters (e.g. weights that sum to ~0 "
-            "with normalize, or a huge lambda)",
-        )
+        if bad:
+            raise KruisingError(
+                f"merged tensor {task.name} has {bad} NaN/Inf values",
+                "check the inputs for NaN/Inf and the parameters (e.g. weights that sum to ~0 "
+                "with normalize, or a huge lambda)",
+            )
     return merged.to(task.out_dtype)
 
 
@@ -125,20 +136,6 @@ def _reader(plan: MergePlan, device: torch.device, out: queue.Queue, stop: threa
         out.put(_Failure(exc))
 
 
-def _writer(writer: ShardWriter, inbox: queue.Queue, failed: list[BaseException]) -> None:
-    while True:
-        item = inbox.get()
-        if item is _DONE:
-            return
-        if failed:
-            continue
-        name, tensor = item
-        try:
-            writer.write(name, tensor)
-        except BaseException as exc:
-            failed.append(exc)
-
-
 def cpu_workers() -> int:
     """Tensors merged at once on the CPU: one per core, at most 4 (each holds its inputs)."""
     return max(1, min(4, os.cpu_count() or 1))
@@ -162,14 +159,6 @@ def stream_merge(
     inbox: queue.Queue = queue.Queue(maxsize=workers + 1)
     stop = threading.Event()
     reader = threading.Thread(target=_reader, args=(plan, device, inbox, stop), daemon=True)
-    write_queue: queue.Queue = queue.Queue(maxsize=3)
-    write_failures: list[BaseException] = []
-    write_thread = None
-    if writer is not None:
-        write_thread = threading.Thread(
-            target=_writer, args=(writer, write_queue, write_failures), daemon=True
-        )
-        write_thread.start()
     reader.start()
     bar = _progress(progress)
     n_tasks = len(plan.tasks)
@@ -177,11 +166,16 @@ def stream_merge(
     if device.type == "cpu":
         torch.set_num_threads(1)
 
-    def merge_one(task: TensorTask, tensors: list[torch.Tensor]) -> torch.Tensor:
-        merged = compute_task(plan, task, tensors, seed)
+    def merge_one(task: TensorTask, tensors: list[torch.Tensor]) -> None:
+        direct = writer is not None and device.type == "cpu"
+        out = writer.target(task.name) if direct else None
+        merged = compute_task(plan, task, tensors, seed, out)
         for ref, name in task.inputs:
             plan.sources[ref].release(name)
-        return merged
+        if direct:
+            writer.done(task.name)
+        elif writer is not None:
+            writer.write(task.name, merged)
 
     pending: deque = deque()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge")
@@ -193,11 +187,7 @@ def stream_merge(
             def finish_oldest() -> None:
                 nonlocal done
                 task, future = pending.popleft()
-                merged = future.result()
-                if write_failures:
-                    raise write_failures[0]
-                if writer is not None:
-                    write_queue.put((task.name, merged))
+                future.result()
                 done += 1
                 bar.update(
                     job, advance=task.nbytes, description=f"merging {done}/{n_tasks} tensors"
@@ -227,16 +217,11 @@ def stream_merge(
             future.cancel()
         pool.shutdown(wait=True)
         torch.set_num_threads(threads)
-        if write_thread is not None:
-            write_queue.put(_DONE)
-            write_thread.join()
         while reader.is_alive():  # unblock a reader waiting on a full queue
             try:
                 inbox.get(timeout=0.05)
             except queue.Empty:
                 pass
-    if write_failures:
-        raise write_failures[0]
 
 
 def _progress(enabled: bool):

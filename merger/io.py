@@ -354,7 +354,12 @@ class _Shard:
 
 
 class ShardWriter:
-    """Writes tensors, in a fixed order known up front, into pre-laid-out safetensors shards."""
+    """Output shards laid out up front (names, dtypes, shapes from the plan), memory-mapped.
+
+    Each shard file is created at its final size with its header in place; `target(name)`
+    is a view of the tensor's bytes in the mapped file, so a method computes straight into
+    the page cache (no copy, no write order). `finish` flushes and fsyncs every shard.
+    """
 
     def __init__(
         self,
@@ -376,50 +381,68 @@ class ShardWriter:
         if current or not self.shards:
             self.shards.append(_Shard("", current))
         n = len(self.shards)
+        self._where: dict[str, tuple[int, torch.dtype, tuple[int, ...], int, int]] = {}
+        self._maps: list[mmap.mmap | None] = []
+        self._written: set[str] = set()
         for i, shard in enumerate(self.shards):
             shard.file_name = (
                 "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             )
-        self._order = [(i, e) for i, s in enumerate(self.shards) for e in s.entries]
-        self._next = 0
-        self._file = None
-        self._open_index = -1
-        self.total_bytes = sum(e[4] - e[3] for _, e in self._order)
+            header = shard.header_bytes()
+            size = len(header) + (shard.entries[-1][4] if shard.entries else 0)
+            with open(folder / shard.file_name, "wb+") as f:
+                f.write(header)
+                f.truncate(size)
+                f.flush()
+                mapped = mmap.mmap(f.fileno(), size) if size > len(header) else None
+            self._maps.append(mapped)
+            for name, dtype, shape, begin, end in shard.entries:
+                self._where[name] = (i, dtype, shape, len(header) + begin, len(header) + end)
+        self.total_bytes = sum(e[4] - e[3] for s in self.shards for e in s.entries)
+
+    def target(self, name: str) -> torch.Tensor:
+        """The flat CPU view of tensor ``name``'s bytes in its shard, to compute into."""
+        index, dtype, shape, begin, end = self._where[name]
+        raw = torch.frombuffer(
+            self._maps[index], dtype=torch.uint8, count=end - begin, offset=begin
+        )
+        return raw.view(dtype)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor; it must be the next in the layout, with its dtype and shape."""
-        shard_index, (expected, dtype, shape, begin, end) = self._order[self._next]
-        if name != expected or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+        """Store a tensor computed elsewhere (e.g. on a GPU); it must match the layout."""
+        index, dtype, shape, begin, end = self._where[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise RuntimeError(
-                f"writer expected {expected} {dtype} {shape}, got {name} "
-                f"{tensor.dtype} {tuple(tensor.shape)}"
+                f"writer expected {name} {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}"
             )
-        if shard_index != self._open_index:
-            self._close_file()
-            shard = self.shards[shard_index]
-            self._file = open(self.folder / shard.file_name, "wb")  # noqa: SIM115
-            self._file.write(shard.header_bytes())
-            self._open_index = shard_index
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))
-        self._next += 1
+        if end > begin:
+            self.target(name).copy_(tensor.detach().reshape(-1))
+        self.done(name)
 
-    def _close_file(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+    def done(self, name: str) -> None:
+        """Mark ``name`` complete and let its pages leave this process (they stay cached)."""
+        index, _, _, begin, end = self._where[name]
+        self._written.add(name)
+        mapped = self._maps[index]
+        if mapped is not None and end > begin:
+            start = begin - begin % mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def finish(self) -> None:
-        """Close the last shard and write the index (when there is more than one shard)."""
-        if self._next != len(self._order):
-            missing = self._order[self._next][1][0]
-            raise RuntimeError(f"writer finished before {missing}")
-        if self._open_index == -1:  # no tensors at all: still write a valid empty shard
-            with open(self.folder / self.shards[0].file_name, "wb") as f:
-                f.write(self.shards[0].header_bytes())
-        self._close_file()
+        """Flush and fsync every shard; write the index (when there is more than one)."""
+        missing = [name for name in self._where if name not in self._written]
+        if missing:
+            raise RuntimeError(f"writer finished before {missing[0]}")
+        for shard, mapped in zip(self.shards, self._maps, strict=True):
+            if mapped is not None:
+                mapped.flush()
+                try:
+                    mapped.close()
+                except BufferError:  # a finished tensor still views it; closed when freed
+                    pass
+            with open(self.folder / shard.file_name, "rb+") as f:
+                os.fsync(f.fileno())
+        self._maps = [None] * len(self.shards)
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": self.total_bytes},
@@ -430,6 +453,10 @@ class ShardWriter:
             )
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for mapped in self._maps:
+            if mapped is not None:
+                try:
+                    mapped.close()
+                except BufferError:
+                    pass
+        self._maps = [None] * len(self.shards)

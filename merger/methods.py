@@ -92,7 +92,9 @@ class MethodSpec:
         per_model: Sequence[dict[str, Any]],
         generator: torch.Generator | None = None,
         out_dtype: torch.dtype | None = None,
+        out: Tensor | None = None,
     ) -> Tensor:
+        """Merge; ``out`` (flat, ``out_dtype``) receives the result when given."""
         return self.fn(
             tensors,
             base_index,
@@ -100,6 +102,7 @@ class MethodSpec:
             per_model,
             generator=generator,
             out_dtype=out_dtype,
+            out=out,
             **self.options,
         )
 
@@ -119,6 +122,17 @@ def _blocks(n: int, device: torch.device) -> list[tuple[int, int]]:
     return [(start, min(n, start + size)) for start in range(0, max(n, 1), max(size, 1))]
 
 
+def _output(out: Tensor | None, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The flat result buffer: the caller's (e.g. a view of the output shard) or a new one."""
+    if out is None:
+        return torch.empty(n, dtype=dtype, device=device)
+    if out.numel() != n or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"out buffer is {out.dtype}[{out.numel()}] on {out.device}, need {dtype}[{n}]"
+        )
+    return out.reshape(-1)
+
+
 def _flat(tensor: Tensor) -> Tensor:
     return tensor.reshape(-1) if tensor.is_contiguous() else tensor.contiguous().reshape(-1)
 
@@ -131,6 +145,7 @@ def linear(
     weights: Sequence[float],
     normalize: bool = True,
     out_dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Weighted sum of the tensors, divided by the sum of weights when ``normalize``."""
     first = tensors[0]
@@ -140,7 +155,7 @@ def linear(
         raise ValueError("linear weights sum to 0 with normalize: true")
     flats = [_flat(t) for t in tensors]
     n = first.numel()
-    out = torch.empty(n, dtype=out_dtype or dtype, device=first.device)
+    out = _output(out, n, out_dtype or dtype, first.device)
     blocks = _blocks(n, first.device)
     acc_full = torch.empty(blocks[0][1] - blocks[0][0], dtype=dtype, device=first.device)
     for start, end in blocks:
@@ -154,9 +169,11 @@ def linear(
     return out.reshape(first.shape)
 
 
-def _linear_method(tensors, base_index, params, per_model, generator=None, out_dtype=None):
+def _linear_method(
+    tensors, base_index, params, per_model, generator=None, out_dtype=None, out=None
+):
     weights = [p["weight"] for p in per_model]
-    return linear(tensors, weights, bool(params["normalize"]), out_dtype)
+    return linear(tensors, weights, bool(params["normalize"]), out_dtype, out)
 
 
 # --- slerp --------------------------------------------------------------------------------
@@ -169,6 +186,7 @@ def slerp(
     dot_threshold: float = 0.9995,
     eps: float = 1e-8,
     out_dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Spherical interpolation from ``v0`` (t=0) to ``v1`` (t=1) over the flattened tensor.
 
@@ -177,10 +195,9 @@ def slerp(
     """
     dtype = _compute_dtype(v0)
     out_dtype = out_dtype or dtype
-    if t == 0:
-        return v0.to(out_dtype, copy=True)
-    if t == 1:
-        return v1.to(out_dtype, copy=True)
+    if t in (0, 1):
+        end = v0 if t == 0 else v1
+        return _output(out, end.numel(), out_dtype, end.device).copy_(_flat(end)).reshape(end.shape)
     a, b = _flat(v0), _flat(v1)
     n = a.numel()
     blocks = _blocks(n, v0.device)
@@ -206,7 +223,7 @@ def slerp(
         sin_theta = math.sin(theta)
         coef_a = math.sin((1 - t) * theta) / sin_theta
         coef_b = math.sin(t * theta) / sin_theta
-    out = torch.empty(n, dtype=out_dtype, device=v0.device)
+    out = _output(out, n, out_dtype, v0.device)
     for start, end in blocks:
         x, y = xa[: end - start], xb[: end - start]
         x.copy_(a[start:end])
@@ -216,9 +233,9 @@ def slerp(
     return out.reshape(v0.shape)
 
 
-def _slerp_method(tensors, base_index, params, per_model, generator=None, out_dtype=None):
-    other = 1 - base_index
-    return slerp(float(params["t"]), tensors[base_index], tensors[other], out_dtype=out_dtype)
+def _slerp_method(tensors, base_index, params, per_model, generator=None, out_dtype=None, out=None):
+    t = float(params["t"])
+    return slerp(t, tensors[base_index], tensors[1 - base_index], out_dtype=out_dtype, out=out)
 
 
 # --- the task-vector family -----------------------------------------------------------------
@@ -352,6 +369,7 @@ def task_vector_merge(
     gammas: Sequence[float] | None = None,
     generator: torch.Generator | None = None,
     out_dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """The task-vector core: base + lambda * combine(weight_i * sparsify(model_i - base)).
 
@@ -366,7 +384,7 @@ def task_vector_merge(
     dtype = _compute_dtype(base)
     device = base.device
     n = base.numel()
-    out = torch.empty(n, dtype=out_dtype or dtype, device=device)
+    out = _output(out, n, out_dtype or dtype, device)
     flat_base = _flat(base)
     if not others:
         return out.copy_(flat_base).reshape(base.shape)
@@ -489,6 +507,7 @@ def _task_vector_method(
     per_model,
     generator=None,
     out_dtype=None,
+    out=None,
     *,
     sparsify: str | None,
     consensus: str | None,
@@ -507,6 +526,7 @@ def _task_vector_method(
         gammas=[per_model[i].get("gamma", 0.01) for i in others],
         generator=generator,
         out_dtype=out_dtype,
+        out=out,
     )
 
 
