@@ -12,7 +12,7 @@ lm_head) slice's models. Every value is range-checked here, before any tensor is
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -350,9 +350,3 @@ def _hint_for(problem: str) -> str:
     if "must be" in problem:
         return "fix the value in the recipe's parameters"
     return "fix the recipe's parameters"
-
-
-def iter_task_inputs(plan: MergePlan) -> Iterator[tuple[TensorTask, list[torch.Tensor]]]:
-    """Each task with its input tensors read from the shards (CPU, as stored)."""
-    for task in plan.tasks:
-        yield task, [plan.sources[ref].read(name) for ref, name in task.inputs]
