@@ -9,6 +9,7 @@ import types
 import pytest
 
 from merger import cli
+from tests.helpers import write_mini_suite
 
 
 def run_merge(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -32,24 +33,7 @@ def two_models(make_tiny_mistral):
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli-suite")
-    items = [
-        {
-            "id": "1",
-            "context": "De hoofdstad van Nederland is",
-            "choices": ["Amsterdam", "Utrecht"],
-            "answer": 0,
-        },
-        {
-            "id": "2",
-            "context": "De ACM is de",
-            "choices": ["Autoriteit Consument en Markt", "Algemene Commissie Media"],
-            "answer": 0,
-        },
-    ]
-    (folder / "kennis.jsonl").write_text("\n".join(json.dumps(i) for i in items) + "\n")
-    (folder / "tekst_en.jsonl").write_text(
-        json.dumps({"id": "1", "text": "The market opens at eight."}) + "\n"
-    )
+    write_mini_suite(folder, "tekst_en", "The market opens at eight.")
     return folder
 
 

@@ -5,33 +5,13 @@ from __future__ import annotations
 import pytest
 
 from eval.api import score_path
+from tests.helpers import write_mini_suite
 
 
 @pytest.mark.gpu
 def test_cuda_bf16_scores_agree_with_cpu_float32(make_tiny_mistral, tmp_path):
-    import json
-
     folder = make_tiny_mistral("gpu", seed=7)
-    suite = tmp_path / "suite"
-    suite.mkdir()
-    items = [
-        {
-            "id": "1",
-            "context": "De hoofdstad van Nederland is",
-            "choices": ["Amsterdam", "Utrecht"],
-            "answer": 0,
-        },
-        {
-            "id": "2",
-            "context": "De ACM is de",
-            "choices": ["Autoriteit Consument en Markt", "Algemene Commissie Media"],
-            "answer": 0,
-        },
-    ]
-    (suite / "kennis.jsonl").write_text("\n".join(json.dumps(i) for i in items) + "\n")
-    (suite / "tekst.jsonl").write_text(
-        json.dumps({"id": "1", "text": "Op zaterdag gaat de markt open."}) + "\n"
-    )
+    suite = write_mini_suite(tmp_path / "suite", "tekst", "Op zaterdag gaat de markt open.")
     cpu = score_path(str(folder), str(suite), device="cpu")
     gpu = score_path(str(folder), str(suite), device="cuda")
     assert gpu["device"].startswith("cuda") and gpu["dtype"] == "bfloat16"
