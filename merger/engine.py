@@ -28,7 +28,10 @@ import torch
 from merger.child import check_chat_template
 from merger.console import console
 from merger.errors import KruisingError
-from merger.io import ModelSource, ShardWriter, open_model, parse_size
+from merger.io import ModelSource, ShardWriter, TensorStream, open_model, parse_size
+from merger.kernels import FUSED_METHODS, fused_merge
+from merger.kernels import available as kernels_available
+from merger.kernels import why_not as kernels_why_not
 from merger.plan import MergePlan, TensorTask, build_plan
 from merger.recipe import MergeRecipe, load_recipe
 
@@ -76,12 +79,13 @@ def compute_task(
     task: TensorTask,
     tensors: list[torch.Tensor],
     seed: int = 0,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    out: torch.Tensor | TensorStream | None = None,
+) -> torch.Tensor | None:
     """Merge one tensor on the device its inputs are on; returns it in the output dtype.
 
-    With ``out`` (a flat buffer of the output dtype, e.g. a view of the output shard) the
-    result is computed straight into it.
+    With ``out`` (a flat buffer of the output dtype) the result is computed into it; with a
+    `TensorStream` it is written there (by a fused CPU kernel segment by segment, or copied
+    from the reference method's result) and None is returned.
     """
     if task.in_dtype is not None:
         tensors = [t.to(task.in_dtype) for t in tensors]
@@ -89,20 +93,40 @@ def compute_task(
     if plan.method.name in RANDOM_METHODS:
         generator = torch.Generator(device=tensors[0].device)
         generator.manual_seed(_seed_for(seed, task))
-    merged = plan.method(
-        tensors, task.base_index, task.params, task.per_model, generator, task.out_dtype, out
-    )
-    # fast path: a sum is finite when no element is NaN/Inf (no copy, unlike a float64 sum);
-    # only when it is not, count exactly (a huge but finite sum can overflow on its own)
-    if not bool(torch.isfinite(merged.sum())):
-        bad = int((~torch.isfinite(merged)).sum())
-        if bad:
-            raise KruisingError(
-                f"merged tensor {task.name} has {bad} NaN/Inf values",
-                "check the inputs for NaN/Inf and the parameters (e.g. weights that sum to ~0 "
-                "with normalize, or a huge lambda)",
-            )
-    return merged.to(task.out_dtype)
+    fused = None
+    if generator is None:
+        fused = fused_merge(
+            plan.method.name,
+            tensors,
+            task.base_index,
+            task.params,
+            task.per_model,
+            task.out_dtype,
+            out,
+        )
+    if fused is not None:
+        merged, bad = fused  # the kernel counted NaN/Inf on its way out
+    else:
+        buffer = out if isinstance(out, torch.Tensor) else None
+        merged = plan.method(
+            tensors, task.base_index, task.params, task.per_model, generator, task.out_dtype, buffer
+        )
+        # a sum is finite when no element is NaN/Inf (no copy, unlike a float64 sum); only
+        # when it is not, count exactly (a huge but finite sum can overflow on its own)
+        bad = 0 if bool(torch.isfinite(merged.sum())) else int((~torch.isfinite(merged)).sum())
+    if bad:
+        raise KruisingError(
+            f"merged tensor {task.name} has {bad} NaN/Inf values",
+            "check the inputs for NaN/Inf and the parameters (e.g. weights that sum to ~0 "
+            "with normalize, or a huge lambda)",
+        )
+    if merged is None:
+        return None
+    merged = merged.to(task.out_dtype)
+    if isinstance(out, TensorStream):
+        out.write_all(merged.reshape(-1))
+        return None
+    return merged
 
 
 _DONE = object()
@@ -167,12 +191,13 @@ def stream_merge(
         torch.set_num_threads(1)
 
     def merge_one(task: TensorTask, tensors: list[torch.Tensor]) -> None:
-        direct = writer is not None and device.type == "cpu"
-        out = writer.target(task.name) if direct else None
-        merged = compute_task(plan, task, tensors, seed, out)
+        on_cpu = writer is not None and device.type == "cpu"
+        merged = compute_task(
+            plan, task, tensors, seed, writer.stream(task.name) if on_cpu else None
+        )
         for ref, name in task.inputs:
             plan.sources[ref].release(name)
-        if direct:
+        if on_cpu:
             writer.done(task.name)
         elif writer is not None:
             writer.write(task.name, merged)
@@ -252,8 +277,17 @@ def _describe(plan: MergePlan, device: torch.device) -> str:
     return (
         f"{plan.method.name}: {len(plan.sources)} models, {len(plan.tasks)} tensors, "
         f"{plan.num_layers} layers, {_gb(plan.read_bytes)} to read, {_gb(plan.write_bytes)} "
-        f"to write, device {device}, compute float32, out {'/'.join(out_dtypes)}"
+        f"to write, device {device}{_kernel_note(plan, device)}, compute float32, "
+        f"out {'/'.join(out_dtypes)}"
     )
+
+
+def _kernel_note(plan: MergePlan, device: torch.device) -> str:
+    if device.type != "cpu" or plan.method.name not in FUSED_METHODS:
+        return ""
+    if kernels_available():
+        return " (fused kernels)"
+    return f" (torch kernels: {kernels_why_not()})"
 
 
 def _gb(n: int) -> str:
@@ -343,7 +377,7 @@ def run_recipe(
     started = time.perf_counter()
     try:
         layout = [(t.name, t.out_dtype, t.shape) for t in plan.tasks]
-        writer = ShardWriter(tmp, layout, max_shard)
+        writer = ShardWriter(tmp, layout, max_shard, workers=cpu_workers())
         try:
             stream_merge(plan, torch_device, writer=writer, seed=seed, progress=progress)
         except BaseException:

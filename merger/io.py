@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import queue
 import re
 import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -353,12 +355,109 @@ class _Shard:
         return struct.pack("<Q", len(raw)) + raw
 
 
-class ShardWriter:
-    """Output shards laid out up front (names, dtypes, shapes from the plan), memory-mapped.
+#: O_DIRECT writes go in whole blocks of this many bytes, from buffers aligned to it
+ALIGN = 4096
+#: bytes per staging buffer: a worker computes a tensor segment by segment into these
+SEGMENT_BYTES = 8 << 20
 
-    Each shard file is created at its final size with its header in place; `target(name)`
-    is a view of the tensor's bytes in the mapped file, so a method computes straight into
-    the page cache (no copy, no write order). `finish` flushes and fsyncs every shard.
+
+def _nothing() -> None:
+    pass
+
+
+def _down(offset: int) -> int:
+    return offset - offset % ALIGN
+
+
+def _up(offset: int) -> int:
+    return _down(offset + ALIGN - 1)
+
+
+class _Pool:
+    """Page-aligned staging buffers, reused so their pages stay mapped and warm."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.size = size
+        self._free: list[mmap.mmap] = []
+        self._made = 0
+        self._limit = count
+        self._cond = threading.Condition()
+
+    def acquire(self, failed: threading.Event) -> mmap.mmap:
+        with self._cond:
+            while not self._free and self._made >= self._limit:
+                if failed.is_set():
+                    raise OSError("the shard writer stopped")
+                self._cond.wait(0.1)
+            if self._free:
+                return self._free.pop()
+            self._made += 1
+        return mmap.mmap(-1, self.size)
+
+    def release(self, buffer: mmap.mmap) -> None:
+        with self._cond:
+            self._free.append(buffer)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            for buffer in self._free:
+                try:
+                    buffer.close()
+                except BufferError:  # a caller still holds a view; freed with it
+                    pass
+            self._free.clear()
+
+
+class _DirectShard:
+    """One shard file written with O_DIRECT: no page cache to fill, nothing left to flush.
+
+    Whole aligned blocks go straight from a staging buffer to the file; the bytes of a block
+    that several tensors (or the header) share are gathered in `partial` until the block is
+    complete. The last block is written whole and the file truncated to its size at the end.
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
+        self.size = size
+        self.partial: dict[int, list] = {}  # block offset -> [aligned buffer, bytes in it]
+        self.lock = threading.Lock()
+
+    def gather(self, offset: int, data: memoryview) -> list[tuple[int, mmap.mmap]]:
+        """Add bytes at ``offset`` (within blocks); return the blocks that are now complete."""
+        complete = []
+        with self.lock:
+            while len(data):
+                block = _down(offset)
+                take = min(len(data), block + ALIGN - offset)
+                entry = self.partial.get(block)
+                if entry is None:
+                    entry = self.partial[block] = [mmap.mmap(-1, ALIGN), 0]
+                entry[0][offset - block : offset - block + take] = data[:take]
+                entry[1] += take
+                if entry[1] == min(ALIGN, self.size - block):
+                    complete.append((block, self.partial.pop(block)[0]))
+                offset += take
+                data = data[take:]
+        return complete
+
+
+class ShardWriter:
+    """Output shards laid out up front (names, dtypes, shapes from the plan).
+
+    A tensor is produced through `stream(name)`: the merge computes it segment by segment
+    into the views the stream hands out, and each finished segment is written while the next
+    is computed. Two ways to the disk:
+
+    - direct (where the file system takes O_DIRECT and all tensors share one element size):
+      segments are staged in a few reused, aligned buffers and a writer thread writes them
+      with O_DIRECT. The child does not pass through the page cache, so a merge costs no
+      page-cache allocation and no final flush, and its memory stays a few staging buffers.
+    - mapped (elsewhere): each shard is created at its final size and memory-mapped; the one
+      segment a stream hands out is the tensor's bytes in the mapped file.
+
+    `finish` writes what is left, fsyncs every shard and writes the index.
     """
 
     def __init__(
@@ -366,8 +465,12 @@ class ShardWriter:
         folder: Path,
         layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
         max_shard_bytes: int,
+        *,
+        workers: int = 1,
+        direct: bool | None = None,
     ) -> None:
         self.folder = folder
+        self._workers = max(1, workers)
         self.shards: list[_Shard] = []
         current: list[tuple[str, torch.dtype, tuple[int, ...], int, int]] = []
         offset = 0
@@ -382,58 +485,171 @@ class ShardWriter:
             self.shards.append(_Shard("", current))
         n = len(self.shards)
         self._where: dict[str, tuple[int, torch.dtype, tuple[int, ...], int, int]] = {}
-        self._maps: list[mmap.mmap | None] = []
         self._written: set[str] = set()
+        headers = []
         for i, shard in enumerate(self.shards):
             shard.file_name = (
                 "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             )
             header = shard.header_bytes()
+            headers.append(header)
+            for name, dtype, shape, begin, end in shard.entries:
+                self._where[name] = (i, dtype, shape, len(header) + begin, len(header) + end)
+        self.total_bytes = sum(e[4] - e[3] for s in self.shards for e in s.entries)
+        sizes = {torch.empty((), dtype=d).element_size() for _, d, _ in layout}
+        if direct is None:
+            direct = os.environ.get("KRUISING_DIRECT_IO", "1").lower() not in ("0", "off", "no")
+        self.direct = direct and hasattr(os, "O_DIRECT") and len(sizes) <= 1
+        self._maps: list[mmap.mmap | None] = []
+        self._files: list[_DirectShard] = []
+        if self.direct:
+            try:
+                self._open_direct(headers)
+            except OSError:  # e.g. tmpfs: no O_DIRECT
+                for shard in self._files:
+                    os.close(shard.fd)
+                self._files = []
+                self.direct = False
+        if not self.direct:
+            self._open_mapped(headers)
+
+    # --- the two ways to the disk -------------------------------------------------------
+
+    def _open_direct(self, headers: list[bytes]) -> None:
+        for shard, header in zip(self.shards, headers, strict=True):
             size = len(header) + (shard.entries[-1][4] if shard.entries else 0)
-            with open(folder / shard.file_name, "wb+") as f:
+            self._files.append(_DirectShard(self.folder / shard.file_name, size))
+        self._pool = _Pool(count=2 * self._workers + 2, size=SEGMENT_BYTES)
+        self._queue: queue.Queue = queue.Queue()
+        self._failed = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write_loop, daemon=True, name="writer")
+        self._thread.start()
+        for index, header in enumerate(headers):
+            self._blocks(index, self._files[index].gather(0, memoryview(header)))
+
+    def _open_mapped(self, headers: list[bytes]) -> None:
+        for shard, header in zip(self.shards, headers, strict=True):
+            size = len(header) + (shard.entries[-1][4] if shard.entries else 0)
+            with open(self.folder / shard.file_name, "wb+") as f:
                 f.write(header)
                 f.truncate(size)
                 f.flush()
                 mapped = mmap.mmap(f.fileno(), size) if size > len(header) else None
             self._maps.append(mapped)
-            for name, dtype, shape, begin, end in shard.entries:
-                self._where[name] = (i, dtype, shape, len(header) + begin, len(header) + end)
-        self.total_bytes = sum(e[4] - e[3] for s in self.shards for e in s.entries)
 
-    def target(self, name: str) -> torch.Tensor:
-        """The flat CPU view of tensor ``name``'s bytes in its shard, to compute into."""
-        index, dtype, shape, begin, end = self._where[name]
-        raw = torch.frombuffer(
-            self._maps[index], dtype=torch.uint8, count=end - begin, offset=begin
-        )
-        return raw.view(dtype)
+    def _write_loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            fd, view, offset, done = job
+            try:
+                if not self._failed.is_set():
+                    written = os.pwrite(fd, view, offset)
+                    if written != len(view):
+                        raise OSError(f"short write: {written} of {len(view)} bytes")
+            except BaseException as exc:  # raised again in the merging threads
+                self._error = exc
+                self._failed.set()
+            finally:
+                view.release()
+                done()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _blocks(self, index: int, blocks: list[tuple[int, mmap.mmap]]) -> None:
+        fd = self._files[index].fd
+        for offset, buffer in blocks:
+            self._queue.put((fd, memoryview(buffer), offset, _nothing))
+
+    # --- producing tensors --------------------------------------------------------------
+
+    def stream(self, name: str) -> TensorStream:
+        """Where tensor ``name`` goes: segments to compute into (see `TensorStream`)."""
+        return TensorStream(self, name)
+
+    def _segments(self, name: str):
+        index, dtype, _, begin, end = self._where[name]
+        size = torch.empty((), dtype=dtype).element_size()
+        if end == begin:
+            return
+        if not self.direct:
+            raw = torch.frombuffer(
+                self._maps[index], dtype=torch.uint8, count=end - begin, offset=begin
+            )
+            yield 0, (end - begin) // size, raw.view(dtype)
+            return
+        shard = self._files[index]
+        a = begin
+        while a < end:
+            self._check()
+            b = min(end, _down(a) + SEGMENT_BYTES)
+            buffer = self._pool.acquire(self._failed)
+            lead = a - _down(a)
+            raw = torch.frombuffer(buffer, dtype=torch.uint8, count=b - a, offset=lead)
+            try:
+                yield (a - begin) // size, (b - begin) // size, raw.view(dtype)
+            except BaseException:
+                del raw
+                self._pool.release(buffer)
+                raise
+            del raw
+            view = memoryview(buffer)
+            # the shared first and last blocks are copied out before the buffer can go back
+            complete = shard.gather(a, view[lead : lead + min(b, _up(a)) - a])
+            if b % ALIGN and _down(b) >= _up(a):
+                tail = _down(b)
+                complete += shard.gather(tail, view[tail - _down(a) : b - _down(a)])
+            inner_start, inner_end = _up(a), _down(b)
+            if inner_end > inner_start:
+                inner = view[inner_start - _down(a) : inner_end - _down(a)]
+                self._queue.put((shard.fd, inner, inner_start, partial(self._pool.release, buffer)))
+            else:
+                self._pool.release(buffer)
+            del view
+            self._blocks(index, complete)
+            a = b
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Store a tensor computed elsewhere (e.g. on a GPU); it must match the layout."""
-        index, dtype, shape, begin, end = self._where[name]
+        _, dtype, shape, _, _ = self._where[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise RuntimeError(
                 f"writer expected {name} {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}"
             )
-        if end > begin:
-            self.target(name).copy_(tensor.detach().reshape(-1))
+        self.stream(name).write_all(tensor)
         self.done(name)
 
     def done(self, name: str) -> None:
-        """Mark ``name`` complete and let its pages leave this process (they stay cached)."""
+        """Mark ``name`` complete (mapped: its pages leave this process; they stay cached)."""
         index, _, _, begin, end = self._where[name]
         self._written.add(name)
-        mapped = self._maps[index]
+        mapped = self._maps[index] if self._maps else None
         if mapped is not None and end > begin:
             start = begin - begin % mmap.PAGESIZE
             mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def finish(self) -> None:
-        """Flush and fsync every shard; write the index (when there is more than one)."""
+        """Write what is left, fsync every shard; write the index (for more than one)."""
         missing = [name for name in self._where if name not in self._written]
         if missing:
             raise RuntimeError(f"writer finished before {missing[0]}")
-        for shard, mapped in zip(self.shards, self._maps, strict=True):
+        if self.direct:
+            self._queue.put(None)
+            self._thread.join()
+            self._check()
+            for shard in self._files:
+                if shard.partial:
+                    raise RuntimeError(f"{len(shard.partial)} output blocks never completed")
+                os.ftruncate(shard.fd, shard.size)
+                os.fsync(shard.fd)
+                os.close(shard.fd)
+            self._files = []
+            self._pool.close()
+        for shard, mapped in zip(self.shards, self._maps, strict=False):
             if mapped is not None:
                 mapped.flush()
                 try:
@@ -442,7 +658,7 @@ class ShardWriter:
                     pass
             with open(self.folder / shard.file_name, "rb+") as f:
                 os.fsync(f.fileno())
-        self._maps = [None] * len(self.shards)
+        self._maps = [None] * len(self._maps)
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": self.total_bytes},
@@ -453,10 +669,38 @@ class ShardWriter:
             )
 
     def abort(self) -> None:
+        if self.direct and self._files:
+            self._failed.set()
+            self._queue.put(None)
+            self._thread.join()
+            for shard in self._files:
+                os.close(shard.fd)
+            self._files = []
+            self._pool.close()
         for mapped in self._maps:
             if mapped is not None:
                 try:
                     mapped.close()
                 except BufferError:
                     pass
-        self._maps = [None] * len(self.shards)
+        self._maps = [None] * len(self._maps)
+
+
+class TensorStream:
+    """The output of one tensor: `segments()` yields ``(start, end, view)`` element ranges
+    and flat views to fill, in order; a segment is written once the next is asked for (or
+    the iteration ends). `write_all` copies a finished tensor through the same path."""
+
+    def __init__(self, writer: ShardWriter, name: str) -> None:
+        self.writer = writer
+        self.name = name
+        _, self.dtype, self.shape, begin, end = writer._where[name]
+        self.numel = _numel(self.shape)
+
+    def segments(self):
+        return self.writer._segments(self.name)
+
+    def write_all(self, tensor: torch.Tensor) -> None:
+        flat = tensor.detach().reshape(-1)
+        for start, end, view in self.segments():
+            view.copy_(flat[start:end])

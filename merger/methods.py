@@ -212,17 +212,7 @@ def slerp(
         sums[0] += torch.dot(x, x)
         sums[1] += torch.dot(y, y)
         sums[2] += torch.dot(x, y)
-    norm_a, norm_b, dot = (float(v) for v in sums.cpu())
-    norm_a = math.sqrt(norm_a) if math.sqrt(norm_a) > eps else 1.0
-    norm_b = math.sqrt(norm_b) if math.sqrt(norm_b) > eps else 1.0
-    cos = max(-1.0, min(1.0, dot / (norm_a * norm_b)))
-    if abs(cos) > dot_threshold:
-        coef_a, coef_b = 1 - t, t
-    else:
-        theta = math.acos(cos)
-        sin_theta = math.sin(theta)
-        coef_a = math.sin((1 - t) * theta) / sin_theta
-        coef_b = math.sin(t * theta) / sin_theta
+    coef_a, coef_b = slerp_coefficients(t, *(float(v) for v in sums.cpu()), dot_threshold, eps)
     out = _output(out, n, out_dtype, v0.device)
     for start, end in blocks:
         x, y = xa[: end - start], xb[: end - start]
@@ -231,6 +221,25 @@ def slerp(
         x.mul_(coef_a).add_(y, alpha=coef_b)
         out[start:end].copy_(x)
     return out.reshape(v0.shape)
+
+
+def slerp_coefficients(
+    t: float,
+    norm2_a: float,
+    norm2_b: float,
+    dot: float,
+    dot_threshold: float = 0.9995,
+    eps: float = 1e-8,
+) -> tuple[float, float]:
+    """The weights of v0 and v1 in slerp, from |v0|^2, |v1|^2 and v0.v1."""
+    norm_a = math.sqrt(norm2_a) if math.sqrt(norm2_a) > eps else 1.0
+    norm_b = math.sqrt(norm2_b) if math.sqrt(norm2_b) > eps else 1.0
+    cos = max(-1.0, min(1.0, dot / (norm_a * norm_b)))
+    if abs(cos) > dot_threshold:
+        return 1 - t, t
+    theta = math.acos(cos)
+    sin_theta = math.sin(theta)
+    return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
 
 
 def _slerp_method(tensors, base_index, params, per_model, generator=None, out_dtype=None, out=None):
@@ -472,9 +481,6 @@ def task_vector_merge(
                 scales[i] = b_sum / a_sum
 
     weight = torch.tensor(list(weights), dtype=dtype, device=device).reshape(-1, 1)
-    plain_divisor = float(sum(weights))
-    if abs(plain_divisor) < 1e-8:
-        plain_divisor = 1.0
     for start, end in blocks:
         b, d = load(start, end)
         trimmed(d, start, end)
@@ -482,22 +488,43 @@ def task_vector_merge(
             if scale != 1.0:
                 d[i].mul_(scale)
         d.mul_(weight)
-        if consensus:
-            agree = sign_consensus(d, consensus)
-            mixed = (d * agree).sum(dim=0)
-            if normalize:
-                divisor = (weight * agree).sum(dim=0)
-                divisor += divisor == 0  # no agreeing model: divide by 1
-                mixed.div_(divisor)
-        else:
-            mixed = d.sum(dim=0)
-            if normalize:
-                mixed.div_(plain_divisor)
-        if lambda_ != 1:
-            mixed.mul_(lambda_)
-        mixed.add_(b)
-        out[start:end].copy_(mixed)
+        out[start:end].copy_(combine_task_vectors(b, d, weight, consensus, normalize, lambda_))
     return out.reshape(base.shape)
+
+
+def task_vector_divisor(weights: Sequence[float]) -> float:
+    """What ``normalize`` divides by without a sign consensus: the summed weights (or 1)."""
+    total = float(sum(weights))
+    return 1.0 if abs(total) < 1e-8 else total
+
+
+def combine_task_vectors(
+    base: Tensor,
+    weighted: Tensor,
+    weight: Tensor,
+    consensus: str | None,
+    normalize: bool,
+    lambda_: float,
+) -> Tensor:
+    """base + lambda * mix of the trimmed, weighted task vectors (``weighted``: models x n).
+
+    With ``consensus`` only entries agreeing with the elected sign are mixed (TIES disjoint
+    mean); ``normalize`` divides by the weights that contributed. ``weighted`` is consumed.
+    """
+    if consensus:
+        agree = sign_consensus(weighted, consensus)
+        mixed = (weighted * agree).sum(dim=0)
+        if normalize:
+            divisor = (weight * agree).sum(dim=0)
+            divisor += divisor == 0  # no agreeing model: divide by 1
+            mixed.div_(divisor)
+    else:
+        mixed = weighted.sum(dim=0)
+        if normalize:
+            mixed.div_(task_vector_divisor(weight.reshape(-1).tolist()))
+    if lambda_ != 1:
+        mixed.mul_(lambda_)
+    return mixed.add_(base)
 
 
 def _task_vector_method(

@@ -154,11 +154,29 @@ def parents(make_tiny_mistral):
     }
 
 
+@pytest.fixture(scope="session")
+def mergekit_children(parents, mergekit_run, tmp_path_factory):
+    """mergekit's child per recipe name, merged once for both of our code paths."""
+    done: dict[str, Path] = {}
+
+    def child(name: str) -> Path:
+        if name not in done:
+            text = RECIPES[name].format(**{k: str(v) for k, v in parents.items()})
+            done[name] = mergekit_run(text, tmp_path_factory.mktemp("mergekit") / name)
+        return done[name]
+
+    return child
+
+
+@pytest.mark.parametrize("path", ["fused", "torch"])
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_tensors_match_mergekit(name, parents, mergekit_run, tmp_path):
+def test_tensors_match_mergekit(name, path, parents, mergekit_children, tmp_path, monkeypatch):
+    """Both CPU code paths: the fused kernels and the torch reference (GPU, other dtypes)."""
+    if path == "torch":
+        monkeypatch.setattr("merger.engine.fused_merge", lambda *args, **kwargs: None)
     text = RECIPES[name].format(**{k: str(v) for k, v in parents.items()})
     ours = run_recipe(parse_recipe(text), tmp_path / "ours", recipe_text=text, device="cpu")
-    theirs = mergekit_run(text, tmp_path / "theirs")
+    theirs = mergekit_children(name)
     mine, ref = load_tensors(ours), load_tensors(theirs)
     assert sorted(mine) == sorted(ref)
     for tensor_name, expected in ref.items():

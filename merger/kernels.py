@@ -1,0 +1,330 @@
+"""Fused CPU kernels for the common methods, built from ``kernels.c`` at first use.
+
+`fused_merge` merges one tensor of linear, slerp, task_arithmetic or ties straight from the
+memory-mapped inputs into the output buffer in one pass per method step, and returns how
+many merged values are NaN/Inf (so the engine needs no extra pass to check). It returns None
+when it does not apply — another method, a GPU tensor, an unsupported dtype, or no C compiler
+— and the engine then runs the torch reference in `methods.py`, which defines the semantics;
+tests hold the two to the same results.
+
+The library is compiled once per source, compiler and CPU into the user's cache
+(``$KRUISING_CACHE`` or ``~/.cache/kruising``), written under a temporary name and renamed,
+so concurrent first runs are safe. ``KRUISING_KERNELS=off`` forces the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merger import methods
+
+SOURCE = Path(__file__).with_name("kernels.c")
+MAX_MODELS = 16
+#: the methods with a fused kernel (others, and DARE's rescale, run the torch reference)
+FUSED_METHODS = ("linear", "slerp", "task_arithmetic", "ties")
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_lock = threading.Lock()
+_lib: Any = None
+_tried = False
+_why_not = ""
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("KRUISING_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "kruising"
+    )
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compile(compiler: str, target: Path) -> None:
+    base = [compiler, "-O3", "-fno-strict-aliasing", "-shared", "-fPIC", "-std=c11"]
+    attempts = [
+        ["-march=native", "-DKR_HAVE_F16"],
+        ["-DKR_HAVE_F16"],
+        [],
+    ]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for extra in attempts:
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        result = subprocess.run(
+            [*base, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True
+        )
+        if result.returncode == 0:
+            os.replace(tmp, target)
+            return
+        os.unlink(tmp)
+        errors.append(result.stderr.strip().splitlines()[-1:] or ["?"])
+    raise OSError(f"{compiler} failed: {errors[-1][0]}")
+
+
+def _load() -> Any:
+    """The compiled library, or None (then `why_not()` says why)."""
+    global _lib, _tried, _why_not
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        try:
+            _lib = _build_and_open()
+        except (OSError, subprocess.SubprocessError) as exc:
+            _why_not = str(exc)
+            _lib = None
+        _tried = True
+    return _lib
+
+
+def _build_and_open() -> Any:
+    if os.environ.get("KRUISING_KERNELS", "").lower() in ("0", "off", "torch", "no"):
+        raise OSError("KRUISING_KERNELS=off")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc/gcc) on PATH")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + version.encode() + _cpu_signature().encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"kruising-kernels-{key}.so"
+    if not target.is_file():
+        _compile(compiler, target)
+    lib = ctypes.CDLL(str(target))
+    i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    lib.kr_has_f16.restype = i32
+    lib.kr_linear.restype = i64
+    lib.kr_linear.argtypes = [i64, i32, ptr, i32, ptr, f32, ptr, i32]
+    lib.kr_dots.restype = None
+    lib.kr_dots.argtypes = [i64, ptr, ptr, i32, ptr]
+    lib.kr_tv_histogram.restype = None
+    lib.kr_tv_histogram.argtypes = [i64, i32, ptr, ptr, i32, ptr, ptr]
+    lib.kr_tv_merge.restype = i64
+    lib.kr_tv_merge.argtypes = [
+        i64, i32, ptr, ptr, i32, ptr, ptr, ptr, ptr, i32, i32, f32, f32, ptr, i32
+    ]  # fmt: skip
+    return lib
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def why_not() -> str:
+    """Why the fused kernels are not in use ('' when they are)."""
+    _load()
+    return _why_not
+
+
+def _code(dtype: torch.dtype, lib: Any) -> int | None:
+    code = _CODES.get(dtype)
+    if code == 2 and not lib.kr_has_f16():
+        return None
+    return code
+
+
+def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+def _floats(values: Sequence[float]) -> ctypes.Array:
+    return (ctypes.c_float * len(values))(*values)
+
+
+def fused_merge(
+    method: str,
+    tensors: Sequence[torch.Tensor],
+    base_index: int | None,
+    params: dict[str, Any],
+    per_model: Sequence[dict[str, Any]],
+    out_dtype: torch.dtype,
+    out: torch.Tensor | Any | None = None,
+) -> tuple[torch.Tensor | None, int] | None:
+    """Merge one tensor with a fused kernel: (result, non-finite count), or None.
+
+    ``out`` is a flat tensor of ``out_dtype`` to fill, or an output stream (anything with
+    ``segments()`` yielding ``(start, end, view)`` in order, as `merger.io.TensorStream`):
+    then the result goes there segment by segment and None is returned in its place.
+    """
+    if method not in FUSED_METHODS:
+        return None
+    first = tensors[0]
+    if first.device.type != "cpu" or len(tensors) > MAX_MODELS + 1:
+        return None
+    if any(t.dtype != first.dtype or not t.is_contiguous() for t in tensors):
+        return None
+    if any(t.shape != first.shape for t in tensors[1:]):
+        return None  # the reference path reports it
+    lib = _load()
+    if lib is None:
+        return None
+    in_code, out_code = _code(first.dtype, lib), _code(out_dtype, lib)
+    if in_code is None or out_code is None:
+        return None
+    n = first.numel()
+    result = None
+    if out is None:
+        result = torch.empty(n, dtype=out_dtype)
+    elif isinstance(out, torch.Tensor):
+        if out.numel() != n or out.dtype != out_dtype or not out.is_contiguous():
+            return None
+        result = out.reshape(-1)
+    if result is not None:
+        segments = [(0, n, result)]
+    elif getattr(out, "dtype", None) == out_dtype and getattr(out, "numel", None) == n:
+        segments = out.segments()
+    else:
+        return None
+    flats = [t.reshape(-1) for t in tensors]
+    if method == "linear":
+        weights = [float(p["weight"]) for p in per_model]
+        total = sum(weights)
+        if params["normalize"] and total == 0:
+            return None  # the reference raises the error
+        divisor = total if params["normalize"] else 0.0
+        bad = _linear(lib, flats, weights, divisor, in_code, segments, out_code)
+    elif method == "slerp":
+        if params.get("t") is None:
+            return None
+        bad = _slerp(lib, flats, base_index, float(params["t"]), in_code, segments, out_code)
+    else:
+        if params.get("rescale"):
+            return None
+        bad = _task_vectors(
+            lib, method, flats, base_index, params, per_model, in_code, segments, out_code
+        )
+    return (None if result is None else result.reshape(first.shape)), bad
+
+
+def _at(tensors: Sequence[torch.Tensor], start: int, end: int) -> ctypes.Array:
+    return _pointers([t[start:end] for t in tensors])
+
+
+def _linear(lib, flats, weights, divisor, in_code, segments, out_code) -> int:
+    bad = 0
+    w = _floats(weights)
+    for start, end, view in segments:
+        bad += lib.kr_linear(
+            end - start,
+            len(flats),
+            _at(flats, start, end),
+            in_code,
+            w,
+            divisor,
+            view.data_ptr(),
+            out_code,
+        )
+    return bad
+
+
+def _slerp(lib, flats, base_index, t, in_code, segments, out_code) -> int:
+    v0, v1 = flats[base_index], flats[1 - base_index]
+    if t in (0, 1):  # a copy of one end (no 0 * x: that would turn an Inf into NaN)
+        return _linear(lib, [v0 if t == 0 else v1], [1.0], 0.0, in_code, segments, out_code)
+    sums = (ctypes.c_double * 3)()
+    lib.kr_dots(v0.numel(), v0.data_ptr(), v1.data_ptr(), in_code, sums)
+    coefficients = methods.slerp_coefficients(t, sums[0], sums[1], sums[2])
+    return _linear(lib, [v0, v1], coefficients, 0.0, in_code, segments, out_code)
+
+
+def _task_vectors(lib, method, flats, base_index, params, per_model, in_code, segments, out_code):
+    others = [i for i in range(len(flats)) if i != base_index]
+    base = flats[base_index]
+    inputs = [flats[i] for i in others]
+    weights = [float(per_model[i]["weight"]) for i in others]
+    n = base.numel()
+    k = len(inputs)
+    trim = [0] * k
+    thresholds = [0] * k
+    quotas = [0] * k
+    if method == "ties":
+        densities = [float(per_model[i].get("density", 1.0)) for i in others]
+        for j in range(k):
+            if densities[j] <= 0:
+                trim[j], thresholds[j] = 1, 0xFFFFFFFF  # nothing is above it: keep nothing
+            elif densities[j] < 1:
+                trim[j] = 1
+        selected = [j for j in range(k) if trim[j] and densities[j] > 0]
+        if selected:
+            keep = {j: max(1, int(densities[j] * n)) for j in selected}
+            high = _histograms(lib, base, inputs, in_code, selected, 1 << 15, [-1] * k)
+            edges = [-1] * k
+            above = {}
+            for j in selected:
+                edges[j], above[j] = _kth_from_top(high[j], keep[j])
+            low = _histograms(lib, base, inputs, in_code, selected, 1 << 16, edges)
+            for j in selected:
+                value, strictly_above = _kth_from_top(low[j], keep[j] - above[j])
+                thresholds[j] = (edges[j] << 16) | value
+                quotas[j] = keep[j] - above[j] - strictly_above
+    consensus = method == "ties"
+    arguments = (
+        _floats(weights),
+        (ctypes.c_uint8 * k)(*trim),
+        (ctypes.c_uint32 * k)(*thresholds),
+        (ctypes.c_int64 * k)(*quotas),  # ties at the threshold still to keep, carried along
+        int(consensus),
+        int(bool(params["normalize"])),
+        methods.task_vector_divisor(weights),
+        float(params["lambda"]),
+    )
+    bad = 0
+    for start, end, view in segments:
+        bad += lib.kr_tv_merge(
+            end - start,
+            k,
+            base[start:end].data_ptr(),
+            _at(inputs, start, end),
+            in_code,
+            *arguments,
+            view.data_ptr(),
+            out_code,
+        )
+    return bad
+
+
+def _histograms(lib, base, inputs, in_code, selected, bins, edges) -> dict[int, torch.Tensor]:
+    counts = {j: torch.zeros(bins, dtype=torch.int32) for j in selected}
+    tables = (ctypes.c_void_p * len(inputs))(
+        *(counts[j].data_ptr() if j in counts else None for j in range(len(inputs)))
+    )
+    lib.kr_tv_histogram(
+        base.numel(),
+        len(inputs),
+        base.data_ptr(),
+        _pointers(inputs),
+        in_code,
+        tables,
+        (ctypes.c_int32 * len(inputs))(*edges),
+    )
+    return counts
+
+
+def _kth_from_top(counts: torch.Tensor, kth: int) -> tuple[int, int]:
+    """The bin holding the ``kth`` largest key, and how many keys lie above that bin."""
+    from_top = counts.flip(0).to(torch.int64).cumsum(0)
+    position = int(torch.searchsorted(from_top, kth))
+    bucket = counts.numel() - 1 - position
+    return bucket, int(from_top[position]) - int(counts[bucket])
