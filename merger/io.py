@@ -17,6 +17,7 @@ import os
 import queue
 import re
 import struct
+import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -171,10 +172,15 @@ class ModelSource:
         return raw.view(info.dtype).reshape(info.shape)
 
     def prefetch(self, name: str) -> None:
-        """Fault the tensor's pages in now (from a reader thread, ahead of the math)."""
-        if name in self._pickled or not self.tensors[name].nbytes:
+        """Map the tensor's pages now (from a reader thread, ahead of the math): one
+        MADV_POPULATE_READ where the kernel has it (5.14+), else a touch of every page."""
+        info = self.tensors.get(name)
+        if name in self._pickled or info is None or not info.nbytes:
             return
         raw = self.read(name).reshape(-1).view(torch.uint8)
+        mapping = self._maps.get(info.file)
+        if mapping is not None and _populate_read(mapping, info.begin, info.end):
+            return
         raw[:: mmap.PAGESIZE].sum()
 
     def release(self, name: str) -> None:
@@ -335,6 +341,23 @@ def parse_size(text: str) -> int:
     scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
     scale.update({"KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40})
     return int(number * scale[unit])
+
+
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
+_populate_works = True
+
+
+def _populate_read(mapping: mmap.mmap, begin: int, end: int) -> bool:
+    global _populate_works
+    if not _populate_works or _POPULATE_READ is None:
+        return False
+    start = begin - begin % mmap.PAGESIZE
+    try:
+        mapping.madvise(_POPULATE_READ, start, end - start)
+        return True
+    except OSError:  # an older kernel: EINVAL
+        _populate_works = False
+        return False
 
 
 @dataclass
