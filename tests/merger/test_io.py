@@ -91,3 +91,20 @@ def test_a_failed_write_reaches_the_merging_thread(tmp_path, monkeypatch):
         writer.write("big", tensors["big"])
         writer.finish()
     writer.abort()
+
+
+def test_no_o_direct_falls_back_to_the_mapped_way(tmp_path, monkeypatch):
+    real_open = io.os.open
+
+    def no_direct(path, flags, *args):
+        if flags & io.os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(io.os, "open", no_direct)
+    tensors = _layout(torch.bfloat16)
+    writer = _write(tmp_path / "out", tensors, direct=True)
+    assert not writer.direct
+    assert torch.equal(
+        load_file(tmp_path / "out" / "model.safetensors")["c.weight"], tensors["c.weight"]
+    )
