@@ -74,6 +74,9 @@ def _seed_for(seed: int, task: TensorTask) -> int:
     return (seed * 1_000_003 + zlib.crc32(task.name.encode())) % (2**63)
 
 
+_HALF_OR_SINGLE = (torch.bfloat16, torch.float16, torch.float32)
+
+
 def compute_task(
     plan: MergePlan,
     task: TensorTask,
@@ -87,7 +90,10 @@ def compute_task(
     `TensorStream` it is written there (by a fused CPU kernel segment by segment, or copied
     from the reference method's result) and None is returned.
     """
-    if task.in_dtype is not None:
+    if task.in_dtype is not None and not (
+        # methods compute in float32 anyway: widening half floats first would only copy
+        task.in_dtype == torch.float32 and all(t.dtype in _HALF_OR_SINGLE for t in tensors)
+    ):
         tensors = [t.to(task.in_dtype) for t in tensors]
     generator = None
     if plan.method.name in RANDOM_METHODS:
