@@ -189,7 +189,7 @@ int64_t kr_tv_merge(int64_t n, int k, const void *base, const void *const *src, 
                     int64_t *quota, int consensus, int normalize, float divisor, float lambda,
                     void *dst, int out_dtype)
 {
-    float b[CHUNK], x[CHUNK], mixed[CHUNK], total[CHUNK], wsum[CHUNK], keep[CHUNK];
+    float b[CHUNK], x[CHUNK], mixed[CHUNK], total[CHUNK], wsum[CHUNK];
     float d[MAX_MODELS][CHUNK];
     int64_t bad = 0;
     for (int64_t off = 0; off < n; off += CHUNK) {
@@ -207,25 +207,24 @@ int64_t kr_tv_merge(int64_t n, int k, const void *base, const void *const *src, 
             const uint32_t edge = threshold[j];
             int64_t equal = 0;
             for (int64_t i = 0; i < m; i++) {
-                dj[i] = x[i] - b[i];
+                float delta = x[i] - b[i];
                 uint32_t u;
-                memcpy(&u, &dj[i], sizeof(u));
+                memcpy(&u, &delta, sizeof(u));
                 u &= 0x7fffffffu;
-                keep[i] = u > edge ? 1.0f : 0.0f;
+                dj[i] = (delta * (u > edge ? 1.0f : 0.0f)) * wj;
                 equal += u == edge;
             }
             if (equal && quota[j] > 0) { /* ties at the threshold: the first ones, in order */
                 for (int64_t i = 0; i < m && quota[j] > 0; i++) {
+                    float delta = x[i] - b[i];
                     uint32_t u;
-                    memcpy(&u, &dj[i], sizeof(u));
+                    memcpy(&u, &delta, sizeof(u));
                     if ((u & 0x7fffffffu) == edge) {
-                        keep[i] = 1.0f;
+                        dj[i] = (delta * 1.0f) * wj;
                         quota[j]--;
                     }
                 }
             }
-            for (int64_t i = 0; i < m; i++)
-                dj[i] = (dj[i] * keep[i]) * wj;
         }
         if (consensus) {
             for (int64_t i = 0; i < m; i++)
