@@ -78,26 +78,131 @@ def test_batched_loglikelihood_equals_unbatched_transformers(tiny, batch_size):
         assert result.tokens == len(cont)
 
 
-@pytest.mark.parametrize("path", ["rows", "full-forward"])
-def test_paths_without_the_kv_cache_give_the_same_numbers(tiny, monkeypatch, path):
+LAYOUTS = ["packed", "shared", "rows", "full-forward"]
+
+
+def use_layout(monkeypatch, layout: str) -> dict:
+    """Force one of the four layouts; returns the keyword arguments for loglikelihoods."""
+    if layout == "shared":
+        monkeypatch.setattr(scoring, "_packs", lambda model, longest: False)
+    if layout == "full-forward":
+        monkeypatch.setattr(scoring, "_decoder_and_head", lambda m: (None, None))
+    return {"share_prompts": layout in ("packed", "shared")}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_every_layout_equals_unbatched_transformers(tiny, monkeypatch, layout, batch_size):
     model, tokenizer = tiny
     requests = make_requests(tokenizer)
-    shared = loglikelihoods(model, requests, batch_size=4)
-    if path == "full-forward":
-        monkeypatch.setattr(scoring, "_decoder_and_head", lambda m: (None, None))
-    rows = loglikelihoods(model, requests, batch_size=4, share_prompts=False)
-    for a, b in zip(shared, rows, strict=True):
-        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
-        assert (a.greedy, a.tokens) == (b.greedy, b.tokens)
+    kwargs = use_layout(monkeypatch, layout)
+    plan = scoring.plan_loglikelihoods(model, requests, batch_size=batch_size, **kwargs)
+    assert plan.kind == layout.removesuffix("-forward")
+    got = scoring.run_plan(model, plan)
+    for (ctx, cont), result in zip(requests, got, strict=True):
+        want, greedy = reference(model, ctx, cont)
+        assert result.logprob == pytest.approx(want, abs=1e-4)
+        assert result.greedy == greedy
+        assert result.tokens == len(cont)
 
 
-def test_each_distinct_context_is_read_once_per_batch(tiny, monkeypatch):
+def test_packed_rows_with_eager_attention_equal_unbatched_transformers(make_tiny_mistral, tiny):
+    from transformers import AutoModelForCausalLM
+
+    _, tokenizer = tiny
+    model = AutoModelForCausalLM.from_pretrained(
+        make_tiny_mistral("scoring", seed=3), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    requests = make_requests(tokenizer)
+    assert scoring.plan_loglikelihoods(model, requests).kind == "packed"
+    for (ctx, cont), result in zip(requests, loglikelihoods(model, requests), strict=True):
+        want, greedy = reference(model, ctx, cont)
+        assert result.logprob == pytest.approx(want, abs=1e-4)
+        assert result.greedy == greedy
+
+
+def test_a_request_longer_than_the_sliding_window_is_not_packed(tiny, monkeypatch):
+    model, tokenizer = tiny
+    requests = make_requests(tokenizer)
+    longest = max(len(c) + len(x) - 1 for c, x in requests)
+    monkeypatch.setattr(model.config, "sliding_window", longest - 1)
+    assert scoring.plan_loglikelihoods(model, requests).kind == "shared"
+
+
+def test_a_plan_runs_on_every_model_of_one_architecture(make_tiny_mistral, tiny):
+    """A sweep lays its suite out once and scores each variant with that plan."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = tiny
+    other = AutoModelForCausalLM.from_pretrained(
+        make_tiny_mistral("scoring-other", seed=4), dtype=torch.float32
+    ).eval()
+    requests = make_requests(tokenizer)
+    plan = scoring.plan_loglikelihoods(model, requests, batch_size=4)
+    assert plan.fits(other, 4) and not plan.fits(other, 8)
+    for m in (model, other, model):
+        again = loglikelihoods(m, requests, batch_size=4)
+        for a, b in zip(scoring.run_plan(m, plan), again, strict=True):
+            assert a == b
+
+
+def test_a_plan_refuses_a_model_it_does_not_fit(tiny, monkeypatch):
+    model, tokenizer = tiny
+    plan = scoring.plan_loglikelihoods(model, make_requests(tokenizer), share_prompts=False)
+    assert plan.kind == "rows"
+    monkeypatch.setattr(scoring, "_decoder_and_head", lambda m: (None, None))
+    with pytest.raises(ValueError, match="plan again"):
+        scoring.run_plan(model, plan)
+
+
+def test_packed_rows_read_a_context_once_and_each_shared_prefix_once(tiny, monkeypatch):
+    model, tokenizer = tiny
+    choices = [" Amsterdam", " Den Haag", " Utrecht", " Rotterdam", " Den Bosch"]
+    requests = [
+        encode_context_continuation(tokenizer, "De hoofdstad van Nederland is", c) for c in choices
+    ]
+    ctx = requests[0][0]
+    assert all(c == ctx for c, _ in requests)
+    tree = {cont[:j] for _, cont in requests for j in range(1, len(cont))}
+    assert len(tree) < sum(len(cont) - 1 for _, cont in requests)  # " Den" is shared
+    seen = spy_decoder(model, monkeypatch)
+    loglikelihoods(model, requests, batch_size=16)
+    assert seen == [(1, len(ctx) + len(tree))]
+
+
+def test_packed_groups_never_see_each_other(tiny):
+    """Many contexts in one row give what each gives alone (no attention across groups)."""
+    model, tokenizer = tiny
+    requests = make_requests(tokenizer)
+    together = loglikelihoods(model, requests, batch_size=1)
+    plan = scoring.plan_loglikelihoods(model, requests, batch_size=1)
+    assert plan.kind == "packed" and any(len(b.owners) > 3 for b in plan.batches)
+    for request, got in zip(requests, together, strict=True):
+        [alone] = loglikelihoods(model, [request])
+        assert got.logprob == pytest.approx(alone.logprob, abs=1e-5)
+        assert got.greedy == alone.greedy
+
+
+def test_shared_path_reads_each_distinct_context_once_per_batch(tiny, monkeypatch):
     model, tokenizer = tiny
     ctx, _ = encode_context_continuation(tokenizer, "De hoofdstad van Nederland is", " x")
     choices = [" Amsterdam", " Den Haag", " Utrecht", " Rotterdam"]
     requests = [
         encode_context_continuation(tokenizer, "De hoofdstad van Nederland is", c) for c in choices
     ]
+    use_layout(monkeypatch, "shared")
+    seen = spy_decoder(model, monkeypatch)
+    loglikelihoods(model, requests, batch_size=16)
+    # One pass over the shared prompt (1 row), one over the remaining tokens of the choices that
+    # have more than one (" Amsterdam" is one token: its log-prob comes from the prompt's pass).
+    multi = sum(len(cont) > 1 for _, cont in requests)
+    assert multi >= 2
+    assert seen[0] == (1, len(ctx))
+    assert len(seen) == 2 and seen[1] == (multi, max(len(c) for _, c in requests) - 1)
+
+
+def spy_decoder(model, monkeypatch) -> list[tuple[int, ...]]:
+    """Record the input shape of every decoder call."""
     seen = []
     decoder = model.base_model
     original = decoder.forward
@@ -108,13 +213,7 @@ def test_each_distinct_context_is_read_once_per_batch(tiny, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(decoder, "forward", spy)
-    loglikelihoods(model, requests, batch_size=16)
-    # One pass over the shared prompt (1 row), one over the remaining tokens of the choices that
-    # have more than one (" Amsterdam" is one token: its log-prob comes from the prompt's pass).
-    multi = sum(len(cont) > 1 for _, cont in requests)
-    assert multi >= 2
-    assert seen[0] == (1, len(ctx))
-    assert len(seen) == 2 and seen[1] == (multi, max(len(c) for _, c in requests) - 1)
+    return seen
 
 
 def test_a_greedy_continuation_is_flagged_greedy(tiny):
