@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,54 +118,60 @@ def _aggregate(probes: list[Probe], metrics: dict[str, dict[str, Any]]) -> dict[
     }
 
 
-def score_model(
+@dataclass
+class PreparedSuite:
+    """A suite encoded once for one tokenizer and context length, to score many models with.
+
+    Every log-likelihood request of every probe, which requests belong to which item, and the
+    laid-out batches of the last model scored (``eval.scoring.LoglikelihoodPlan``), which the
+    next model reuses when it takes the same layout. A sweep scores every variant of one
+    resident model this way: the suite is tokenised and batched once per study, not per variant.
+    Scores are those of ``score_model`` without it.
+    """
+
+    suite: str
+    probes: list[Probe]
+    tokenizer: Any
+    max_length: int
+    requests: list[tuple[tuple[int, ...], tuple[int, ...]]]
+    spans: dict[str, list[tuple[int, int]]]  # probe -> [(first request, count)] per item
+    extra: dict[str, list[int]]  # text probes: utf-8 bytes per item
+    seconds: float
+    plan: Any = None
+
+    def plan_for(self, model, batch_size: int):
+        """The batches for ``model``: the last ones when they fit it, else laid out anew."""
+        from eval.scoring import plan_loglikelihoods
+
+        if self.plan is None or not self.plan.fits(model, batch_size):
+            self.plan = plan_loglikelihoods(model, self.requests, batch_size=batch_size)
+        return self.plan
+
+
+def prepare_suite(
     model,
     tokenizer,
     suite: str = "nl",
     *,
     name: str = "<in-memory>",
-    device=None,
-    batch_size: int = 16,
-    progress: bool = False,
     probes: list[Probe] | None = None,
-) -> dict[str, Any]:
-    """Score a causal LM already in memory on ``suite``; returns the scorecard dict.
+) -> PreparedSuite:
+    """Encode ``suite`` for ``tokenizer`` and ``model``'s context length (see ``PreparedSuite``)."""
+    from eval.scoring import rolling_requests
 
-    ``device`` moves the model first (None: leave it where it is). ``probes`` overrides the
-    suite's probe list (already loaded probes; the sweep can load them once).
-    """
-    import torch
-
-    from eval.scoring import (
-        cpu_threads_for,
-        greedy_continuations,
-        loglikelihoods,
-        perplexity_metrics,
-        rolling_requests,
-    )
-
-    if batch_size < 1:
-        raise EvalError(f"batch_size must be at least 1, got {batch_size}", "use --batch-size 16")
     if tokenizer is None:
         raise EvalError(f"{name} has no tokenizer", "pass the tokenizer the model was trained with")
     probes = load_suite(suite) if probes is None else probes
     if not probes:
         raise EvalError(f"suite {suite!r} has no probes", "add probe files to the suite")
-    if device is not None:
-        model.to(device)
-    was_training = model.training
-    model.eval()
-    n_items = sum(len(p.items) for p in probes)
     bos = tokenizer.bos_token_id
     if bos is None:
         raise EvalError(f"the tokenizer of {name} has no BOS token", "use a Mistral tokenizer")
-
-    # 1. Every log-likelihood request of every probe, scored in one batched pass.
     start = time.perf_counter()
     requests: list = []
     too_long: list[str] = []
-    spans: dict[str, list[tuple[int, int]]] = {}  # probe -> [(first request, count)] per item
-    extra: dict[str, list[int]] = {}  # text probes: utf-8 bytes per item
+    spans: dict[str, list[tuple[int, int]]] = {}
+    extra: dict[str, list[int]] = {}
     max_length = _max_length(model)
     for probe in probes:
         item_spans = []
@@ -191,13 +198,74 @@ def score_model(
             f"({', '.join(too_long[:3])})",
             "shorten the items or score a model with a longer context",
         )
+    seconds = time.perf_counter() - start
+    return PreparedSuite(suite, probes, tokenizer, max_length, requests, spans, extra, seconds)
+
+
+def score_model(
+    model,
+    tokenizer,
+    suite: str = "nl",
+    *,
+    name: str = "<in-memory>",
+    device=None,
+    batch_size: int = 16,
+    progress: bool = False,
+    probes: list[Probe] | None = None,
+    prepared: PreparedSuite | None = None,
+) -> dict[str, Any]:
+    """Score a causal LM already in memory on ``suite``; returns the scorecard dict.
+
+    ``device`` moves the model first (None: leave it where it is). ``probes`` overrides the
+    suite's probe list (already loaded probes; the sweep can load them once). ``prepared``
+    (from ``prepare_suite`` with this tokenizer) skips encoding the suite and reuses its
+    batches; the scorecard's ``seconds`` then leave that one-time work out.
+    """
+    import torch
+
+    from eval.scoring import cpu_threads_for, greedy_continuations, perplexity_metrics, run_plan
+
+    if batch_size < 1:
+        raise EvalError(f"batch_size must be at least 1, got {batch_size}", "use --batch-size 16")
+    if tokenizer is None:
+        raise EvalError(f"{name} has no tokenizer", "pass the tokenizer the model was trained with")
+    if prepared is not None:
+        if prepared.suite != suite:
+            raise EvalError(
+                f"the prepared suite is {prepared.suite!r}, not {suite!r}",
+                "prepare_suite with the suite you score",
+            )
+        if prepared.tokenizer is not tokenizer:
+            raise EvalError(
+                f"the prepared suite {suite!r} was encoded with another tokenizer",
+                "prepare_suite with the tokenizer you score with",
+            )
+        if prepared.max_length != _max_length(model):
+            raise EvalError(
+                f"the prepared suite was encoded for {prepared.max_length} positions, "
+                f"{name} has {_max_length(model)}",
+                "prepare_suite with the model you score",
+            )
+    if device is not None:
+        model.to(device)
+    was_training = model.training
+    model.eval()
+
+    # 1. Every log-likelihood request of every probe, scored in one batched pass.
+    start = time.perf_counter()
+    if prepared is None:
+        prepared = prepare_suite(model, tokenizer, suite, name=name, probes=probes)
+    probes = prepared.probes
+    requests, spans, extra = prepared.requests, prepared.spans, prepared.extra
+    n_items = sum(len(p.items) for p in probes)
 
     gen_probes = [p for p in probes if p.kind == "generate"]
     n_gen = sum(len(p.items) for p in gen_probes)
     bar, advance = _progress(progress, len(requests) + n_gen, name)
     try:
         with bar, cpu_threads_for(model):
-            results = loglikelihoods(model, requests, batch_size=batch_size, on_batch=advance)
+            plan = prepared.plan_for(model, batch_size)
+            results = run_plan(model, plan, on_batch=advance)
             # 2. Greedy continuations for the language-consistency probes.
             continuations: dict[str, list[str]] = {}
             for probe in gen_probes:

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from eval.api import score_model, score_path
+from eval.api import prepare_suite, score_model, score_path
 from eval.errors import EvalError
 from eval.schema import load_probe_file
 from eval.scoring import cpu_threads_for, encode_context_continuation, loglikelihoods
@@ -155,6 +155,46 @@ def test_batch_size_does_not_change_the_metrics(tiny, small_suite):
     a = score_model(model, tokenizer, str(small_suite), batch_size=1)
     b = score_model(model, tokenizer, str(small_suite), batch_size=7)
     assert a["probes"] == b["probes"]
+
+
+def test_a_prepared_suite_scores_what_score_model_scores(tiny, make_tiny_mistral, small_suite):
+    """The sweep's path: the suite encoded and laid out once, then many models scored with it."""
+    from transformers import AutoModelForCausalLM
+
+    _, model, tokenizer = tiny
+    other = AutoModelForCausalLM.from_pretrained(
+        make_tiny_mistral("api-other", seed=6), dtype=torch.float32
+    ).eval()
+    suite = str(small_suite)
+    prepared = prepare_suite(model, tokenizer, suite)
+    assert prepared.requests and prepared.seconds >= 0
+    for m in (model, other, model):
+        want = score_model(m, tokenizer, suite)
+        got = score_model(m, tokenizer, suite, prepared=prepared)
+        for key in TIMINGS:
+            want.pop(key), got.pop(key)
+        assert got == want
+    plan = prepared.plan
+    score_model(other, tokenizer, suite, prepared=prepared)
+    assert prepared.plan is plan  # laid out once, reused for every model that fits it
+    score_model(other, tokenizer, suite, prepared=prepared, batch_size=3)
+    assert prepared.plan is not plan and prepared.plan.batch_size == 3
+
+
+def test_a_prepared_suite_refuses_another_tokenizer_suite_or_context(tiny, small_suite):
+    from transformers import AutoTokenizer
+
+    folder, model, tokenizer = tiny
+    prepared = prepare_suite(model, tokenizer, str(small_suite))
+    with pytest.raises(EvalError, match="another tokenizer"):
+        score_model(
+            model, AutoTokenizer.from_pretrained(folder), str(small_suite), prepared=prepared
+        )
+    with pytest.raises(EvalError, match="prepared suite is .* not 'nl'"):
+        score_model(model, tokenizer, "nl", prepared=prepared)
+    prepared.max_length = 7
+    with pytest.raises(EvalError, match="encoded for 7 positions"):
+        score_model(model, tokenizer, str(small_suite), prepared=prepared)
 
 
 def test_score_path_loads_a_folder(tiny, small_suite):
