@@ -884,6 +884,7 @@ class InMemoryEvaluator:
     """Scores variants of one recipe: inputs loaded once, one resident model, weights replaced."""
 
     def __init__(self, recipe, suite: str, device: str = "auto", *, resident: bool = True):
+        from eval.api import prepare_suite
         from eval.suites import load_suite
         from merger.engine import ResidentInputs, open_sources, resolve_device
 
@@ -898,6 +899,10 @@ class InMemoryEvaluator:
             self.inputs = None
             sources = open_sources(recipe)
         self.model, self.tokenizer = child_skeleton(recipe, sources, self.device)
+        # The suite is tokenised (and its batches laid out) once per study, not per variant.
+        self.prepared = _eval_call(
+            prepare_suite, self.model, self.tokenizer, suite, probes=self.probes
+        )
         self.load_seconds = time.perf_counter() - start
 
     def load_weights(self, state: dict[str, Any]) -> None:
@@ -927,7 +932,7 @@ class InMemoryEvaluator:
         from eval.api import score_model
 
         return _eval_call(
-            score_model, self.model, self.tokenizer, self.suite, name=name, probes=self.probes
+            score_model, self.model, self.tokenizer, self.suite, name=name, prepared=self.prepared
         )
 
     def __call__(self, variant) -> Scorecard:

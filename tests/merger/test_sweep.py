@@ -553,6 +553,26 @@ def test_in_memory_sweep_scores_match_merge_run_of_the_exported_recipe(tiny_pair
     assert "bits_per_byte" in best["probes"]["ppl_nl"]
 
 
+def test_the_evaluator_encodes_the_suite_once_and_scores_like_score_model(tiny_pair):
+    """Each variant is scored with the suite tokenised and laid out once per study."""
+    from eval.api import score_model
+    from merger.recipe import load_recipe
+    from merger.sweep import InMemoryEvaluator
+
+    recipe, probes = tiny_pair
+    base = load_recipe(recipe)
+    evaluator = InMemoryEvaluator(base, str(probes), device="cpu")
+    plans = []
+    for t in (0.2, 0.9):
+        card = evaluator(variant_recipe(base, {"parameters.t[default]": t}))
+        plans.append(evaluator.prepared.plan)
+        again = score_model(evaluator.model, evaluator.tokenizer, str(probes), name="slerp")
+        for key in ("seconds", "items_per_second", "merge_seconds"):
+            card.pop(key, None), again.pop(key, None)
+        assert card == again
+    assert plans[0] is plans[1]
+
+
 def test_streaming_mode_scores_what_the_resident_mode_scores(tiny_pair, tmp_path):
     """One pass over the shards for K variants gives the same scores as merging each in memory."""
     from merger.recipe import load_recipe
