@@ -6,9 +6,11 @@ for people (progress, tables, derived numbers) goes through ``console`` to stder
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from rich.console import Console
 from rich.text import Text
@@ -39,3 +41,26 @@ def run_cli(app: Callable[[], object], verbose: Callable[[], bool]) -> None:
     except KeyboardInterrupt:
         console.print("[bold red]error:[/] interrupted; nothing half-written was kept")
         sys.exit(130)
+
+
+def entry(main: Callable[[], None]) -> NoReturn:
+    """The process entry of a CLI: run ``main``, then leave without tearing the interpreter
+    down. With torch loaded, module teardown takes ~0.4 s of every command for nothing: the
+    commands close and fsync what they write, and atexit handlers still run here."""
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    if "torch" not in sys.modules:
+        sys.exit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code or 0)
