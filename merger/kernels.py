@@ -8,7 +8,7 @@ when it does not apply — another method, a GPU tensor, an unsupported dtype, o
 tests hold the two to the same results.
 
 The library is compiled once per source, compiler and CPU into the user's cache
-(``$KRUISING_CACHE`` or ``~/.cache/kruising``), written under a temporary name and renamed,
+(``$KRUISING_CACHE``, else ``$XDG_CACHE_HOME/kruising`` or ``~/.cache/kruising``), written under a temporary name and renamed,
 so concurrent first runs are safe. ``KRUISING_KERNELS=off`` forces the torch path.
 """
 
@@ -43,9 +43,10 @@ _why_not = ""
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("KRUISING_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "kruising"
-    )
+    root = os.environ.get("KRUISING_CACHE")
+    if not root:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(cache, "kruising")
     return Path(root) / "kernels"
 
 
