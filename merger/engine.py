@@ -402,6 +402,13 @@ def run_recipe(
             seed=seed,
         )
         _commit(tmp, out)
+    except OSError as exc:  # the disk: full, gone read-only, an I/O error
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KruisingError(
+            f"writing the child {out} failed: {exc.strerror or exc}",
+            "check free space and that the output folder's file system is writable; "
+            "nothing was kept",
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

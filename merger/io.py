@@ -443,6 +443,11 @@ class _DirectShard:
     def __init__(self, path: Path, size: int) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
+        try:  # some file systems open with O_DIRECT but refuse 4 KiB-aligned writes
+            os.pwrite(self.fd, mmap.mmap(-1, ALIGN), 0)
+        except OSError:
+            os.close(self.fd)
+            raise
         self.size = size
         self.partial: dict[int, list] = {}  # block offset -> [aligned buffer, bytes in it]
         self.lock = threading.Lock()

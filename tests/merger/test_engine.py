@@ -332,6 +332,26 @@ def test_not_enough_disk_is_an_error(models, tmp_path, capsys, monkeypatch):
     assert_no_child(out)
 
 
+def test_disk_full_while_writing_is_an_error(models, tmp_path, capsys, monkeypatch):
+    from merger import io
+
+    real_pwrite = io.os.pwrite
+
+    def full(fd, data, offset):
+        if offset > 0:  # the open-time probe (offset 0) passes; the tensors do not
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(io.os, "pwrite", full)
+    monkeypatch.setattr(io, "SEGMENT_BYTES", 64 << 10)
+    recipe = write_recipe(tmp_path, SLERP.replace("{t}", "0.5"), **models)
+    out = tmp_path / "child"
+    code, err = merge_cli(["run", str(recipe), "--out", str(out), "--device", "cpu"], capsys)
+    assert code == 1 and "No space left on device" in err and "hint: " in err
+    assert "Traceback" not in err
+    assert_no_child(out)
+
+
 def test_existing_output_is_kept_unless_overwrite(models, tmp_path, capsys):
     recipe = write_recipe(tmp_path, SLERP.replace("{t}", "0.5"), **models)
     out = tmp_path / "child"
