@@ -11,6 +11,7 @@
  * ctypes releases the GIL for the duration of a call. Built at run time by kernels.py.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { KR_F32 = 0, KR_BF16 = 1, KR_F16 = 2 };
@@ -182,7 +183,8 @@ void kr_tv_histogram(int64_t n, int k, const void *base, const void *const *src,
  * quota[j] in index order (quota[j] is decremented as they are used); otherwise every entry
  * is kept. The kept deltas are weighted; with `consensus` only entries agreeing with the sign
  * of their sum are mixed (TIES), and `normalize` divides by the weights of the contributing
- * models (with consensus) or by `divisor` (without). Returns the non-finite count.
+ * models (with consensus) or by `divisor` (without). Returns the non-finite count, or -1
+ * when the chunk buffers cannot be allocated.
  */
 int64_t kr_tv_merge(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
                     const float *w, const uint8_t *trim, const uint32_t *threshold,
@@ -190,7 +192,10 @@ int64_t kr_tv_merge(int64_t n, int k, const void *base, const void *const *src, 
                     void *dst, int out_dtype)
 {
     float b[CHUNK], x[CHUNK], mixed[CHUNK], total[CHUNK], wsum[CHUNK];
-    float d[MAX_MODELS][CHUNK];
+    /* on the heap: k chunks would not fit small thread stacks (musl's are 128 KiB) */
+    float (*d)[CHUNK] = malloc(sizeof(float[CHUNK]) * (size_t)(k > 0 ? k : 1));
+    if (d == NULL)
+        return -1;
     int64_t bad = 0;
     for (int64_t off = 0; off < n; off += CHUNK) {
         int64_t m = n - off < CHUNK ? n - off : CHUNK;
@@ -267,5 +272,6 @@ int64_t kr_tv_merge(int64_t n, int k, const void *base, const void *const *src, 
             mixed[i] += b[i];
         bad += store_f32(dst, off, mixed, m, out_dtype);
     }
+    free(d);
     return bad;
 }

@@ -293,7 +293,7 @@ def _task_vectors(lib, method, flats, base_index, params, per_model, in_code, se
     )
     bad = 0
     for start, end, view in segments:
-        bad += lib.kr_tv_merge(
+        count = lib.kr_tv_merge(
             end - start,
             k,
             base[start:end].data_ptr(),
@@ -303,6 +303,9 @@ def _task_vectors(lib, method, flats, base_index, params, per_model, in_code, se
             view.data_ptr(),
             out_code,
         )
+        if count < 0:
+            raise MemoryError("fused task-vector merge: out of memory for its chunk buffers")
+        bad += count
     return bad
 
 
