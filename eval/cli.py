@@ -78,9 +78,33 @@ def eval_command(
     console.print(comparison_table(cards))
     for path in written:
         console.print(f"wrote {path}")
+    for ref, card, path in zip(models, cards, written, strict=True):
+        readme = _refresh_child_card(Path(ref), card, path)
+        if readme is not None:
+            console.print(f"refreshed the model card {readme} with these scores")
     if json_:
         payload = cards[0] if len(cards) == 1 else cards
         print(json.dumps(payload, indent=2, ensure_ascii=False))
+
+
+def _refresh_child_card(folder: Path, card: dict, scorecard: Path) -> Path | None:
+    """A child merged here and scored into itself (``merge eval CHILD --out CHILD``): its
+    model card is rewritten with the scores, as `merge push` would show them."""
+    if not folder.is_dir() or not scorecard.resolve().is_relative_to(folder.resolve()):
+        return None
+    from merger.card import is_kruising_card, render_child_card
+    from merger.hub import RECIPE_FILE
+
+    readme = folder / "README.md"
+    if not (folder / RECIPE_FILE).is_file() or not readme.is_file():
+        return None
+    if not is_kruising_card(readme):
+        return None  # someone else's card: left as it is
+    text = render_child_card(folder, scorecard=card).content
+    tmp = readme.with_name(readme.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(readme)
+    return readme
 
 
 def _g(value: float | None) -> str:

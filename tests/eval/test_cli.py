@@ -180,3 +180,33 @@ def test_help_documents_the_options(monkeypatch, capsys):
     assert code == 0
     for option in ("--suite", "--out", "--json", "--lm-eval", "--device", "--batch-size"):
         assert option in out
+
+
+def test_scoring_a_child_into_itself_refreshes_its_card(
+    monkeypatch, capsys, tmp_path, two_models, suite
+):
+    a, b = two_models
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1.0}}\n"
+        f"  - model: {b}\n    parameters: {{weight: 1.0}}\ndtype: float32\n"
+    )
+    child = tmp_path / "child"
+    code, _, err = run_merge(
+        monkeypatch, capsys, "run", str(recipe), "--out", str(child), "--device", "cpu"
+    )
+    assert code == 0, err
+    before = (child / "README.md").read_text()
+    args = ["eval", str(child), "--suite", str(suite), "--out", str(child), "--device", "cpu"]
+    code, _, err = run_merge(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert "refreshed the model card" in err
+    after = (child / "README.md").read_text()
+    assert after != before and "english_score" in after and "english_score" not in before
+    assert "merge_method: linear" in after  # still the child's card, recipe included
+    # a folder scored elsewhere, or not merged here, keeps its card
+    elsewhere = tmp_path / "cards"
+    code, _, err = run_merge(monkeypatch, capsys, *args[:-4], "--out", str(elsewhere), *args[-2:])
+    assert code == 0, err
+    assert "refreshed" not in err
+    assert (child / "README.md").read_text() == after
