@@ -99,17 +99,16 @@ def compute_task(
     if plan.method.name in RANDOM_METHODS:
         generator = torch.Generator(device=tensors[0].device)
         generator.manual_seed(_seed_for(seed, task))
-    fused = None
-    if generator is None:
-        fused = fused_merge(
-            plan.method.name,
-            tensors,
-            task.base_index,
-            task.params,
-            task.per_model,
-            task.out_dtype,
-            out,
-        )
+    fused = fused_merge(
+        plan.method.name,
+        tensors,
+        task.base_index,
+        task.params,
+        task.per_model,
+        task.out_dtype,
+        out,
+        generator,
+    )
     if fused is not None:
         merged, bad = fused  # the kernel counted NaN/Inf on its way out
     else:

@@ -176,20 +176,61 @@ void kr_tv_histogram(int64_t n, int k, const void *base, const void *const *src,
     }
 }
 
+/* DARE's rescale: per model with draws[j], the L1 norm of its task vector before (before[j])
+ * and after (after[j]) dropping the entries whose draw is not below keep_below[j]; added to
+ * the given sums (float32 per chunk, float64 across chunks). */
+void kr_tv_l1(int64_t n, int k, const void *base, const void *const *src, int dtype,
+              const float *const *draws, const float *keep_below, double *before, double *after)
+{
+    float b[CHUNK], x[CHUNK];
+    for (int64_t off = 0; off < n; off += CHUNK) {
+        int64_t m = n - off < CHUNK ? n - off : CHUNK;
+        load_f32(b, base, off, m, dtype);
+        for (int j = 0; j < k; j++) {
+            if (draws[j] == NULL)
+                continue;
+            load_f32(x, src[j], off, m, dtype);
+            const float *r = draws[j] + off;
+            const float p = keep_below[j];
+            float all[16] = {0}, kept[16] = {0};
+            int64_t i = 0;
+            for (; i + 16 <= m; i += 16)
+                for (int l = 0; l < 16; l++) {
+                    float a = x[i + l] - b[i + l];
+                    a = a < 0 ? -a : a;
+                    all[l] += a;
+                    kept[l] += r[i + l] < p ? a : 0.0f;
+                }
+            for (; i < m; i++) {
+                float a = x[i] - b[i];
+                a = a < 0 ? -a : a;
+                all[0] += a;
+                kept[0] += r[i] < p ? a : 0.0f;
+            }
+            for (int l = 0; l < 16; l++) {
+                before[j] += all[l];
+                after[j] += kept[l];
+            }
+        }
+    }
+}
+
 /* The task-vector merge of base + k models, one pass.
  *
  * Per model j, entries are trimmed by magnitude when trim[j]: those whose key (as in
  * kr_tv_histogram) is above threshold[j] are kept, and of those equal to it the first
  * quota[j] in index order (quota[j] is decremented as they are used); otherwise every entry
- * is kept. The kept deltas are weighted; with `consensus` only entries agreeing with the sign
+ * is kept; where draws[j] is given (DARE), entries are kept where draws[j][i] < keep_below[j]
+ * and the kept ones scaled by scale[j]. The kept deltas are weighted; with `consensus` only entries agreeing with the sign
  * of their sum are mixed (TIES), and `normalize` divides by the weights of the contributing
  * models (with consensus) or by `divisor` (without). Returns the non-finite count, or -1
  * when the chunk buffers cannot be allocated.
  */
 int64_t kr_tv_merge(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
                     const float *w, const uint8_t *trim, const uint32_t *threshold,
-                    int64_t *quota, int consensus, int normalize, float divisor, float lambda,
-                    void *dst, int out_dtype)
+                    int64_t *quota, const float *const *draws, const float *keep_below,
+                    const float *scale, int consensus, int normalize, float divisor,
+                    float lambda, void *dst, int out_dtype)
 {
     float b[CHUNK], x[CHUNK], mixed[CHUNK], total[CHUNK], wsum[CHUNK];
     /* on the heap: k chunks would not fit small thread stacks (musl's are 128 KiB) */
@@ -204,6 +245,13 @@ int64_t kr_tv_merge(int64_t n, int k, const void *base, const void *const *src, 
             float *dj = d[j];
             load_f32(x, src[j], off, m, in_dtype);
             const float wj = w[j];
+            if (draws != NULL && draws[j] != NULL) { /* DARE: keep where the draw < density */
+                const float *r = draws[j] + off;
+                const float p = keep_below[j], sj = scale[j];
+                for (int64_t i = 0; i < m; i++)
+                    dj[i] = (((x[i] - b[i]) * (r[i] < p ? 1.0f : 0.0f)) * sj) * wj;
+                continue;
+            }
             if (!trim[j]) {
                 for (int64_t i = 0; i < m; i++)
                     dj[i] = (x[i] - b[i]) * wj;

@@ -1,15 +1,16 @@
 """Fused CPU kernels for the common methods, built from ``kernels.c`` at first use.
 
-`fused_merge` merges one tensor of linear, slerp, task_arithmetic or ties straight from the
-memory-mapped inputs into the output buffer in one pass per method step, and returns how
-many merged values are NaN/Inf (so the engine needs no extra pass to check). It returns None
-when it does not apply — another method, a GPU tensor, an unsupported dtype, or no C compiler
-— and the engine then runs the torch reference in `methods.py`, which defines the semantics;
-tests hold the two to the same results.
+`fused_merge` merges one tensor of linear, slerp, task_arithmetic, ties, dare_ties or
+dare_linear straight from the memory-mapped inputs into the output buffer in one pass per
+method step, and returns how many merged values are NaN/Inf (so the engine needs no extra pass
+to check). It returns None when it does not apply — another method, a GPU tensor, an
+unsupported dtype, or no C compiler — and the engine then runs the torch reference in
+`methods.py`, which defines the semantics; tests hold the two to the same results.
 
 The library is compiled once per source, compiler and CPU into the user's cache
-(``$KRUISING_CACHE``, else ``$XDG_CACHE_HOME/kruising`` or ``~/.cache/kruising``), written under a temporary name and renamed,
-so concurrent first runs are safe. ``KRUISING_KERNELS=off`` forces the torch path.
+(``$KRUISING_CACHE``, else ``$XDG_CACHE_HOME/kruising`` or ``~/.cache/kruising``), written
+under a temporary name and renamed, so concurrent first runs are safe.
+``KRUISING_KERNELS=off`` forces the torch path.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from merger import methods
 SOURCE = Path(__file__).with_name("kernels.c")
 MAX_MODELS = 16
 #: the methods with a fused kernel (others, and DARE's rescale, run the torch reference)
-FUSED_METHODS = ("linear", "slerp", "task_arithmetic", "ties")
+FUSED_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear")
+RANDOM = ("dare_ties", "dare_linear")
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _lock = threading.Lock()
@@ -124,8 +126,10 @@ def _build_and_open() -> Any:
     lib.kr_tv_histogram.argtypes = [i64, i32, ptr, ptr, i32, ptr, ptr]
     lib.kr_tv_merge.restype = i64
     lib.kr_tv_merge.argtypes = [
-        i64, i32, ptr, ptr, i32, ptr, ptr, ptr, ptr, i32, i32, f32, f32, ptr, i32
+        i64, i32, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, f32, f32, ptr, i32
     ]  # fmt: skip
+    lib.kr_tv_l1.restype = None
+    lib.kr_tv_l1.argtypes = [i64, i32, ptr, ptr, i32, ptr, ptr, ptr, ptr]
     return lib
 
 
@@ -162,14 +166,21 @@ def fused_merge(
     per_model: Sequence[dict[str, Any]],
     out_dtype: torch.dtype,
     out: torch.Tensor | Any | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor | None, int] | None:
     """Merge one tensor with a fused kernel: (result, non-finite count), or None.
+
+    DARE's methods draw from ``generator`` exactly as the torch reference does (same draws,
+    same order), so a seed drops the same entries either way: the same child bit for bit,
+    or to rounding with ``rescale`` (its L1 norms are summed in another order).
 
     ``out`` is a flat tensor of ``out_dtype`` to fill, or an output stream (anything with
     ``segments()`` yielding ``(start, end, view)`` in order, as `merger.io.TensorStream`):
     then the result goes there segment by segment and None is returned in its place.
     """
     if method not in FUSED_METHODS:
+        return None
+    if method in RANDOM and (generator is None or generator.device.type != "cpu"):
         return None
     first = tensors[0]
     if first.device.type != "cpu" or len(tensors) > MAX_MODELS + 1:
@@ -211,10 +222,19 @@ def fused_merge(
             return None
         bad = _slerp(lib, flats, base_index, float(params["t"]), in_code, segments, out_code)
     else:
-        if params.get("rescale"):
+        if params.get("rescale") and method not in RANDOM:
             return None
         bad = _task_vectors(
-            lib, method, flats, base_index, params, per_model, in_code, segments, out_code
+            lib,
+            method,
+            flats,
+            base_index,
+            params,
+            per_model,
+            in_code,
+            segments,
+            out_code,
+            generator,
         )
     return (None if result is None else result.reshape(first.shape)), bad
 
@@ -250,7 +270,9 @@ def _slerp(lib, flats, base_index, t, in_code, segments, out_code) -> int:
     return _linear(lib, [v0, v1], coefficients, 0.0, in_code, segments, out_code)
 
 
-def _task_vectors(lib, method, flats, base_index, params, per_model, in_code, segments, out_code):
+def _task_vectors(
+    lib, method, flats, base_index, params, per_model, in_code, segments, out_code, generator
+):
     others = [i for i in range(len(flats)) if i != base_index]
     base = flats[base_index]
     inputs = [flats[i] for i in others]
@@ -260,8 +282,8 @@ def _task_vectors(lib, method, flats, base_index, params, per_model, in_code, se
     trim = [0] * k
     thresholds = [0] * k
     quotas = [0] * k
+    densities = [float(per_model[i].get("density", 1.0)) for i in others]
     if method == "ties":
-        densities = [float(per_model[i].get("density", 1.0)) for i in others]
         for j in range(k):
             if densities[j] <= 0:
                 trim[j], thresholds[j] = 1, 0xFFFFFFFF  # nothing is above it: keep nothing
@@ -280,33 +302,113 @@ def _task_vectors(lib, method, flats, base_index, params, per_model, in_code, se
                 value, strictly_above = _kth_from_top(low[j], keep[j] - above[j])
                 thresholds[j] = (edges[j] << 16) | value
                 quotas[j] = keep[j] - above[j] - strictly_above
-    consensus = method == "ties"
-    arguments = (
+    dropped = [j for j in range(k) if densities[j] < 1] if method in RANDOM else []
+    scales = [1.0] * k
+    if dropped and params.get("rescale"):
+        scales = _rescales(lib, base, inputs, in_code, densities, dropped, generator)
+    constant = (
         _floats(weights),
         (ctypes.c_uint8 * k)(*trim),
         (ctypes.c_uint32 * k)(*thresholds),
         (ctypes.c_int64 * k)(*quotas),  # ties at the threshold still to keep, carried along
-        int(consensus),
+    )
+    shared = (
+        _floats(densities),
+        _floats(scales),
+        int(method in ("ties", "dare_ties")),
         int(bool(params["normalize"])),
         methods.task_vector_divisor(weights),
         float(params["lambda"]),
     )
+    draws = _Draws(n, dropped, generator)
     bad = 0
     for start, end, view in segments:
-        count = lib.kr_tv_merge(
-            end - start,
-            k,
-            base[start:end].data_ptr(),
-            _at(inputs, start, end),
-            in_code,
-            *arguments,
-            view.data_ptr(),
-            out_code,
-        )
-        if count < 0:
-            raise MemoryError("fused task-vector merge: out of memory for its chunk buffers")
-        bad += count
+        for low, high, offset in draws.cover(start, end):
+            count = lib.kr_tv_merge(
+                high - low,
+                k,
+                base[low:high].data_ptr(),
+                _at(inputs, low, high),
+                in_code,
+                *constant,
+                draws.pointers(k, offset),
+                *shared,
+                view[low - start :].data_ptr(),
+                out_code,
+            )
+            if count < 0:
+                raise MemoryError("fused task-vector merge: out of memory for its chunk buffers")
+            bad += count
     return bad
+
+
+class _Draws:
+    """DARE's uniform draws, made exactly as the torch reference makes them: block by block
+    (`methods.CPU_BLOCK` elements), and in each block one ``torch.rand`` per dropping model in
+    model order, from the tensor's generator. Without dropping models: one range, no draws."""
+
+    def __init__(self, n: int, dropped: list[int], generator: torch.Generator | None) -> None:
+        self.n = n
+        self.dropped = dropped
+        self.generator = generator
+        self.block = -1
+        self.tables: dict[int, torch.Tensor] = {}
+
+    def cover(self, start: int, end: int):
+        """``(low, high, offset)`` pieces of [start, end), none crossing a block; ``offset`` is
+        ``low``'s position in its block's draws."""
+        if not self.dropped:
+            yield start, end, 0
+            return
+        size = methods.CPU_BLOCK
+        low = start
+        while low < end:
+            block = low // size
+            while self.block < block:  # blocks come in order: draw the next one
+                self.block += 1
+                length = min(size, self.n - self.block * size)
+                self.tables = {
+                    j: torch.rand(length, generator=self.generator) for j in self.dropped
+                }
+            high = min(end, (block + 1) * size)
+            yield low, high, low - block * size
+            low = high
+
+    def pointers(self, k: int, offset: int) -> ctypes.Array | None:
+        if not self.dropped:
+            return None
+        return (ctypes.c_void_p * k)(
+            *(self.tables[j][offset:].data_ptr() if j in self.tables else None for j in range(k))
+        )
+
+
+def _rescales(lib, base, inputs, in_code, densities, dropped, generator) -> list[float]:
+    """DARE's rescale: each dropping model's task vector scaled back to its unpruned L1 norm,
+    from a pass over the same draws (the generator is rewound after it)."""
+    k = len(inputs)
+    n = base.numel()
+    state = generator.get_state()
+    before = (ctypes.c_double * k)()
+    after = (ctypes.c_double * k)()
+    draws = _Draws(n, dropped, generator)
+    for low, high, offset in draws.cover(0, n):
+        lib.kr_tv_l1(
+            high - low,
+            k,
+            base[low:high].data_ptr(),
+            _at(inputs, low, high),
+            in_code,
+            draws.pointers(k, offset),
+            _floats(densities),
+            before,
+            after,
+        )
+    generator.set_state(state)
+    scales = [1.0] * k
+    for j in dropped:
+        if before[j] >= 1e-7 and after[j] >= 1e-7:
+            scales[j] = before[j] / after[j]
+    return scales
 
 
 def _histograms(lib, base, inputs, in_code, selected, bins, edges) -> dict[int, torch.Tensor]:
