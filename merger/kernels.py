@@ -115,7 +115,12 @@ def _build_and_open() -> Any:
     target = _cache_dir() / f"kruising-kernels-{key}.so"
     if not target.is_file():
         _compile(compiler, target)
-    lib = ctypes.CDLL(str(target))
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError:  # a damaged cache entry (e.g. a disk that filled up): build it again
+        target.unlink(missing_ok=True)
+        _compile(compiler, target)
+        lib = ctypes.CDLL(str(target))
     i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     lib.kr_has_f16.restype = i32
     lib.kr_linear.restype = i64

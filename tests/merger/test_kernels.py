@@ -201,3 +201,21 @@ def test_dare_draws_as_the_reference(method, rescale, in_dtype):
         assert torch.equal(stream.result, reference)
     undropped = METHODS["task_arithmetic"](tensors, 0, params, per_model, None, torch.bfloat16)
     assert (stream.result != undropped).float().mean() > 0.5  # model 1 kept only ~30%
+
+
+@needs_kernels
+def test_a_damaged_cached_build_is_rebuilt(monkeypatch, tmp_path):
+    monkeypatch.setenv("KRUISING_CACHE", str(tmp_path / "first"))
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    assert kernels.available()
+    (built,) = (tmp_path / "first" / "kernels").iterdir()
+    # the same build name in another cache (a path this process has not loaded), damaged
+    damaged = tmp_path / "second" / "kernels" / built.name
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a shared library")
+    monkeypatch.setenv("KRUISING_CACHE", str(tmp_path / "second"))
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    assert kernels.available(), kernels.why_not()
+    assert damaged.read_bytes()[:4] == b"\x7fELF"
