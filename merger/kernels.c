@@ -178,9 +178,12 @@ void kr_tv_histogram(int64_t n, int k, const void *base, const void *const *src,
 
 /* DARE's rescale: per model with draws[j], the L1 norm of its task vector before (before[j])
  * and after (after[j]) dropping the entries whose draw is not below keep_below[j]; added to
- * the given sums (float32 per chunk, float64 across chunks). */
+ * the given sums (float32 per chunk, float64 across chunks). With bits[j] (zeroed, one bit per
+ * element of the whole tensor; this call starts at element `first`) the keep mask is stored,
+ * so the merge pass needs no second round of draws. */
 void kr_tv_l1(int64_t n, int k, const void *base, const void *const *src, int dtype,
-              const float *const *draws, const float *keep_below, double *before, double *after)
+              const float *const *draws, const float *keep_below, double *before, double *after,
+              uint8_t *const *bits, int64_t first)
 {
     float b[CHUNK], x[CHUNK];
     for (int64_t off = 0; off < n; off += CHUNK) {
@@ -211,6 +214,21 @@ void kr_tv_l1(int64_t n, int k, const void *base, const void *const *src, int dt
                 before[j] += all[l];
                 after[j] += kept[l];
             }
+            if (bits != NULL && bits[j] != NULL) { /* the keep mask, for the merge pass */
+                uint8_t *out = bits[j];
+                int64_t i = 0;
+                if (((first + off) & 7) == 0) /* whole bytes, built in a register */
+                    for (; i + 8 <= m; i += 8) {
+                        unsigned v = 0;
+                        for (int t = 0; t < 8; t++)
+                            v |= (unsigned)(r[i + t] < p) << t;
+                        out[(first + off + i) >> 3] = (uint8_t)v;
+                    }
+                for (; i < m; i++) {
+                    int64_t at = first + off + i;
+                    out[at >> 3] |= (uint8_t)((r[i] < p) << (at & 7));
+                }
+            }
         }
     }
 }
@@ -221,16 +239,16 @@ void kr_tv_l1(int64_t n, int k, const void *base, const void *const *src, int dt
  * kr_tv_histogram) is above threshold[j] are kept, and of those equal to it the first
  * quota[j] in index order (quota[j] is decremented as they are used); otherwise every entry
  * is kept; where draws[j] is given (DARE), entries are kept where draws[j][i] < keep_below[j]
- * and the kept ones scaled by scale[j]. The kept deltas are weighted; with `consensus` only entries agreeing with the sign
+ * (or where bit `first + i` of bits[j] is set) and the kept ones scaled by scale[j]. The kept deltas are weighted; with `consensus` only entries agreeing with the sign
  * of their sum are mixed (TIES), and `normalize` divides by the weights of the contributing
  * models (with consensus) or by `divisor` (without). Returns the non-finite count, or -1
  * when the chunk buffers cannot be allocated.
  */
 int64_t kr_tv_merge(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
                     const float *w, const uint8_t *trim, const uint32_t *threshold,
-                    int64_t *quota, const float *const *draws, const float *keep_below,
-                    const float *scale, int consensus, int normalize, float divisor,
-                    float lambda, void *dst, int out_dtype)
+                    int64_t *quota, const float *const *draws, const uint8_t *const *bits,
+                    int64_t first, const float *keep_below, const float *scale, int consensus,
+                    int normalize, float divisor, float lambda, void *dst, int out_dtype)
 {
     float b[CHUNK], x[CHUNK], mixed[CHUNK], total[CHUNK], wsum[CHUNK];
     /* on the heap: k chunks would not fit small thread stacks (musl's are 128 KiB) */
@@ -245,6 +263,18 @@ int64_t kr_tv_merge(int64_t n, int k, const void *base, const void *const *src, 
             float *dj = d[j];
             load_f32(x, src[j], off, m, in_dtype);
             const float wj = w[j];
+            if (bits != NULL && bits[j] != NULL) { /* DARE with a stored keep mask */
+                const uint8_t *mask = bits[j];
+                const float sj = scale[j];
+                float *keep = mixed; /* free until the mixing below */
+                for (int64_t i = 0; i < m; i++) {
+                    int64_t at = first + off + i;
+                    keep[i] = (float)((mask[at >> 3] >> (at & 7)) & 1);
+                }
+                for (int64_t i = 0; i < m; i++)
+                    dj[i] = (((x[i] - b[i]) * keep[i]) * sj) * wj;
+                continue;
+            }
             if (draws != NULL && draws[j] != NULL) { /* DARE: keep where the draw < density */
                 const float *r = draws[j] + off;
                 const float p = keep_below[j], sj = scale[j];

@@ -131,10 +131,11 @@ def _build_and_open() -> Any:
     lib.kr_tv_histogram.argtypes = [i64, i32, ptr, ptr, i32, ptr, ptr]
     lib.kr_tv_merge.restype = i64
     lib.kr_tv_merge.argtypes = [
-        i64, i32, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, f32, f32, ptr, i32
+        i64, i32, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i32, i32, f32, f32,
+        ptr, i32,
     ]  # fmt: skip
     lib.kr_tv_l1.restype = None
-    lib.kr_tv_l1.argtypes = [i64, i32, ptr, ptr, i32, ptr, ptr, ptr, ptr]
+    lib.kr_tv_l1.argtypes = [i64, i32, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i64]
     return lib
 
 
@@ -309,8 +310,9 @@ def _task_vectors(
                 quotas[j] = keep[j] - above[j] - strictly_above
     dropped = [j for j in range(k) if densities[j] < 1] if method in RANDOM else []
     scales = [1.0] * k
+    masks: dict[int, torch.Tensor] = {}
     if dropped and params.get("rescale"):
-        scales = _rescales(lib, base, inputs, in_code, densities, dropped, generator)
+        scales, masks = _rescales(lib, base, inputs, in_code, densities, dropped, generator)
     constant = (
         _floats(weights),
         (ctypes.c_uint8 * k)(*trim),
@@ -325,7 +327,13 @@ def _task_vectors(
         methods.task_vector_divisor(weights),
         float(params["lambda"]),
     )
-    draws = _Draws(n, dropped, generator)
+    # with rescale the keep masks came from its pass: the draws are not made a second time
+    draws = _Draws(n, [] if masks else dropped, generator)
+    bits = None
+    if masks:
+        bits = (ctypes.c_void_p * k)(
+            *(masks[j].data_ptr() if j in masks else None for j in range(k))
+        )
     bad = 0
     for start, end, view in segments:
         for low, high, offset in draws.cover(start, end):
@@ -337,6 +345,8 @@ def _task_vectors(
                 in_code,
                 *constant,
                 draws.pointers(k, offset),
+                bits,
+                low,
                 *shared,
                 view[low - start :].data_ptr(),
                 out_code,
@@ -387,14 +397,20 @@ class _Draws:
         )
 
 
-def _rescales(lib, base, inputs, in_code, densities, dropped, generator) -> list[float]:
-    """DARE's rescale: each dropping model's task vector scaled back to its unpruned L1 norm,
-    from a pass over the same draws (the generator is rewound after it)."""
+def _rescales(lib, base, inputs, in_code, densities, dropped, generator):
+    """DARE's rescale: each dropping model's task vector scaled back to its unpruned L1 norm.
+
+    One pass over the draws measures the norms and keeps each model's keep mask (a bit per
+    element), so the merge pass reuses the mask instead of drawing again (the reference draws
+    twice from a rewound generator: the same numbers). The generator is rewound here too.
+    """
     k = len(inputs)
     n = base.numel()
     state = generator.get_state()
     before = (ctypes.c_double * k)()
     after = (ctypes.c_double * k)()
+    masks = {j: torch.zeros((n + 7) // 8, dtype=torch.uint8) for j in dropped}
+    bits = (ctypes.c_void_p * k)(*(masks[j].data_ptr() if j in masks else None for j in range(k)))
     draws = _Draws(n, dropped, generator)
     for low, high, offset in draws.cover(0, n):
         lib.kr_tv_l1(
@@ -407,13 +423,15 @@ def _rescales(lib, base, inputs, in_code, densities, dropped, generator) -> list
             _floats(densities),
             before,
             after,
+            bits,
+            low,
         )
-    generator.set_state(state)
     scales = [1.0] * k
     for j in dropped:
         if before[j] >= 1e-7 and after[j] >= 1e-7:
             scales[j] = before[j] / after[j]
-    return scales
+    generator.set_state(state)
+    return scales, masks
 
 
 def _histograms(lib, base, inputs, in_code, selected, bins, edges) -> dict[int, torch.Tensor]:
