@@ -108,3 +108,14 @@ def test_no_o_direct_falls_back_to_the_mapped_way(tmp_path, monkeypatch):
     assert torch.equal(
         load_file(tmp_path / "out" / "model.safetensors")["c.weight"], tensors["c.weight"]
     )
+
+
+def test_a_shard_smaller_than_one_block(tmp_path):
+    tensors = {"a.weight": torch.arange(15.0).reshape(3, 5), "d.bias": torch.tensor([7.0])}
+    writer = _write(tmp_path / "out", tensors, direct=True)
+    assert writer.direct
+    shard = tmp_path / "out" / "model.safetensors"
+    assert shard.stat().st_size < io.ALIGN
+    loaded = load_file(shard)
+    assert torch.equal(loaded["a.weight"], tensors["a.weight"])
+    assert torch.equal(loaded["d.bias"], tensors["d.bias"])
