@@ -95,12 +95,5 @@ def main() -> None:
     run_cli(app, lambda: _state["verbose"])
 
 
-def entry() -> None:
-    """The console script: `main`, then a fast exit (see `merger.console.entry`)."""
-    from merger.console import entry as run_and_exit
-
-    run_and_exit(main)
-
-
 if __name__ == "__main__":
-    entry()
+    main()  # no fast exit here: a (distributed) training run tears down normally
