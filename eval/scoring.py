@@ -29,6 +29,7 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -271,8 +272,9 @@ def plan_loglikelihoods(
 
 def _finish(
     targets: list[int], index: list[int], segment: list[int], n_rows: int, chunk: int, device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int, torch.Tensor]]]:
-    """Device tensors of the scored tokens, and which of them each head chunk scores."""
+) -> dict[str, Any]:
+    """A batch's scored-token fields: device tensors of the scored tokens, and which of them
+    each head chunk scores (``_Batch(..., **_finish(...))``)."""
     order = sorted(range(len(index)), key=lambda e: index[e])
     chunks = []
     k = 0
@@ -282,7 +284,12 @@ def _finish(
         while k < len(order) and index[order[k]] < hi:
             k += 1
         chunks.append((lo, hi, torch.tensor(order[first:k], device=device)))
-    return _longs(targets, device), _longs(index, device), _longs(segment, device), chunks
+    return {
+        "targets": _longs(targets, device),
+        "index": _longs(index, device),
+        "segment": _longs(segment, device),
+        "chunks": chunks,
+    }
 
 
 def _longs(values: list[int], device) -> torch.Tensor:
@@ -371,15 +378,9 @@ def _plan_packed(requests, batch_size, pad, device, chunk) -> list[_Batch]:
             positions=positions.to(device),
             rows=torch.tensor(scored_rows, device=device),
             cols=torch.tensor(scored_cols, device=device),
-            targets=torch.empty(0),
-            index=torch.empty(0),
-            segment=torch.empty(0),
             owners=who,
-            chunks=[],
             end=end.to(device),
-        )
-        laid.targets, laid.index, laid.segment, laid.chunks = _finish(
-            targets, index, segment, len(scored_rows), chunk, device
+            **_finish(targets, index, segment, len(scored_rows), chunk, device),
         )
         batches.append(laid)
     return batches
@@ -435,20 +436,10 @@ def _plan_shared(requests, batch_size, pad, device, chunk) -> list[_Batch]:
         cols = [len(ctx) - 1 for ctx in contexts]
         # Continuations longer than one token read the rest of their tokens on the shared cache.
         long = [r for r in batch if len(r[1]) > 1]
-        laid = _Batch(
-            ids=ids.to(device),
-            mask=mask.to(device),
-            positions=torch.arange(width, device=device).expand(len(contexts), width),
-            rows=torch.tensor(rows, device=device),
-            cols=torch.tensor(cols, device=device),
-            targets=torch.empty(0),
-            index=torch.empty(0),
-            segment=torch.empty(0),
-            owners=[],
-            chunks=[],
-        )
+        mask = mask.to(device)
         x_rows: list[int] = []
         x_cols: list[int] = []
+        second: dict[str, torch.Tensor] = {}  # the continuation pass on the contexts' cache
         seen: dict[tuple[int, ...], int] = {}  # ctx + cont[:j] -> scored hidden state
         if long:
             select = [row_of[ctx] for ctx, _ in long]
@@ -467,12 +458,14 @@ def _plan_shared(requests, batch_size, pad, device, chunk) -> list[_Batch]:
                         x_rows.append(r)
                         x_cols.append(j - 1)
             select_t = torch.tensor(select, device=device)
-            laid.select = select_t
-            laid.x_ids = x_ids.to(device)
-            laid.x_mask = torch.cat([laid.mask[select_t], x_mask.to(device)], dim=1)
-            laid.x_pos = x_pos.to(device)
-            laid.x_rows = torch.tensor(x_rows, device=device)
-            laid.x_cols = torch.tensor(x_cols, device=device)
+            second = {
+                "select": select_t,
+                "x_ids": x_ids.to(device),
+                "x_mask": torch.cat([mask[select_t], x_mask.to(device)], dim=1),
+                "x_pos": x_pos.to(device),
+                "x_rows": torch.tensor(x_rows, device=device),
+                "x_cols": torch.tensor(x_cols, device=device),
+            }
         targets, index, segment = [], [], []
         for s, (ctx, cont) in enumerate(batch):
             for j, token in enumerate(cont):
@@ -480,10 +473,16 @@ def _plan_shared(requests, batch_size, pad, device, chunk) -> list[_Batch]:
                 targets.append(token)
                 segment.append(s)
         n_rows = len(rows) + len(x_rows)
-        laid.targets, laid.index, laid.segment, laid.chunks = _finish(
-            targets, index, segment, n_rows, chunk, device
+        laid = _Batch(
+            ids=ids.to(device),
+            mask=mask,
+            positions=torch.arange(width, device=device).expand(len(contexts), width),
+            rows=torch.tensor(rows, device=device),
+            cols=torch.tensor(cols, device=device),
+            owners=[owners[request] for request in batch],
+            **_finish(targets, index, segment, n_rows, chunk, device),
+            **second,
         )
-        laid.owners = [owners[request] for request in batch]
         batches.append(laid)
     return batches
 
@@ -543,14 +542,8 @@ def _plan_rows(requests, batch_size, pad, device, chunk) -> list[_Batch]:
             positions=None,
             rows=torch.tensor(rows_idx, device=device),
             cols=torch.tensor(pos_idx, device=device),
-            targets=torch.empty(0),
-            index=torch.empty(0),
-            segment=torch.empty(0),
             owners=who,
-            chunks=[],
-        )
-        laid.targets, laid.index, laid.segment, laid.chunks = _finish(
-            targets, index, segment, len(rows_idx), chunk, device
+            **_finish(targets, index, segment, len(rows_idx), chunk, device),
         )
         batches.append(laid)
     return batches
