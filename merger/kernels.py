@@ -302,10 +302,10 @@ def _task_vectors(
             edges = [-1] * k
             above = {}
             for j in selected:
-                edges[j], above[j] = _kth_from_top(high[j], keep[j])
+                edges[j], above[j] = methods.kth_from_top(high[j], keep[j])
             low = _histograms(lib, base, inputs, in_code, selected, 1 << 16, edges)
             for j in selected:
-                value, strictly_above = _kth_from_top(low[j], keep[j] - above[j])
+                value, strictly_above = methods.kth_from_top(low[j], keep[j] - above[j])
                 thresholds[j] = (edges[j] << 16) | value
                 quotas[j] = keep[j] - above[j] - strictly_above
     dropped = [j for j in range(k) if densities[j] < 1] if method in RANDOM else []
@@ -449,11 +449,3 @@ def _histograms(lib, base, inputs, in_code, selected, bins, edges) -> dict[int, 
         (ctypes.c_int32 * len(inputs))(*edges),
     )
     return counts
-
-
-def _kth_from_top(counts: torch.Tensor, kth: int) -> tuple[int, int]:
-    """The bin holding the ``kth`` largest key, and how many keys lie above that bin."""
-    from_top = counts.flip(0).to(torch.int64).cumsum(0)
-    position = int(torch.searchsorted(from_top, kth))
-    bucket = counts.numel() - 1 - position
-    return bucket, int(from_top[position]) - int(counts[bucket])

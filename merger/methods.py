@@ -250,6 +250,15 @@ def _slerp_method(tensors, base_index, params, per_model, generator=None, out_dt
 # --- the task-vector family -----------------------------------------------------------------
 
 
+def kth_from_top(counts: Tensor, kth: int) -> tuple[int, int]:
+    """One radix-select step: the bin holding the ``kth`` largest key, given the key count
+    per bin, and how many keys lie in the bins above it."""
+    from_top = counts.flip(0).cumsum(0)
+    position = int(torch.searchsorted(from_top, kth))
+    bucket = counts.numel() - 1 - position
+    return bucket, int(from_top[position]) - int(counts[bucket])
+
+
 class _Magnitude:
     """TIES trim of one task vector: keep exactly ``k = max(1, int(density * n))`` entries.
 
@@ -277,10 +286,7 @@ class _Magnitude:
         self.high_counts = high if self.high_counts is None else self.high_counts + high
 
     def pick_bucket(self) -> None:
-        from_top = self.high_counts.flip(0).cumsum(0)
-        position = int(torch.searchsorted(from_top, self.k))
-        self.bucket = self.high_counts.numel() - 1 - position
-        self.above = int(from_top[position]) - int(self.high_counts[self.bucket])
+        self.bucket, self.above = kth_from_top(self.high_counts, self.k)
 
     def collect_low(self, delta: Tensor) -> None:
         keys = self.keys(delta)
@@ -288,11 +294,10 @@ class _Magnitude:
 
     def pick_threshold(self, device: torch.device) -> None:
         lows = torch.cat(self.low_parts)
-        counts = torch.bincount(lows, minlength=1 << 16)
-        from_top = counts.flip(0).cumsum(0)
-        position = int(torch.searchsorted(from_top, self.k - self.above))
-        low = counts.numel() - 1 - position
-        strictly_above = self.above + int(from_top[position]) - int(counts[low])
+        low, above_in_bucket = kth_from_top(
+            torch.bincount(lows, minlength=1 << 16), self.k - self.above
+        )
+        strictly_above = self.above + above_in_bucket
         value = (self.bucket << 16) | low
         self.threshold = torch.tensor(value, dtype=torch.int32, device=device)
         self.quota = self.k - strictly_above
