@@ -74,6 +74,14 @@ static int64_t store_f32(void *dst, int64_t off, const float *src, int64_t m, in
     return bad;
 }
 
+/* |d| as its float32 bit pattern: ordered as the magnitudes are (the radix-select key). */
+static inline uint32_t magnitude_key(float d)
+{
+    uint32_t u;
+    memcpy(&u, &d, sizeof(u));
+    return u & 0x7fffffffu;
+}
+
 int kr_has_f16(void)
 {
 #ifdef KR_HAVE_F16
@@ -140,8 +148,8 @@ void kr_dots(int64_t n, const void *a, const void *b, int dtype, double *out)
     out[2] = ab;
 }
 
-/* Radix-select histograms of the magnitudes |x_j - base| as float32 bit patterns (a
- * monotonic key for non-negative floats), for the models with count[j] != NULL:
+/* Radix-select histograms of the keys of |x_j - base| (magnitude_key), for the models with
+ * count[j] != NULL:
  * edge[j] < 0: count the high 15 bits of each key (count[j] has 1 << 15 entries);
  * edge[j] >= 0: count the low 16 bits of the keys whose high bits equal edge[j] (1 << 16). */
 void kr_tv_histogram(int64_t n, int k, const void *base, const void *const *src, int dtype,
@@ -156,12 +164,8 @@ void kr_tv_histogram(int64_t n, int k, const void *base, const void *const *src,
             if (count[j] == NULL)
                 continue;
             load_f32(x, src[j], off, m, dtype);
-            for (int64_t i = 0; i < m; i++) {
-                float d = x[i] - b[i];
-                uint32_t u;
-                memcpy(&u, &d, sizeof(u));
-                key[i] = u & 0x7fffffffu;
-            }
+            for (int64_t i = 0; i < m; i++)
+                key[i] = magnitude_key(x[i] - b[i]);
             uint32_t *c = count[j];
             if (edge[j] < 0) {
                 for (int64_t i = 0; i < m; i++)
@@ -291,18 +295,14 @@ int64_t kr_tv_merge(int64_t n, int k, const void *base, const void *const *src, 
             int64_t equal = 0;
             for (int64_t i = 0; i < m; i++) {
                 float delta = x[i] - b[i];
-                uint32_t u;
-                memcpy(&u, &delta, sizeof(u));
-                u &= 0x7fffffffu;
+                uint32_t u = magnitude_key(delta);
                 dj[i] = (delta * (u > edge ? 1.0f : 0.0f)) * wj;
                 equal += u == edge;
             }
             if (equal && quota[j] > 0) { /* ties at the threshold: the first ones, in order */
                 for (int64_t i = 0; i < m && quota[j] > 0; i++) {
                     float delta = x[i] - b[i];
-                    uint32_t u;
-                    memcpy(&u, &delta, sizeof(u));
-                    if ((u & 0x7fffffffu) == edge) {
+                    if (magnitude_key(delta) == edge) {
                         dj[i] = (delta * 1.0f) * wj;
                         quota[j]--;
                     }
