@@ -4,8 +4,8 @@
 2. plan   — resolve every tensor's inputs and parameters (merger.plan); all errors up front.
 3. stream — a reader thread maps the next tensors (and moves them onto the GPU on a copy
             stream when there is one) while the device merges in float32; on the CPU,
-            several tensors at once, each computed block by block straight into its place
-            in the memory-mapped output shard, laid out up front from the plan.
+            several tensors at once, each by a fused kernel (merger.kernels) segment by
+            segment into the output shards laid out up front from the plan (merger.io).
 4. write  — config, generation config, tokenizer, model card, recipe, provenance; the
             child is built in a temporary sibling folder and renamed into place when complete.
 """
@@ -178,10 +178,10 @@ def stream_merge(
     seed: int = 0,
     progress: bool = True,
 ) -> None:
-    """Run every task of the plan, overlapping reads, compute and writes; write in order.
+    """Run every task of the plan, overlapping reads, compute and writes.
 
-    On the CPU, `cpu_workers()` tensors are merged at once, each on one thread: the methods
-    work in cache-sized blocks, where an OpenMP region per block costs more than the block
+    On the CPU, `cpu_workers()` tensors are merged at once, each on one thread: the kernels
+    work in cache-sized chunks, where an OpenMP region per chunk costs more than the chunk
     itself, so parallelism comes from merging different tensors side by side instead.
     """
     workers = cpu_workers() if device.type == "cpu" else 1

@@ -411,6 +411,7 @@ def _rescales(lib, base, inputs, in_code, densities, dropped, generator):
     after = (ctypes.c_double * k)()
     masks = {j: torch.zeros((n + 7) // 8, dtype=torch.uint8) for j in dropped}
     bits = (ctypes.c_void_p * k)(*(masks[j].data_ptr() if j in masks else None for j in range(k)))
+    keep_below = _floats(densities)
     draws = _Draws(n, dropped, generator)
     for low, high, offset in draws.cover(0, n):
         lib.kr_tv_l1(
@@ -420,7 +421,7 @@ def _rescales(lib, base, inputs, in_code, densities, dropped, generator):
             _at(inputs, low, high),
             in_code,
             draws.pointers(k, offset),
-            _floats(densities),
+            keep_below,
             before,
             after,
             bits,

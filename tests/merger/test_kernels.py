@@ -136,10 +136,15 @@ def test_falls_back_where_it_does_not_apply():
     assert kernels.fused_merge("ties", mixed, 0, TV_PARAMS, per_model, a.dtype) is None
 
 
-def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setenv("KRUISING_KERNELS", "off")
+def _forget_the_build(monkeypatch) -> None:
+    """Make the next `kernels.available()` look for (or build) the library again."""
     monkeypatch.setattr(kernels, "_tried", False)
     monkeypatch.setattr(kernels, "_lib", None)
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("KRUISING_KERNELS", "off")
+    _forget_the_build(monkeypatch)
     assert not kernels.available()
     assert "KRUISING_KERNELS" in kernels.why_not()
     a, b = _models(10, torch.float32, k=2)
@@ -152,13 +157,12 @@ def test_switched_off_by_environment(monkeypatch):
 @needs_kernels
 def test_built_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("KRUISING_CACHE", str(tmp_path))
-    monkeypatch.setattr(kernels, "_tried", False)
-    monkeypatch.setattr(kernels, "_lib", None)
+    _forget_the_build(monkeypatch)
     assert kernels.available()
     built = list((tmp_path / "kernels").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"
     stamp = built[0].stat().st_mtime_ns
-    monkeypatch.setattr(kernels, "_tried", False)
+    _forget_the_build(monkeypatch)
     assert kernels.available()
     assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
 
@@ -206,8 +210,7 @@ def test_dare_draws_as_the_reference(method, rescale, in_dtype):
 @needs_kernels
 def test_a_damaged_cached_build_is_rebuilt(monkeypatch, tmp_path):
     monkeypatch.setenv("KRUISING_CACHE", str(tmp_path / "first"))
-    monkeypatch.setattr(kernels, "_tried", False)
-    monkeypatch.setattr(kernels, "_lib", None)
+    _forget_the_build(monkeypatch)
     assert kernels.available()
     (built,) = (tmp_path / "first" / "kernels").iterdir()
     # the same build name in another cache (a path this process has not loaded), damaged
@@ -215,7 +218,6 @@ def test_a_damaged_cached_build_is_rebuilt(monkeypatch, tmp_path):
     damaged.parent.mkdir(parents=True)
     damaged.write_bytes(b"not a shared library")
     monkeypatch.setenv("KRUISING_CACHE", str(tmp_path / "second"))
-    monkeypatch.setattr(kernels, "_tried", False)
-    monkeypatch.setattr(kernels, "_lib", None)
+    _forget_the_build(monkeypatch)
     assert kernels.available(), kernels.why_not()
     assert damaged.read_bytes()[:4] == b"\x7fELF"
