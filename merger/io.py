@@ -107,7 +107,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                 f"corrupt safetensors shard {path}: bad header entry for {name}",
                 "re-download or re-save this checkpoint",
             ) from None
-        expected = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        expected = _numel(shape) * dtype.itemsize
         if end - begin != expected or data_start + end > size:
             raise KruisingError(
                 f"truncated or corrupt safetensors shard {path}: tensor {name} "
@@ -365,6 +365,9 @@ class _Shard:
     file_name: str
     entries: list[tuple[str, torch.dtype, tuple[int, ...], int, int]]  # name, dtype, shape, b, e
 
+    def file_size(self, header: bytes) -> int:
+        return len(header) + (self.entries[-1][4] if self.entries else 0)
+
     def header_bytes(self) -> bytes:
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         for name, dtype, shape, begin, end in self.entries:
@@ -503,7 +506,7 @@ class ShardWriter:
         current: list[tuple[str, torch.dtype, tuple[int, ...], int, int]] = []
         offset = 0
         for name, dtype, shape in layout:
-            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            nbytes = _numel(shape) * dtype.itemsize
             if current and offset + nbytes > max_shard_bytes:
                 self.shards.append(_Shard("", current))
                 current, offset = [], 0
@@ -524,10 +527,10 @@ class ShardWriter:
             for name, dtype, shape, begin, end in shard.entries:
                 self._where[name] = (i, dtype, shape, len(header) + begin, len(header) + end)
         self.total_bytes = sum(e[4] - e[3] for s in self.shards for e in s.entries)
-        sizes = {torch.empty((), dtype=d).element_size() for _, d, _ in layout}
+        item_sizes = {dtype.itemsize for _, dtype, _ in layout}
         if direct is None:
             direct = os.environ.get("KRUISING_DIRECT_IO", "1").lower() not in ("0", "off", "no")
-        self.direct = direct and hasattr(os, "O_DIRECT") and len(sizes) <= 1
+        self.direct = direct and hasattr(os, "O_DIRECT") and len(item_sizes) <= 1
         self._maps: list[mmap.mmap | None] = []
         self._files: list[_DirectShard] = []
         if self.direct:
@@ -545,8 +548,7 @@ class ShardWriter:
 
     def _open_direct(self, headers: list[bytes]) -> None:
         for shard, header in zip(self.shards, headers, strict=True):
-            size = len(header) + (shard.entries[-1][4] if shard.entries else 0)
-            self._files.append(_DirectShard(self.folder / shard.file_name, size))
+            self._files.append(_DirectShard(self.folder / shard.file_name, shard.file_size(header)))
         self._pool = _Pool(count=2 * self._workers + 2, size=SEGMENT_BYTES)
         self._queue: queue.Queue = queue.Queue()
         self._failed = threading.Event()
@@ -558,7 +560,7 @@ class ShardWriter:
 
     def _open_mapped(self, headers: list[bytes]) -> None:
         for shard, header in zip(self.shards, headers, strict=True):
-            size = len(header) + (shard.entries[-1][4] if shard.entries else 0)
+            size = shard.file_size(header)
             with open(self.folder / shard.file_name, "wb+") as f:
                 f.write(header)
                 f.truncate(size)
@@ -601,7 +603,7 @@ class ShardWriter:
 
     def _segments(self, name: str):
         index, dtype, _, begin, end = self._where[name]
-        size = torch.empty((), dtype=dtype).element_size()
+        size = dtype.itemsize
         if end == begin:
             return
         if not self.direct:
