@@ -195,6 +195,12 @@ def fused_merge(
         return None
     if any(t.shape != first.shape for t in tensors[1:]):
         return None  # the reference path reports it
+    if method == "linear" and params["normalize"] and sum(p["weight"] for p in per_model) == 0:
+        return None  # the reference raises the error
+    if method == "slerp" and params.get("t") is None:
+        return None
+    if params.get("rescale") and method not in RANDOM:
+        return None  # TIES with rescale: the reference
     lib = _load()
     if lib is None:
         return None
@@ -218,18 +224,11 @@ def fused_merge(
     flats = [t.reshape(-1) for t in tensors]
     if method == "linear":
         weights = [float(p["weight"]) for p in per_model]
-        total = sum(weights)
-        if params["normalize"] and total == 0:
-            return None  # the reference raises the error
-        divisor = total if params["normalize"] else 0.0
+        divisor = sum(weights) if params["normalize"] else 0.0
         bad = _linear(lib, flats, weights, divisor, in_code, segments, out_code)
     elif method == "slerp":
-        if params.get("t") is None:
-            return None
         bad = _slerp(lib, flats, base_index, float(params["t"]), in_code, segments, out_code)
     else:
-        if params.get("rescale") and method not in RANDOM:
-            return None
         bad = _task_vectors(
             lib,
             method,
