@@ -92,7 +92,7 @@ def _refresh_child_card(folder: Path, card: dict, scorecard: Path) -> Path | Non
     model card is rewritten with the scores, as `merge push` would show them."""
     if not folder.is_dir() or not scorecard.resolve().is_relative_to(folder.resolve()):
         return None
-    from merger.card import is_kruising_card, render_child_card
+    from merger.card import is_kruising_card, update_card_scores
     from merger.hub import RECIPE_FILE
 
     readme = folder / "README.md"
@@ -100,11 +100,7 @@ def _refresh_child_card(folder: Path, card: dict, scorecard: Path) -> Path | Non
         return None
     if not is_kruising_card(readme):
         return None  # someone else's card: left as it is
-    text = render_child_card(folder, scorecard=card).content
-    tmp = readme.with_name(readme.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(readme)
-    return readme
+    return update_card_scores(folder, card)
 
 
 def _g(value: float | None) -> str:

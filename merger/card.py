@@ -498,7 +498,9 @@ def update_card_scores(child_dir: Path, scorecard: Mapping[str, Any]) -> Path:
     child_dir = Path(child_dir)
     card = render_child_card(child_dir, scorecard=scorecard)
     target = child_dir / "README.md"
-    card.save(target)
+    tmp = target.with_name(target.name + ".tmp")  # a kill mid-write keeps the old card
+    tmp.write_text(card.content, encoding="utf-8")
+    tmp.replace(target)
     return target
 
 
