@@ -2,7 +2,8 @@
 
 import os
 
-# Large CPU tensors on transparent huge pages: a streamed merge allocates a fresh output per
-# tensor, and faulting those in 4 KiB at a time cost more kernel time than the merge math.
+# Large CPU tensors on transparent huge pages: the torch reference path and the in-memory
+# (sweep) merges allocate a fresh output per tensor, and faulting those in 4 KiB at a time
+# cost more kernel time than the merge math.
 # Read by torch when it is first imported, so set here, before any merger module imports it.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
