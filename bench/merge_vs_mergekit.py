@@ -354,7 +354,7 @@ def time_startup(device: torch.device, env: dict[str, str]) -> dict[str, float]:
     """
     touch = f"import torch; torch.zeros(1, device={str(device)!r})"
     imports = {
-        "ours": "import merger.cli, merger.engine, merger.child, merger.card",
+        "ours": "import merger.cli, merger.core.engine, merger.core.child, merger.share.card",
         "mergekit": "import mergekit.scripts.run_yaml, mergekit.merge",
     }
     best = {}

@@ -2,7 +2,7 @@
 
     python bench/sweep_vs_mergekit.py [--k 8] [--size default] [--family DIR] [--suite demo]
 
-Ours: ``merger.sweep.run_sweep`` — inputs loaded once, each variant merged into a resident
+Ours: ``merger.study.sweep.run_sweep`` — inputs loaded once, each variant merged into a resident
 model and scored in memory. The mergekit way: for each variant, ``mergekit-yaml`` writes a child
 folder (a subprocess, as a user would run it), ``from_pretrained`` loads it, and the same probes
 score it. Prints both wall times, the ratio, and the largest score difference between the two
@@ -42,10 +42,10 @@ def main() -> None:
 
     from eval.api import score_model
     from eval.suites import load_suite
+    from merger.core.recipe import parse_recipe
     from merger.demo import default_family_dir, resolve_family
-    from merger.rank import leaderboard
-    from merger.recipe import parse_recipe
-    from merger.sweep import parse_spec, run_sweep
+    from merger.study.rank import leaderboard
+    from merger.study.sweep import parse_spec, run_sweep
     from pretrain.family import build_family
 
     torch.manual_seed(0)

@@ -26,6 +26,7 @@ from typing import Any
 from eval.errors import EvalError
 from eval.schema import ChoiceItem, PairItem, Probe, TextItem
 from eval.suites import DEFAULT_WEIGHT, PRIMARY_METRIC, WEIGHTS, load_suite
+from kruising.device import resolve_device
 
 MAX_NEW_TOKENS = 32
 
@@ -373,7 +374,7 @@ def _progress(enabled: bool, total: int, name: str) -> tuple[Any, Callable[[int]
         return contextlib.nullcontext(), lambda n: None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from merger.console import console
+    from kruising.console import console
 
     bar = Progress(
         "[progress.description]{task.description}",
@@ -387,68 +388,16 @@ def _progress(enabled: bool, total: int, name: str) -> tuple[Any, Callable[[int]
     return bar, lambda n: bar.advance(task, n)
 
 
-def resolve_device(device: str):
-    """``auto`` → cuda:0 when there is a GPU, else cpu; asking for an absent GPU is an error."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise EvalError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"device {device} asked for, but there is no CUDA GPU", "use --device cpu")
-    return dev
-
-
-def _is_hub_id(ref: str) -> bool:
-    base = ref.split("@", 1)[0]
-    parts = base.split("/")
-    return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~"))
-
-
 def resolve_model_path(ref: str) -> Path:
     """A local folder as is; a Hub id ``org/name[@revision]`` from the cache or the Hub."""
-    import os
+    from kruising.hub import resolve_model
 
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path
-    if not _is_hub_id(ref):
+    path = resolve_model(ref, error=EvalError)
+    if path is None:
         raise EvalError(
             f"no model folder at {ref}", "give a checkpoint folder or a Hub id org/name"
         )
-    repo_id, _, revision = ref.partition("@")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached: try the Hub below
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
-        raise EvalError(
-            f"Hub model {ref} is not in the local cache and HF_HUB_OFFLINE is set",
-            "download it first (huggingface-cli download) or pass a local folder",
-        )
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision or None, etag_timeout=10))
-    except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as exc:
-        raise EvalError(
-            f"Hub model {ref} does not exist or is not accessible ({type(exc).__name__})",
-            "check the id and revision; for a gated model log in with `hf auth login`",
-        ) from exc
-    except Exception as exc:  # noqa: BLE001 - offline, proxy, timeouts
-        raise EvalError(
-            f"cannot fetch Hub model {ref}: the Hub is unreachable ({type(exc).__name__})",
-            "download it where the Hub is reachable (hf download) or pass a local folder",
-        ) from exc
+    return path
 
 
 def load_model(ref: str, device: str = "auto"):
@@ -456,7 +405,7 @@ def load_model(ref: str, device: str = "auto"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dev = resolve_device(device)
+    dev = resolve_device(device, error=EvalError)
     path = resolve_model_path(ref)
     if not (path / "config.json").is_file():
         raise EvalError(f"{ref} has no config.json", "give a save_pretrained checkpoint folder")

@@ -48,7 +48,8 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from eval.api import load_model, resolve_device, score_model
+    from eval.api import load_model, score_model
+    from kruising.device import resolve_device
 
     start = time.perf_counter()
     if args.model.startswith("random:"):

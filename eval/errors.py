@@ -1,10 +1,7 @@
-"""The one domain exception of eval: expected failures a user can fix."""
+"""The domain exception of eval: expected failures a user can fix."""
+
+from kruising.errors import KruisingError
 
 
-class EvalError(Exception):
+class EvalError(KruisingError):
     """Malformed probe file, model without tokenizer, unknown suite: ``error:`` + ``hint:``."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint

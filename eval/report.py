@@ -1,4 +1,5 @@
-"""Scorecards on disk and on screen: scorecard.json files and a rich comparison table."""
+"""Scorecards on disk and on screen: scorecard.json files and a rich comparison table, and
+`score_models`, the work behind ``merge eval``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import re
 from pathlib import Path
 from typing import Any
+
+from kruising.atomic import write_text
 
 # Metrics shown in the table, per probe, in this order (the JSON has them all).
 _SHOWN = ("acc", "acc_norm", "answer_prob", "lang_share", "ppl", "bits_per_byte")
@@ -32,11 +35,8 @@ def write_scorecards(cards: list[dict[str, Any]], refs: list[str], out: Path) ->
             name = f"{name}-{used[name]}"
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        target = folder / "scorecard.json"
-        tmp = target.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(target)
-        written.append(target)
+        text = json.dumps(card, indent=2, ensure_ascii=False) + "\n"
+        written.append(write_text(folder / "scorecard.json", text))
     return written
 
 
@@ -96,3 +96,62 @@ def comparison_table(cards: list[dict[str, Any]]):
     table.add_row("seconds", "", *[f"{c['seconds']:.2f}" for c in cards])
     table.add_row("items/s", "", *[f"{c['items_per_second'] or 0:.1f}" for c in cards])
     return table
+
+
+def score_models(
+    models: list[str],
+    suite: str,
+    out: Path,
+    *,
+    device: str = "auto",
+    batch_size: int = 16,
+    lm_eval: str | None = None,
+    lm_eval_limit: int | None = None,
+) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Score each model on ``suite``, write ``out/<model>/scorecard.json``, show the table.
+
+    Returns the scorecards and the files written, in the order of ``models``.
+    """
+    from transformers.utils import logging as hf_logging
+
+    from eval.api import score_path
+    from eval.harness import parse_tasks
+    from eval.suites import load_suite
+    from kruising.console import console
+
+    hf_logging.disable_progress_bar()  # our own progress bar says what is happening
+    tasks = parse_tasks(lm_eval) if lm_eval is not None else None
+    probes = load_suite(suite)
+    n_items = sum(len(p.items) for p in probes)
+    console.print(
+        f"{len(models)} model{'s' if len(models) != 1 else ''}, suite {suite}: "
+        f"{len(probes)} probes, {n_items} items"
+        + (f", lm-eval {', '.join(tasks)}" if tasks else "")
+    )
+    cards = []
+    for ref in models:
+        card = score_path(
+            ref,
+            suite,
+            device=device,
+            batch_size=batch_size,
+            progress=True,
+            lm_eval_tasks=tasks,
+            lm_eval_limit=lm_eval_limit,
+        )
+        console.print(
+            f"{ref}: dutch_score {_g(card['dutch_score'])}, "
+            f"english_score {_g(card['english_score'])}; {card['seconds']:.1f} s, "
+            f"{card['items_per_second']:.0f} items/s on {card['device']}",
+            soft_wrap=True,
+        )
+        cards.append(card)
+    written = write_scorecards(cards, list(models), out)
+    console.print(comparison_table(cards))
+    for path in written:
+        console.print(f"wrote {path}")
+    return cards, written
+
+
+def _g(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"

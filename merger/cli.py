@@ -11,8 +11,6 @@ from typing import Annotated
 
 import typer
 
-from eval.cli import eval_command
-
 app = typer.Typer(
     name="merge",
     help="kruising: merge Mistral-family models with mergekit recipes, probe them in Dutch, rank and share.",
@@ -56,7 +54,7 @@ def run_command(
 
     The child is built in a temporary sibling and renamed into place when complete.
     """
-    from merger.engine import run_recipe_file
+    from merger.core.engine import run_recipe_file
 
     run_recipe_file(
         recipe,
@@ -83,7 +81,7 @@ def push_command(
 
     The token comes from HF_TOKEN or `hf auth login`; it is never written anywhere.
     """
-    from merger.hub import push
+    from merger.share.hub import push
 
     url = push(child, repo, private=private, recipe_only=recipe_only)
     print(url)
@@ -101,7 +99,7 @@ def pull_command(
 
     Reads mergekit_config.yml, else the recipe YAML block of README.md (mergekit, LazyMergekit).
     """
-    from merger.hub import pull
+    from merger.share.hub import pull
 
     pull(source, out, overwrite=force)
 
@@ -129,12 +127,12 @@ def sweep_command(
     """
     import json
 
-    from merger.rank import leaderboard, print_leaderboard
-    from merger.sweep import load_spec, run_sweep, spec_recipe
+    from merger.study.rank import leaderboard, print_leaderboard
+    from merger.study.sweep import load_spec, run_sweep, spec_recipe
 
     parsed, root = load_spec(spec)
     if trials is not None and trials < 1:
-        from merger.errors import KruisingError
+        from kruising.errors import KruisingError
 
         raise KruisingError(f"--trials must be at least 1, got {trials}", "use --trials 8")
     study = run_sweep(
@@ -163,8 +161,8 @@ def rank_command(
     """Show a study's leaderboard: rank, parameters, Dutch and English scores, Pareto mark."""
     import json
 
-    from merger.console import console
-    from merger.rank import leaderboard, load_study, print_leaderboard, write_plots
+    from kruising.console import console
+    from merger.study.rank import leaderboard, load_study, print_leaderboard, write_plots
 
     board = leaderboard(load_study(study, storage))
     print_leaderboard(board, limit=top)
@@ -185,8 +183,8 @@ def export_command(
     ] = None,
 ) -> None:
     """Write the variant at RANK of a study as a normal recipe (for `merge run`)."""
-    from merger.console import console
-    from merger.rank import export, leaderboard, load_study
+    from kruising.console import console
+    from merger.study.rank import export, leaderboard, load_study
 
     path = export(leaderboard(load_study(study, storage)), rank, out)
     console.print(f"wrote {path}")
@@ -228,19 +226,81 @@ def demo_command(
         print(json.dumps(summary, indent=2, default=str))
 
 
-app.command("eval")(eval_command)
+@app.command("eval")
+def eval_command(
+    models: Annotated[list[str], typer.Argument(help="Checkpoint folders or Hub ids.")],
+    suite: Annotated[
+        str, typer.Option(help="nl, en, demo, all (nl + en), or a folder of *.jsonl probe files.")
+    ] = "nl",
+    out: Annotated[
+        Path, typer.Option(help="Folder for the scorecards: OUT/<model>/scorecard.json.")
+    ] = Path("scorecards"),
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print the scorecards as JSON on stdout.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
+    lm_eval: Annotated[
+        str | None,
+        typer.Option(
+            "--lm-eval",
+            help="Also run lm-evaluation-harness tasks, comma-separated (needs the lm-eval extra).",
+        ),
+    ] = None,
+    lm_eval_limit: Annotated[
+        int | None, typer.Option(help="Items per lm-eval task (default: all).")
+    ] = None,
+) -> None:
+    """Score MODELS on Dutch probes and write a scorecard per model.
+
+    Scores are log-likelihood multiple choice (acc, acc_norm), minimal pairs, greedy continuations
+    checked by a language identifier, and held-out perplexity; dutch_score and english_score are
+    weighted means (see eval/probes/README.md).
+    """
+    import json
+
+    from eval.report import score_models
+    from kruising.console import console
+    from merger.share.card import refresh_child_card
+
+    cards, written = score_models(
+        models,
+        suite,
+        out,
+        device=device,
+        batch_size=batch_size,
+        lm_eval=lm_eval,
+        lm_eval_limit=lm_eval_limit,
+    )
+    for ref, card, path in zip(models, cards, written, strict=True):
+        readme = refresh_child_card(Path(ref), card, path)
+        if readme is not None:
+            console.print(f"refreshed the model card {readme} with these scores")
+    if json_:
+        payload = cards[0] if len(cards) == 1 else cards
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
 
 
 def main() -> None:
-    from merger.console import run_cli
+    from kruising.console import run_cli
 
     run_cli(app, lambda: _state["verbose"])
 
 
 def entry() -> None:
-    """The console script: `main`, then a fast exit (see `merger.console.entry`)."""
-    from merger.console import entry as run_and_exit
+    """The console script: `main`, then a fast exit (see `kruising.console.entry`).
 
+    Large CPU tensors go on transparent huge pages: the torch reference path and the in-memory
+    (sweep) merges allocate a fresh output per tensor, and faulting those in 4 KiB at a time
+    costs more kernel time than the merge math. torch reads the switch when it is first
+    imported, so it is set here, in the process entry, before any command imports torch (a
+    library user of the merger sets it, or not, in their own process).
+    """
+    import os
+
+    from kruising.console import entry as run_and_exit
+
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     run_and_exit(main)
 
 

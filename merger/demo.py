@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from merger.console import console
-from merger.errors import KruisingError
+from kruising.console import console
+from kruising.errors import KruisingError
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_RECIPES = REPO / "recipes" / "demo"
@@ -102,10 +102,10 @@ def run_demo(
     import yaml
 
     from eval.api import score_path
-    from merger.engine import run_recipe
-    from merger.rank import export, leaderboard, markdown, print_leaderboard, write_plots
-    from merger.recipe import parse_recipe
-    from merger.sweep import load_spec, parse_spec, run_sweep, short
+    from merger.core.engine import run_recipe
+    from merger.core.recipe import parse_recipe
+    from merger.study.rank import export, leaderboard, markdown, print_leaderboard, write_plots
+    from merger.study.sweep import load_spec, parse_spec, run_sweep, short
     from pretrain.family import build_family
 
     started = time.perf_counter()
@@ -119,7 +119,7 @@ def run_demo(
     family_dir = Path(family_dir) if family_dir else default_family_dir(size)
     console.print(f"[bold]1/5[/] tiny family ({size}) in {family_dir}")
     t0 = time.perf_counter()
-    members = _family_call(build_family, family_dir, size=size, seed=seed)
+    members = build_family(family_dir, size=size, seed=seed)
     timings: dict[str, float] = {"family": time.perf_counter() - t0}
     root = Path(members["nl"]).parent
 
@@ -131,7 +131,7 @@ def run_demo(
     t0 = time.perf_counter()
     cards: dict[str, dict[str, Any]] = {}
     for name, path in members.items():
-        card = _eval_call(score_path, str(path), suite="demo", device=device)
+        card = score_path(str(path), suite="demo", device=device)
         card["model"] = name
         cards[name] = card
         _write_json(out / "scorecards" / f"{name}.json", card)
@@ -149,7 +149,7 @@ def run_demo(
         child = run_recipe(
             recipe, out / "children" / name, recipe_text=text, device=device, progress=False
         )
-        card = _eval_call(score_path, str(child), suite="demo", device=device)
+        card = score_path(str(child), suite="demo", device=device)
         card["model"] = name
         cards[name] = card
         _write_json(out / "scorecards" / f"{name}.json", card)
@@ -356,21 +356,3 @@ def _bar_plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def _eval_call(fn, *args, **kwargs):
-    from eval.errors import EvalError
-
-    try:
-        return fn(*args, **kwargs)
-    except EvalError as exc:
-        raise KruisingError(exc.message, exc.hint) from None
-
-
-def _family_call(fn, *args, **kwargs):
-    from pretrain.errors import PretrainError
-
-    try:
-        return fn(*args, **kwargs)
-    except PretrainError as exc:
-        raise KruisingError(exc.message, getattr(exc, "hint", "")) from None

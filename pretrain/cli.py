@@ -79,9 +79,8 @@ def family(
     if as_json:
         print((out / MARKER).read_text())
     else:
-        from rich.console import Console
+        from kruising.console import console
 
-        console = Console(stderr=True, highlight=False)
         info = json.loads((out / MARKER).read_text())
         for name, ok in info["facts"]["checks"].items():
             console.print(f"{'ok ' if ok else 'NOT'} {name.replace('_', ' ')}")
@@ -90,7 +89,7 @@ def family(
 
 
 def main() -> None:
-    from merger.console import run_cli
+    from kruising.console import run_cli
 
     run_cli(app, lambda: _state["verbose"])
 

@@ -10,17 +10,13 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from kruising.config import INVALID_YAML, Strict, compose_yaml, line_of
 from pretrain.errors import PretrainError
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
-
-
-class Source(_Strict):
+class Source(Strict):
     """One corpus: local files (glob), a Hub dataset (streamed), or the built-in fact world."""
 
     path: str | None = Field(
@@ -59,7 +55,7 @@ class Source(_Strict):
         return f"world:{self.world}"
 
 
-class PretrainConfig(_Strict):
+class PretrainConfig(Strict):
     """Continue (or start) a Mistral model on a corpus; see recipes/pretrain/ for examples."""
 
     # what to start from: exactly one of init_from, model, resume
@@ -147,32 +143,6 @@ class PretrainConfig(_Strict):
         return max(1, math.ceil(self.max_tokens / (self.tokens_per_step * world_size)))
 
 
-# ---- YAML with line numbers ---------------------------------------------------------------------
-
-
-def _line_index(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
-    """Map each key path (as pydantic `loc` tuples) to its 1-based line in the YAML file."""
-    out = {} if out is None else out
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            loc = path + (key.value,)
-            out[loc] = key.start_mark.line + 1
-            _line_index(value, loc, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out[path + (i,)] = item.start_mark.line + 1
-            _line_index(item, path + (i,), out)
-    return out
-
-
-def _line_for(lines: dict[tuple, int], loc: tuple) -> int | None:
-    while loc:
-        if loc in lines:
-            return lines[loc]
-        loc = loc[:-1]
-    return None
-
-
 def parse_config(data: Any, source: str, lines: dict[tuple, int] | None = None) -> PretrainConfig:
     """Validate `data`; all problems in one PretrainError naming `source`, lines and keys."""
     lines = lines or {}
@@ -192,7 +162,7 @@ def parse_config(data: Any, source: str, lines: dict[tuple, int] | None = None) 
             # pydantic puts the model name in loc for after-validators of nested models; drop it
             loc = tuple(p for p in loc if p not in ("Source", "PretrainConfig"))
             key = ".".join(str(p) for p in loc) or "(top level)"
-            line = _line_for(lines, loc)
+            line = line_of(loc, lines) if loc else None
             where = f"{source}:{line}" if line else source
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
@@ -209,15 +179,12 @@ def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> Pr
     path = Path(path)
     if not path.is_file():
         raise PretrainError(f"config file {path} does not exist", "check the path")
-    text = path.read_text(encoding="utf-8")
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise PretrainError(f"{where}: not valid YAML ({exc})", "fix the YAML syntax") from None
-    lines = _line_index(node) if node is not None else {}
+    data, lines, problems = compose_yaml(path.read_text(encoding="utf-8"), str(path))
+    if problems:
+        first = problems[0]
+        what = first.message.removeprefix(INVALID_YAML)
+        what = f"{first.path}: {what}" if first.path else what
+        raise PretrainError(f"{path}:{first.line}: not valid YAML ({what})", "fix the YAML syntax")
     if isinstance(data, dict) and overrides:
         data = {**data, **overrides}
     return parse_config(data, str(path), lines)

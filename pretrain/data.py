@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kruising.hub import offline
 from pretrain.config import PretrainConfig, Source
 from pretrain.errors import PretrainError
 
@@ -51,13 +52,8 @@ def _local_files(source: Source) -> tuple[str, list[str]]:
 
 def check_hub_reachable(dataset_id: str, timeout: float = 5.0) -> None:
     """Fail at once (never hang) when the Hub cannot be reached for `dataset_id`."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in (
-        "1",
-        "true",
-        "yes",
-    ) or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes")
     hint = "download it once with network, or point the source at local files (path: ...)"
-    if offline:
+    if offline(datasets=True):
         raise PretrainError(f"Hub dataset {dataset_id}: HF_HUB_OFFLINE is set", hint)
     from huggingface_hub import HfApi
 

@@ -1,10 +1,7 @@
-"""The one domain exception of pretrain: expected failures a user can fix."""
+"""The domain exception of pretrain: expected failures a user can fix."""
+
+from kruising.errors import KruisingError
 
 
-class PretrainError(Exception):
+class PretrainError(KruisingError):
     """Bad config, missing corpus, corrupt checkpoint: printed as ``error:`` + ``hint:``."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint

@@ -20,12 +20,12 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from kruising.atomic import replace_folder, temp_sibling
 from pretrain.errors import PretrainError
 
 MEMBERS = ("base", "nl", "instruct")
@@ -126,15 +126,10 @@ def build_family(
             return found
         for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed build
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp = temp_sibling(out)
         try:
             _build(tmp, size, seed, fp, progress)
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            if out.exists():
-                out.rename(old)
-            tmp.rename(out)
-            if old.exists():
-                shutil.rmtree(old)
+            replace_folder(tmp, out)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -170,13 +165,11 @@ def _write_corpora(folder: Path, size: str, seed: int) -> dict[str, Path]:
 
 
 def _build(tmp: Path, size: str, seed: int, fp: str, progress: bool) -> None:
-    from rich.console import Console
-
+    from kruising.console import console
     from pretrain.config import PretrainConfig, Source
     from pretrain.train import run
     from pretrain.world import CHAT_TEMPLATE
 
-    console = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
     s = SIZES[size]
     t0 = time.perf_counter()
     if progress:

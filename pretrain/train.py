@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kruising.atomic import replace_folder
+from kruising.hub import offline
 from pretrain.config import PretrainConfig
 from pretrain.errors import PretrainError
 
@@ -40,19 +42,12 @@ class RunResult:
     n_params: int = 0
 
 
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
-
-
 # ---- loading ----------------------------------------------------------------------------------
 
 
 def _check_hub_model(model_id: str) -> None:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     hint = "download it once with network and pass the local folder, or check the id"
-    if offline:
+    if offline():
         raise PretrainError(
             f"model {model_id} is not a local folder and HF_HUB_OFFLINE is set", hint
         )
@@ -195,18 +190,6 @@ def _resolve_resume(config: PretrainConfig) -> Path | None:
     return path
 
 
-def _atomic_replace(tmp: Path, final: Path) -> None:
-    """Move the finished `tmp` folder to `final`; an old `final` is removed only afterwards."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 # ---- schedule, flops --------------------------------------------------------------------------
 
 
@@ -275,7 +258,8 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # our own progress is enough
-    console = _console()
+    from kruising.console import console
+
     out = Path(config.output_dir)
     resume_dir = _resolve_resume(config)
     accelerator = _accelerator(config)
@@ -561,7 +545,7 @@ def _save_checkpoint(
             "config": config.model_dump(mode="json"),
         }
         (tmp / STATE_FILE).write_text(json.dumps(state))
-        _atomic_replace(tmp, final)
+        replace_folder(tmp, final)
         for old in checkpoints(root)[: -config.keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -577,7 +561,7 @@ def _save_final(accelerator, model, tokenizer, model_dir: Path) -> None:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
-        _atomic_replace(tmp, model_dir)
+        replace_folder(tmp, model_dir)
     accelerator.wait_for_everyone()
 
 

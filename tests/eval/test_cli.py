@@ -167,10 +167,10 @@ def test_lm_eval_offline_is_a_clear_error(monkeypatch, capsys, two_models, suite
 
 
 def test_eval_cli_module_imports_no_torch():
-    """`merge --help` stays instant: eval's CLI module leaves torch and transformers unimported."""
+    """`merge --help` stays instant: the CLI module holding `merge eval` leaves torch and transformers unimported."""
     import subprocess
 
-    code = "import sys, eval.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    code = "import sys, merger.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -10,7 +10,7 @@ from merger.demo import DEMO_RECIPES, PLACEHOLDER, chat_vector_verdict, resolve_
 
 
 def test_demo_recipes_parse_once_the_family_is_filled_in(tmp_path):
-    from merger.recipe import parse_recipe
+    from merger.core.recipe import parse_recipe
 
     names = sorted(p.stem for p in DEMO_RECIPES.glob("*.yaml"))
     assert {"slerp", "ties", "linear"} <= set(names)
@@ -57,7 +57,7 @@ def test_merge_demo_end_to_end_on_the_test_family(tiny_family, tmp_path):
     from typer.testing import CliRunner
 
     from merger.cli import app
-    from merger.recipe import load_recipe
+    from merger.core.recipe import load_recipe
 
     out = tmp_path / "report"
     family = tiny_family["nl"].parent

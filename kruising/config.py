@@ -1,0 +1,163 @@
+"""Strict configs: a pydantic base that refuses unknown keys, and YAML read with the line of
+every key, so that each problem of a file is reported with its line, all of them together.
+
+- `Strict`: the base of every config model (recipes, sweep specs, pretrain configs): a
+  misspelt key is an error, never silently ignored.
+- `compose_yaml`: YAML text -> plain data, the 1-based line of every key and list item, and the
+  problems found on the way (invalid YAML, duplicate keys, keys that are not plain names).
+- `line_of`, `format_loc`: a pydantic error location as a line and as ``models[1].parameters``.
+- `Problem`: one problem of a file (source, line, path, message, hint).
+
+Light module: pydantic and yaml only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+#: A location in a config: keys and list positions, like pydantic's ``loc``.
+Loc = tuple[str | int, ...]
+
+_MAX_DEPTH = 64
+
+
+class Strict(BaseModel):
+    """A config model: unknown keys are errors (``extra="forbid"``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Problem(BaseModel):
+    """One problem of a config file: where it is, what is wrong, how to fix it."""
+
+    source: str
+    line: int | None  # None for a config built from data rather than read from YAML
+    path: str
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+#: The message prefix of a problem that is the YAML itself, not a key or value in it.
+INVALID_YAML = "invalid YAML: "
+#: The message of a file with more than one YAML document (``---``).
+SEVERAL_DOCUMENTS = "several YAML documents (---)"
+
+
+def compose_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int], list[Problem]]:
+    """YAML → plain data, plus the 1-based line of every key and list item.
+
+    Problems (invalid YAML, a duplicate key, a key that is not a plain name) are returned, not
+    raised, so the caller reports them together with its own. On invalid YAML the data is None.
+    """
+    lines: dict[Loc, int] = {(): 1}
+    problems: list[Problem] = []
+    loader = yaml.SafeLoader(text)
+
+    def build(node: yaml.Node, loc: Loc, depth: int) -> Any:
+        if depth > _MAX_DEPTH:
+            raise yaml.YAMLError(f"nested deeper than {_MAX_DEPTH} levels (recursive alias?)")
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:  # duplicates among the keys written here
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *anchor` keys may be overridden, as YAML intends
+                key = loader.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if not isinstance(key, (str, int, float, bool)):
+                    problems.append(
+                        Problem(
+                            source=source,
+                            line=line,
+                            path=format_loc(loc),
+                            message=f"a key must be a plain name, got {key!r}",
+                        )
+                    )
+                elif key in first_line:
+                    problems.append(
+                        Problem(
+                            source=source,
+                            line=line,
+                            path=format_loc((*loc, key)),
+                            message=f"duplicate key (first on line {first_line[key]})",
+                            hint="remove one of the two; YAML would silently keep the last",
+                        )
+                    )
+                else:
+                    first_line[key] = line
+            loader.flatten_mapping(node)
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:  # merged keys first, then the written ones
+                key = loader.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)):
+                    continue
+                lines[(*loc, key)] = key_node.start_mark.line + 1
+                out[key] = build(value_node, (*loc, key), depth + 1)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            items = []
+            for i, item in enumerate(node.value):
+                lines[(*loc, i)] = item.start_mark.line + 1
+                items.append(build(item, (*loc, i), depth + 1))
+            return items
+        return loader.construct_object(node, deep=True)
+
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, lines, problems
+        lines[()] = root.start_mark.line + 1
+        return build(root, (), 0), lines, problems
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        what = " ".join(x for x in (exc.context, exc.problem) if x)
+        if exc.context and exc.context_mark and exc.problem_mark:
+            if exc.context_mark.line != exc.problem_mark.line:
+                what = f"{exc.context} (from line {exc.context_mark.line + 1}): {exc.problem}"
+        if "expected a single document" in what:
+            what = SEVERAL_DOCUMENTS
+        problems.append(
+            Problem(
+                source=source,
+                line=line,
+                path="",
+                message=INVALID_YAML + what,
+                hint="check indentation and quoting around this line (a YAML linter shows it)",
+            )
+        )
+        return None, lines, problems
+    except yaml.YAMLError as exc:
+        problems.append(Problem(source=source, line=1, path="", message=f"{INVALID_YAML}{exc}"))
+        return None, lines, problems
+    finally:
+        loader.dispose()
+
+
+def format_loc(loc: Loc) -> str:
+    """``("models", 1, "parameters")`` → ``models[1].parameters``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_][\w-]*", str(part)):
+            out += f".{part}" if out else str(part)
+        else:
+            out += f"[{str(part)!r}]"
+    return out
+
+
+def line_of(loc: Loc, lines: Mapping[Loc, int]) -> int | None:
+    """The line of ``loc``, or of the nearest enclosing key that has one."""
+    for cut in range(len(loc), -1, -1):
+        if loc[:cut] in lines:
+            return lines[loc[:cut]]
+    return None

@@ -1,0 +1,1 @@
+"""The merge core: recipe -> plan -> methods / fused kernels -> shard I/O -> engine -> child folder."""

@@ -1,0 +1,562 @@
+"""`merge run`: load, plan, stream, write.
+
+1. load   — parse the recipe, open every input (local folder or Hub id) from shard headers.
+2. plan   — resolve every tensor's inputs and parameters (merger.core.plan); all errors up front.
+3. stream — a reader thread maps the next tensors (and moves them onto the GPU on a copy
+            stream when there is one) while the device merges in float32; on the CPU,
+            several tensors at once, each by a fused kernel (merger.core.kernels) segment by
+            segment into the output shards laid out up front from the plan (merger.core.io).
+4. write  — config, generation config, tokenizer, model card, recipe, provenance; the
+            child is built in a temporary sibling folder and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from kruising.atomic import replace_folder, temp_sibling
+from kruising.console import console
+from kruising.device import resolve_device
+from kruising.errors import KruisingError
+from merger.core.child import check_chat_template
+from merger.core.io import ModelSource, ShardWriter, TensorStream, open_model, parse_size
+from merger.core.kernels import FUSED_METHODS, fused_merge
+from merger.core.kernels import available as kernels_available
+from merger.core.kernels import why_not as kernels_why_not
+from merger.core.plan import MergePlan, TensorTask, build_plan
+from merger.core.recipe import MergeRecipe, load_recipe
+
+RANDOM_METHODS = ("dare_ties", "dare_linear")
+
+
+def open_sources(recipe: MergeRecipe, *, allow_pickle: bool = False) -> dict[str, ModelSource]:
+    """Every model the recipe names, base first, opened from its shard headers."""
+    return {ref: open_model(ref, allow_pickle=allow_pickle) for ref in recipe.referenced_models()}
+
+
+def _seed_for(seed: int, task: TensorTask) -> int:
+    return (seed * 1_000_003 + zlib.crc32(task.name.encode())) % (2**63)
+
+
+_HALF_OR_SINGLE = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def compute_task(
+    plan: MergePlan,
+    task: TensorTask,
+    tensors: list[torch.Tensor],
+    seed: int = 0,
+    out: torch.Tensor | TensorStream | None = None,
+) -> torch.Tensor | None:
+    """Merge one tensor on the device its inputs are on; returns it in the output dtype.
+
+    With ``out`` (a flat buffer of the output dtype) the result is computed into it; with a
+    `TensorStream` it is written there (by a fused CPU kernel segment by segment, or copied
+    from the reference method's result) and None is returned.
+    """
+    if task.in_dtype is not None and not (
+        # methods compute in float32 anyway: widening half floats first would only copy
+        task.in_dtype == torch.float32 and all(t.dtype in _HALF_OR_SINGLE for t in tensors)
+    ):
+        tensors = [t.to(task.in_dtype) for t in tensors]
+    generator = None
+    if plan.method.name in RANDOM_METHODS:
+        generator = torch.Generator(device=tensors[0].device)
+        generator.manual_seed(_seed_for(seed, task))
+    fused = fused_merge(
+        plan.method.name,
+        tensors,
+        task.base_index,
+        task.params,
+        task.per_model,
+        task.out_dtype,
+        out,
+        generator,
+    )
+    if fused is not None:
+        merged, bad = fused  # the kernel counted NaN/Inf on its way out
+    else:
+        buffer = out if isinstance(out, torch.Tensor) else None
+        merged = plan.method(
+            tensors, task.base_index, task.params, task.per_model, generator, task.out_dtype, buffer
+        )
+        # a sum is finite when no element is NaN/Inf (no copy, unlike a float64 sum); only
+        # when it is not, count exactly (a huge but finite sum can overflow on its own)
+        bad = 0 if bool(torch.isfinite(merged.sum())) else int((~torch.isfinite(merged)).sum())
+    if bad:
+        raise KruisingError(
+            f"merged tensor {task.name} has {bad} NaN/Inf values",
+            "check the inputs for NaN/Inf and the parameters (e.g. weights that sum to ~0 "
+            "with normalize, or a huge lambda)",
+        )
+    if merged is None:
+        return None
+    merged = merged.to(task.out_dtype)
+    if isinstance(out, TensorStream):
+        out.write_all(merged.reshape(-1))
+        return None
+    return merged
+
+
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _reader(plan: MergePlan, device: torch.device, out: queue.Queue, stop: threading.Event) -> None:
+    """Fetch each task's inputs ahead of the compute loop."""
+    try:
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        for task in plan.tasks:
+            if stop.is_set():
+                return
+            tensors = [plan.sources[ref].read(name) for ref, name in task.inputs]
+            event = None
+            if stream is not None:
+                with torch.cuda.stream(stream):
+                    tensors = [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+                    event = torch.cuda.Event()
+                    event.record(stream)
+            else:
+                for ref, name in task.inputs:
+                    plan.sources[ref].prefetch(name)
+            out.put((task, tensors, event))
+        out.put(_DONE)
+    except BaseException as exc:  # handed to the main thread
+        out.put(_Failure(exc))
+
+
+def cpu_workers() -> int:
+    """Tensors merged at once on the CPU: one per core, at most 4 (each holds its inputs)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def stream_merge(
+    plan: MergePlan,
+    device: torch.device,
+    *,
+    writer: ShardWriter | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> None:
+    """Run every task of the plan, overlapping reads, compute and writes.
+
+    On the CPU, `cpu_workers()` tensors are merged at once, each on one thread: the kernels
+    work in cache-sized chunks, where an OpenMP region per chunk costs more than the chunk
+    itself, so parallelism comes from merging different tensors side by side instead.
+    """
+    workers = cpu_workers() if device.type == "cpu" else 1
+    inbox: queue.Queue = queue.Queue(maxsize=workers + 1)
+    stop = threading.Event()
+    reader = threading.Thread(target=_reader, args=(plan, device, inbox, stop), daemon=True)
+    reader.start()
+    bar = _progress(progress)
+    n_tasks = len(plan.tasks)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+
+    def merge_one(task: TensorTask, tensors: list[torch.Tensor]) -> None:
+        on_cpu = writer is not None and device.type == "cpu"
+        merged = compute_task(
+            plan, task, tensors, seed, writer.stream(task.name) if on_cpu else None
+        )
+        for ref, name in task.inputs:
+            plan.sources[ref].release(name)
+        if on_cpu:
+            writer.done(task.name)
+        elif writer is not None:
+            writer.write(task.name, merged)
+
+    pending: deque = deque()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge")
+    try:
+        with bar:
+            job = bar.add_task(f"merging 0/{n_tasks} tensors", total=plan.write_bytes)
+            done = 0
+
+            def finish_oldest() -> None:
+                nonlocal done
+                task, future = pending.popleft()
+                future.result()
+                done += 1
+                bar.update(
+                    job, advance=task.nbytes, description=f"merging {done}/{n_tasks} tensors"
+                )
+
+            while True:
+                item = inbox.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, _Failure):
+                    raise item.exc
+                task, tensors, event = item
+                if event is not None:
+                    compute_stream = torch.cuda.current_stream(device)
+                    compute_stream.wait_event(event)
+                    for t in tensors:  # allocated on the copy stream, freed after compute
+                        t.record_stream(compute_stream)
+                pending.append((task, pool.submit(merge_one, task, tensors)))
+                del tensors
+                if len(pending) >= workers:
+                    finish_oldest()
+            while pending:
+                finish_oldest()
+    finally:
+        stop.set()
+        for _, future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
+        torch.set_num_threads(threads)
+        while reader.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                inbox.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
+def _progress(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )
+
+
+def _describe(plan: MergePlan, device: torch.device) -> str:
+    out_dtypes = sorted({str(t.out_dtype).removeprefix("torch.") for t in plan.tasks})
+    return (
+        f"{plan.method.name}: {len(plan.sources)} models, {len(plan.tasks)} tensors, "
+        f"{plan.num_layers} layers, {_gb(plan.read_bytes)} to read, {_gb(plan.write_bytes)} "
+        f"to write, device {device}{_kernel_note(plan, device)}, compute float32, "
+        f"out {'/'.join(out_dtypes)}"
+    )
+
+
+def _kernel_note(plan: MergePlan, device: torch.device) -> str:
+    if device.type != "cpu" or plan.method.name not in FUSED_METHODS:
+        return ""
+    if kernels_available():
+        return " (fused kernels)"
+    return f" (torch kernels: {kernels_why_not()})"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _check_disk(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    margin = 64 * 2**20
+    if free < needed + margin:
+        raise KruisingError(
+            f"not enough disk for the child in {folder}: it needs {_gb(needed)}, "
+            f"{_gb(free)} is free",
+            "free some space or choose another --out",
+        )
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    out = out.expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise KruisingError(
+            f"output folder {out} already exists", "choose another --out, or pass --overwrite"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(out, "kruising-tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    replace_folder(tmp, out.expanduser().resolve(), old_tag="kruising-old")
+
+
+def run_recipe_file(recipe_path: Path, out: Path, **options) -> Path:
+    """`merge run RECIPE --out DIR`: merge the recipe file into a child folder."""
+    recipe_path = Path(recipe_path)
+    recipe = load_recipe(recipe_path)
+    return run_recipe(recipe, out, recipe_text=recipe_path.read_text(), **options)
+
+
+def run_recipe(
+    recipe: MergeRecipe,
+    out: Path,
+    *,
+    recipe_text: str | None = None,
+    device: str = "auto",
+    out_shard_size: str = "5GB",
+    engine: str = "native",
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Merge ``recipe`` into the child folder ``out``; returns the folder."""
+    from merger.core.recipe import recipe_to_yaml
+
+    recipe_text = recipe_text if recipe_text is not None else recipe_to_yaml(recipe)
+    if engine not in ("native", "mergekit"):
+        raise KruisingError(f"unknown engine {engine!r}", "use --engine native or mergekit")
+    torch_device = resolve_device(device)
+    max_shard = parse_size(out_shard_size)
+    if engine == "mergekit":
+        return _run_with_mergekit(
+            recipe, recipe_text, Path(out), torch_device, max_shard, overwrite, seed, allow_pickle
+        )
+    sources = open_sources(recipe, allow_pickle=allow_pickle)
+    plan = build_plan(recipe, sources)
+    check_chat_template(recipe.chat_template)
+    out = Path(out)
+    if out.expanduser().resolve().exists() and not overwrite:
+        raise KruisingError(
+            f"output folder {out} already exists", "choose another --out, or pass --overwrite"
+        )
+    console.print(_describe(plan, torch_device))
+    out.expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+    _check_disk(out.expanduser().resolve().parent, plan.write_bytes)
+    tmp = _prepare_out(out, overwrite)
+    started = time.perf_counter()
+    try:
+        layout = [(t.name, t.out_dtype, t.shape) for t in plan.tasks]
+        writer = ShardWriter(tmp, layout, max_shard, workers=cpu_workers())
+        try:
+            stream_merge(plan, torch_device, writer=writer, seed=seed, progress=progress)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.finish()
+        _write_child_files(
+            tmp,
+            recipe,
+            recipe_text,
+            sources,
+            plan,
+            device=str(torch_device),
+            seconds=time.perf_counter() - started,
+            engine="native",
+            seed=seed,
+        )
+        _commit(tmp, out)
+    except OSError as exc:  # the disk: full, gone read-only, an I/O error
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KruisingError(
+            f"writing the child {out} failed: {exc.strerror or exc}",
+            "check free space and that the output folder's file system is writable; "
+            "nothing was kept",
+        ) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for source in sources.values():
+            source.close()
+    seconds = time.perf_counter() - started
+    console.print(
+        f"wrote {out} ({_gb(plan.write_bytes)}, {len(plan.tasks)} tensors) in {seconds:.1f} s"
+    )
+    return out
+
+
+def _write_child_files(
+    folder: Path,
+    recipe: MergeRecipe,
+    recipe_text: str,
+    sources: dict[str, ModelSource],
+    plan: MergePlan | None,
+    **provenance,
+) -> None:
+    """Everything but the tensors. Without a plan (mergekit did the merge), mergekit has
+    already written config, generation config and tokenizer."""
+    from merger.core.child import (
+        write_config,
+        write_generation_config,
+        write_provenance,
+        write_tokenizer,
+    )
+    from merger.share.card import write_model_card
+
+    if plan is not None:
+        config = write_config(plan, folder)
+        write_generation_config(plan, folder, config)
+        write_tokenizer(plan, folder)
+    (folder / "mergekit_config.yml").write_text(recipe_text)
+    write_model_card(folder, recipe_text, recipe)
+    write_provenance(folder, recipe, sources, plan, recipe_text=recipe_text, **provenance)
+
+
+def _run_with_mergekit(
+    recipe: MergeRecipe,
+    recipe_text: str,
+    out: Path,
+    device: torch.device,
+    max_shard: int,
+    overwrite: bool,
+    seed: int,
+    allow_pickle: bool,
+) -> Path:
+    """Hand the recipe to mergekit's Python API (for methods we do not implement)."""
+    import yaml
+
+    console.print("engine mergekit: importing mergekit (a few seconds)")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    sources = open_sources(recipe, allow_pickle=allow_pickle)
+    try:
+        config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
+    except Exception as exc:
+        raise KruisingError(f"mergekit rejected the recipe: {exc}", "fix the recipe") from None
+    tmp = _prepare_out(out, overwrite)
+    started = time.perf_counter()
+    try:
+        options = MergeOptions(
+            device=str(device),
+            cuda=device.type == "cuda",
+            out_shard_size=max_shard,
+            random_seed=seed,
+            copy_tokenizer=True,
+            write_model_card=False,
+            quiet=True,
+        )
+        run_merge(config, str(tmp), options=options)
+        _write_child_files(
+            tmp,
+            recipe,
+            recipe_text,
+            sources,
+            None,
+            device=str(device),
+            seconds=time.perf_counter() - started,
+            engine="mergekit",
+            seed=seed,
+        )
+        _commit(tmp, out)
+    except KruisingError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception):
+            raise KruisingError(
+                f"mergekit failed: {type(exc).__name__}: {exc}",
+                "run with --verbose for mergekit's traceback",
+            ) from exc
+        raise
+    console.print(f"wrote {out} with mergekit in {time.perf_counter() - started:.1f} s")
+    return out
+
+
+# --- in memory (the sweep) --------------------------------------------------------------------
+
+
+class ResidentInputs:
+    """All input tensors of a recipe's models, loaded once onto the device."""
+
+    def __init__(self, sources: dict[str, ModelSource], device: torch.device) -> None:
+        self.sources = sources
+        self.device = device
+        self.tensors: dict[tuple[str, str], torch.Tensor] = {}
+        for ref, source in sources.items():
+            for name in source.tensors:
+                self.tensors[(ref, name)] = source.read(name).to(device, copy=True)
+            source.close()
+
+    @classmethod
+    def load(
+        cls, recipe: MergeRecipe, device: str = "auto", *, allow_pickle: bool = False
+    ) -> ResidentInputs:
+        return cls(open_sources(recipe, allow_pickle=allow_pickle), resolve_device(device))
+
+    def covers(self, recipe: MergeRecipe) -> bool:
+        return set(recipe.referenced_models()) <= set(self.sources)
+
+
+def merge_in_memory(
+    recipe: MergeRecipe, inputs: ResidentInputs, *, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """The child's state dict (HF names, output dtype) without touching the disk."""
+    if not inputs.covers(recipe):
+        missing = set(recipe.referenced_models()) - set(inputs.sources)
+        raise KruisingError(
+            f"the loaded inputs lack {', '.join(sorted(missing))}",
+            "load ResidentInputs for every model the variants reference",
+        )
+    sources = {ref: inputs.sources[ref] for ref in recipe.referenced_models()}
+    plan = build_plan(recipe, sources)
+    return {
+        task.name: compute_task(plan, task, [inputs.tensors[i] for i in task.inputs], seed)
+        for task in plan.tasks
+    }
+
+
+def merge_variants_streaming(
+    recipes: list[MergeRecipe], device: str = "auto", *, seed: int = 0
+) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """One pass over the shards for K variants: per output tensor, the K merged tensors.
+
+    Every input tensor is read once per output tensor, however many variants there are;
+    use it when the inputs do not fit in memory.
+    """
+    torch_device = resolve_device(device)
+    refs: dict[str, None] = {}
+    for recipe in recipes:
+        refs.update(dict.fromkeys(recipe.referenced_models()))
+    sources = {ref: open_model(ref) for ref in refs}
+    plans = [build_plan(r, {ref: sources[ref] for ref in r.referenced_models()}) for r in recipes]
+    names = [t.name for t in plans[0].tasks]
+    by_name = [{t.name: t for t in p.tasks} for p in plans]
+    for i, table in enumerate(by_name):
+        if set(table) != set(names):
+            raise KruisingError(
+                f"variant {i} produces different tensors than variant 0",
+                "a one-pass sweep needs variants with the same layer structure",
+            )
+    try:
+        for name in names:
+            cache: dict[tuple[str, str], torch.Tensor] = {}
+            outputs = []
+            for plan, table in zip(plans, by_name, strict=True):
+                task = table[name]
+                tensors = []
+                for key in task.inputs:
+                    if key not in cache:
+                        cache[key] = sources[key[0]].read(key[1]).to(torch_device)
+                    tensors.append(cache[key])
+                outputs.append(compute_task(plan, task, tensors, seed))
+            yield name, outputs
+    finally:
+        for source in sources.values():
+            source.close()

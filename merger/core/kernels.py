@@ -1,0 +1,451 @@
+"""Fused CPU kernels for the common methods, built from ``kernels.c`` at first use.
+
+`fused_merge` merges one tensor of linear, slerp, task_arithmetic, ties, dare_ties or
+dare_linear straight from the memory-mapped inputs into the output buffer in one pass per
+method step, and returns how many merged values are NaN/Inf (so the engine needs no extra pass
+to check). It returns None when it does not apply — another method, a GPU tensor, an
+unsupported dtype, or no C compiler — and the engine then runs the torch reference in
+`methods.py`, which defines the semantics; tests hold the two to the same results.
+
+The library is compiled once per source, compiler and CPU into the user's cache
+(``$KRUISING_CACHE``, else ``$XDG_CACHE_HOME/kruising`` or ``~/.cache/kruising``), written
+under a temporary name and renamed, so concurrent first runs are safe.
+``KRUISING_KERNELS=off`` forces the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merger.core import methods
+
+SOURCE = Path(__file__).with_name("kernels.c")
+MAX_MODELS = 16
+#: the methods with a fused kernel (others, and DARE's rescale, run the torch reference)
+FUSED_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear")
+RANDOM = ("dare_ties", "dare_linear")
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_lock = threading.Lock()
+_lib: Any = None
+_tried = False
+_why_not = ""
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("KRUISING_CACHE")
+    if not root:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(cache, "kruising")
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compile(compiler: str, target: Path) -> None:
+    base = [compiler, "-O3", "-fno-strict-aliasing", "-shared", "-fPIC", "-std=c11"]
+    attempts = [
+        ["-march=native", "-DKR_HAVE_F16"],
+        ["-DKR_HAVE_F16"],
+        [],
+    ]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for extra in attempts:
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        result = subprocess.run(
+            [*base, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True
+        )
+        if result.returncode == 0:
+            os.replace(tmp, target)
+            return
+        os.unlink(tmp)
+        errors.append(result.stderr.strip().splitlines()[-1:] or ["?"])
+    raise OSError(f"{compiler} failed: {errors[-1][0]}")
+
+
+def _load() -> Any:
+    """The compiled library, or None (then `why_not()` says why)."""
+    global _lib, _tried, _why_not
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        try:
+            _lib = _build_and_open()
+        except (OSError, subprocess.SubprocessError) as exc:
+            _why_not = str(exc)
+            _lib = None
+        _tried = True
+    return _lib
+
+
+def _build_and_open() -> Any:
+    if os.environ.get("KRUISING_KERNELS", "").lower() in ("0", "off", "torch", "no"):
+        raise OSError("KRUISING_KERNELS=off")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc/gcc) on PATH")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + version.encode() + _cpu_signature().encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"kruising-kernels-{key}.so"
+    if not target.is_file():
+        _compile(compiler, target)
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError:  # a damaged cache entry (e.g. a disk that filled up): build it again
+        target.unlink(missing_ok=True)
+        _compile(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    lib.kr_has_f16.restype = i32
+    lib.kr_linear.restype = i64
+    lib.kr_linear.argtypes = [i64, i32, ptr, i32, ptr, f32, ptr, i32]
+    lib.kr_dots.restype = None
+    lib.kr_dots.argtypes = [i64, ptr, ptr, i32, ptr]
+    lib.kr_tv_histogram.restype = None
+    lib.kr_tv_histogram.argtypes = [i64, i32, ptr, ptr, i32, ptr, ptr]
+    lib.kr_tv_merge.restype = i64
+    lib.kr_tv_merge.argtypes = [
+        i64, i32, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i32, i32, f32, f32,
+        ptr, i32,
+    ]  # fmt: skip
+    lib.kr_tv_l1.restype = None
+    lib.kr_tv_l1.argtypes = [i64, i32, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i64]
+    return lib
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def why_not() -> str:
+    """Why the fused kernels are not in use ('' when they are)."""
+    _load()
+    return _why_not
+
+
+def _code(dtype: torch.dtype, lib: Any) -> int | None:
+    code = _CODES.get(dtype)
+    if code == 2 and not lib.kr_has_f16():
+        return None
+    return code
+
+
+def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+def _floats(values: Sequence[float]) -> ctypes.Array:
+    return (ctypes.c_float * len(values))(*values)
+
+
+def fused_merge(
+    method: str,
+    tensors: Sequence[torch.Tensor],
+    base_index: int | None,
+    params: dict[str, Any],
+    per_model: Sequence[dict[str, Any]],
+    out_dtype: torch.dtype,
+    out: torch.Tensor | Any | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor | None, int] | None:
+    """Merge one tensor with a fused kernel: (result, non-finite count), or None.
+
+    DARE's methods draw from ``generator`` exactly as the torch reference does (same draws,
+    same order), so a seed drops the same entries either way: the same child bit for bit,
+    or to rounding with ``rescale`` (its L1 norms are summed in another order).
+
+    ``out`` is a flat tensor of ``out_dtype`` to fill, or an output stream (anything with
+    ``segments()`` yielding ``(start, end, view)`` in order, as `merger.core.io.TensorStream`):
+    then the result goes there segment by segment and None is returned in its place.
+    """
+    if method not in FUSED_METHODS:
+        return None
+    if method in RANDOM and (generator is None or generator.device.type != "cpu"):
+        return None
+    first = tensors[0]
+    if first.device.type != "cpu" or len(tensors) > MAX_MODELS + 1:
+        return None
+    if any(t.dtype != first.dtype or not t.is_contiguous() for t in tensors):
+        return None
+    if any(t.shape != first.shape for t in tensors[1:]):
+        return None  # the reference path reports it
+    if method == "linear" and params["normalize"] and sum(p["weight"] for p in per_model) == 0:
+        return None  # the reference raises the error
+    if method == "slerp" and params.get("t") is None:
+        return None
+    if params.get("rescale") and method not in RANDOM:
+        return None  # TIES with rescale: the reference
+    lib = _load()
+    if lib is None:
+        return None
+    in_code, out_code = _code(first.dtype, lib), _code(out_dtype, lib)
+    if in_code is None or out_code is None:
+        return None
+    n = first.numel()
+    result = None
+    if out is None:
+        result = torch.empty(n, dtype=out_dtype)
+    elif isinstance(out, torch.Tensor):
+        if out.numel() != n or out.dtype != out_dtype or not out.is_contiguous():
+            return None
+        result = out.reshape(-1)
+    if result is not None:
+        segments = [(0, n, result)]
+    elif getattr(out, "dtype", None) == out_dtype and getattr(out, "numel", None) == n:
+        segments = out.segments()
+    else:
+        return None
+    flats = [t.reshape(-1) for t in tensors]
+    if method == "linear":
+        weights = [float(p["weight"]) for p in per_model]
+        divisor = sum(weights) if params["normalize"] else 0.0
+        bad = _linear(lib, flats, weights, divisor, in_code, segments, out_code)
+    elif method == "slerp":
+        bad = _slerp(lib, flats, base_index, float(params["t"]), in_code, segments, out_code)
+    else:
+        bad = _task_vectors(
+            lib,
+            method,
+            flats,
+            base_index,
+            params,
+            per_model,
+            in_code,
+            segments,
+            out_code,
+            generator,
+        )
+    return (None if result is None else result.reshape(first.shape)), bad
+
+
+def _at(tensors: Sequence[torch.Tensor], start: int, end: int) -> ctypes.Array:
+    return _pointers([t[start:end] for t in tensors])
+
+
+def _linear(lib, flats, weights, divisor, in_code, segments, out_code) -> int:
+    bad = 0
+    w = _floats(weights)
+    for start, end, view in segments:
+        bad += lib.kr_linear(
+            end - start,
+            len(flats),
+            _at(flats, start, end),
+            in_code,
+            w,
+            divisor,
+            view.data_ptr(),
+            out_code,
+        )
+    return bad
+
+
+def _slerp(lib, flats, base_index, t, in_code, segments, out_code) -> int:
+    v0, v1 = flats[base_index], flats[1 - base_index]
+    if t in (0, 1):  # a copy of one end (no 0 * x: that would turn an Inf into NaN)
+        return _linear(lib, [v0 if t == 0 else v1], [1.0], 0.0, in_code, segments, out_code)
+    sums = (ctypes.c_double * 3)()
+    lib.kr_dots(v0.numel(), v0.data_ptr(), v1.data_ptr(), in_code, sums)
+    coefficients = methods.slerp_coefficients(t, sums[0], sums[1], sums[2])
+    return _linear(lib, [v0, v1], coefficients, 0.0, in_code, segments, out_code)
+
+
+def _task_vectors(
+    lib, method, flats, base_index, params, per_model, in_code, segments, out_code, generator
+):
+    others = [i for i in range(len(flats)) if i != base_index]
+    base = flats[base_index]
+    inputs = [flats[i] for i in others]
+    weights = [float(per_model[i]["weight"]) for i in others]
+    n = base.numel()
+    k = len(inputs)
+    trim = [0] * k
+    thresholds = [0] * k
+    quotas = [0] * k
+    densities = [float(per_model[i].get("density", 1.0)) for i in others]
+    if method == "ties":
+        for j in range(k):
+            if densities[j] <= 0:
+                trim[j], thresholds[j] = 1, 0xFFFFFFFF  # nothing is above it: keep nothing
+            elif densities[j] < 1:
+                trim[j] = 1
+        selected = [j for j in range(k) if trim[j] and densities[j] > 0]
+        if selected:
+            keep = {j: max(1, int(densities[j] * n)) for j in selected}
+            high = _histograms(lib, base, inputs, in_code, selected, 1 << 15, [-1] * k)
+            edges = [-1] * k
+            above = {}
+            for j in selected:
+                edges[j], above[j] = methods.kth_from_top(high[j], keep[j])
+            low = _histograms(lib, base, inputs, in_code, selected, 1 << 16, edges)
+            for j in selected:
+                value, strictly_above = methods.kth_from_top(low[j], keep[j] - above[j])
+                thresholds[j] = (edges[j] << 16) | value
+                quotas[j] = keep[j] - above[j] - strictly_above
+    dropped = [j for j in range(k) if densities[j] < 1] if method in RANDOM else []
+    scales = [1.0] * k
+    masks: dict[int, torch.Tensor] = {}
+    if dropped and params.get("rescale"):
+        scales, masks = _rescales(lib, base, inputs, in_code, densities, dropped, generator)
+    constant = (
+        _floats(weights),
+        (ctypes.c_uint8 * k)(*trim),
+        (ctypes.c_uint32 * k)(*thresholds),
+        (ctypes.c_int64 * k)(*quotas),  # ties at the threshold still to keep, carried along
+    )
+    shared = (
+        _floats(densities),
+        _floats(scales),
+        int(method in ("ties", "dare_ties")),
+        int(bool(params["normalize"])),
+        methods.task_vector_divisor(weights),
+        float(params["lambda"]),
+    )
+    # with rescale the keep masks came from its pass: the draws are not made a second time
+    draws = _Draws(n, [] if masks else dropped, generator)
+    bits = None
+    if masks:
+        bits = (ctypes.c_void_p * k)(
+            *(masks[j].data_ptr() if j in masks else None for j in range(k))
+        )
+    bad = 0
+    for start, end, view in segments:
+        for low, high, offset in draws.cover(start, end):
+            count = lib.kr_tv_merge(
+                high - low,
+                k,
+                base[low:high].data_ptr(),
+                _at(inputs, low, high),
+                in_code,
+                *constant,
+                draws.pointers(k, offset),
+                bits,
+                low,
+                *shared,
+                view[low - start :].data_ptr(),
+                out_code,
+            )
+            if count < 0:
+                raise MemoryError("fused task-vector merge: out of memory for its chunk buffers")
+            bad += count
+    return bad
+
+
+class _Draws:
+    """DARE's uniform draws, made exactly as the torch reference makes them: block by block
+    (`methods.CPU_BLOCK` elements), and in each block one ``torch.rand`` per dropping model in
+    model order, from the tensor's generator. Without dropping models: one range, no draws."""
+
+    def __init__(self, n: int, dropped: list[int], generator: torch.Generator | None) -> None:
+        self.n = n
+        self.dropped = dropped
+        self.generator = generator
+        self.block = -1
+        self.tables: dict[int, torch.Tensor] = {}
+
+    def cover(self, start: int, end: int):
+        """``(low, high, offset)`` pieces of [start, end), none crossing a block; ``offset`` is
+        ``low``'s position in its block's draws."""
+        if not self.dropped:
+            yield start, end, 0
+            return
+        size = methods.CPU_BLOCK
+        low = start
+        while low < end:
+            block = low // size
+            while self.block < block:  # blocks come in order: draw the next one
+                self.block += 1
+                length = min(size, self.n - self.block * size)
+                self.tables = {
+                    j: torch.rand(length, generator=self.generator) for j in self.dropped
+                }
+            high = min(end, (block + 1) * size)
+            yield low, high, low - block * size
+            low = high
+
+    def pointers(self, k: int, offset: int) -> ctypes.Array | None:
+        if not self.dropped:
+            return None
+        return (ctypes.c_void_p * k)(
+            *(self.tables[j][offset:].data_ptr() if j in self.tables else None for j in range(k))
+        )
+
+
+def _rescales(lib, base, inputs, in_code, densities, dropped, generator):
+    """DARE's rescale: each dropping model's task vector scaled back to its unpruned L1 norm.
+
+    One pass over the draws measures the norms and keeps each model's keep mask (a bit per
+    element), so the merge pass reuses the mask instead of drawing again (the reference draws
+    twice from a rewound generator: the same numbers). The generator is rewound here too.
+    """
+    k = len(inputs)
+    n = base.numel()
+    state = generator.get_state()
+    before = (ctypes.c_double * k)()
+    after = (ctypes.c_double * k)()
+    masks = {j: torch.zeros((n + 7) // 8, dtype=torch.uint8) for j in dropped}
+    bits = (ctypes.c_void_p * k)(*(masks[j].data_ptr() if j in masks else None for j in range(k)))
+    keep_below = _floats(densities)
+    draws = _Draws(n, dropped, generator)
+    for low, high, offset in draws.cover(0, n):
+        lib.kr_tv_l1(
+            high - low,
+            k,
+            base[low:high].data_ptr(),
+            _at(inputs, low, high),
+            in_code,
+            draws.pointers(k, offset),
+            keep_below,
+            before,
+            after,
+            bits,
+            low,
+        )
+    scales = [1.0] * k
+    for j in dropped:
+        if before[j] >= 1e-7 and after[j] >= 1e-7:
+            scales[j] = before[j] / after[j]
+    generator.set_state(state)
+    return scales, masks
+
+
+def _histograms(lib, base, inputs, in_code, selected, bins, edges) -> dict[int, torch.Tensor]:
+    counts = {j: torch.zeros(bins, dtype=torch.int32) for j in selected}
+    tables = (ctypes.c_void_p * len(inputs))(
+        *(counts[j].data_ptr() if j in counts else None for j in range(len(inputs)))
+    )
+    lib.kr_tv_histogram(
+        base.numel(),
+        len(inputs),
+        base.data_ptr(),
+        _pointers(inputs),
+        in_code,
+        tables,
+        (ctypes.c_int32 * len(inputs))(*edges),
+    )
+    return counts

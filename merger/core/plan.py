@@ -1,0 +1,352 @@
+"""Recipe + opened inputs -> a list of tensor tasks with every parameter resolved.
+
+Resolution follows mergekit exactly: a `models` recipe is one output slice over all layers of
+every model (the base model is added when it is not listed); per-model settings win over the
+slice's, which win over the recipe's global `parameters`; a gradient list is interpolated
+over layer depth within its slice (layer i of n at t = i/(n-1), t = 1 for a 1-layer slice);
+filters are substrings of the tensor name, first match wins; tensors outside the layers
+(embeddings, final norm, lm_head) use t = 0 and the first (embeddings) or last (norm,
+lm_head) slice's models. Every value is range-checked here, before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kruising.errors import KruisingError
+from merger.core.io import ModelSource
+from merger.core.methods import METHODS, MethodSpec
+from merger.core.recipe import MergeRecipe, canonical_dtype, evaluate_setting
+
+LAYER_NAME = re.compile(r"^(?P<prefix>.*?\blayers\.)(?P<index>\d+)\.(?P<suffix>.+)$")
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+TIED_HEAD = ("lm_head.weight", "model.embed_tokens.weight")
+
+
+@dataclass
+class TensorTask:
+    """One output tensor: its inputs, the method and the resolved parameters."""
+
+    name: str
+    inputs: list[tuple[str, str]]  # (model ref, tensor name in that model)
+    base_index: int | None
+    params: dict[str, Any]
+    per_model: list[dict[str, Any]]
+    shape: tuple[int, ...]
+    in_dtype: torch.dtype | None  # recipe `dtype`: inputs are cast to it first (mergekit)
+    out_dtype: torch.dtype
+    group: str  # e.g. "slice 0, layer 3" or "embed": the unit provenance reports
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.out_dtype).element_size()
+
+
+@dataclass
+class SliceSource:
+    model: str
+    start: int
+    end: int
+    parameters: dict[str, Any] | None
+
+
+@dataclass
+class OutSlice:
+    sources: list[SliceSource]
+    base_model: str | None
+    parameters: dict[str, Any] | None
+
+
+@dataclass
+class MergePlan:
+    recipe: MergeRecipe
+    method: MethodSpec
+    tasks: list[TensorTask]
+    sources: dict[str, ModelSource]
+    base_model: str | None
+    num_layers: int
+    donor: str  # the model whose config, generation config and tokenizer the child starts from
+
+    @property
+    def read_bytes(self) -> int:
+        needed = {pair for task in self.tasks for pair in task.inputs}
+        return sum(self.sources[ref].tensors[name].nbytes for ref, name in needed)
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(task.nbytes for task in self.tasks)
+
+
+def parse_dtype(name: str | None, field: str) -> torch.dtype | None:
+    """A recipe dtype name (``bfloat16``, ``torch.float16``, ...) as a torch dtype."""
+    if name is None:
+        return None
+    canonical = canonical_dtype(name)
+    if canonical is None:
+        raise KruisingError(
+            f"recipe {field}: unknown dtype {name!r}", f"use one of {', '.join(TORCH_DTYPES)}"
+        )
+    return TORCH_DTYPES[canonical]
+
+
+def method_for(recipe: MergeRecipe) -> MethodSpec:
+    method = METHODS.get(recipe.merge_method)
+    if method is None:
+        raise KruisingError(
+            f"merge_method {recipe.merge_method!r} has no native implementation",
+            f"native methods: {', '.join(sorted(METHODS))}; for any other mergekit method "
+            "run with --engine mergekit",
+        )
+    return method
+
+
+def _out_slices(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> list[OutSlice]:
+    if getattr(recipe, "modules", None):
+        raise KruisingError(
+            "recipe uses `modules`, which the native engine does not support",
+            "run it with --engine mergekit",
+        )
+    if recipe.slices:
+        out = []
+        for s in recipe.slices:
+            if getattr(s, "residual_weight", None) is not None:
+                raise KruisingError(
+                    "recipe slices use residual_weight, which the native engine does not support",
+                    "remove it or run with --engine mergekit",
+                )
+            out.append(
+                OutSlice(
+                    [
+                        SliceSource(
+                            src.model, src.layer_range[0], src.layer_range[1], src.parameters
+                        )
+                        for src in s.sources
+                    ],
+                    s.base_model,
+                    s.parameters,
+                )
+            )
+        return out
+    members = [
+        SliceSource(m.model, 0, sources[m.model].num_layers, m.parameters) for m in recipe.models
+    ]
+    if recipe.base_model and recipe.base_model not in {m.model for m in recipe.models}:
+        base = recipe.base_model
+        members.append(SliceSource(base, 0, sources[base].num_layers, None))
+    return [OutSlice(members, None, None)]
+
+
+def _resolve(
+    method: MethodSpec,
+    settings: Sequence[dict | None],
+    spec_name: str,
+    tensor_name: str,
+    t: float,
+    where: str,
+    errors: dict[str, str],
+) -> Any:
+    spec = method.param(spec_name)
+    for scope in settings:
+        if scope and spec_name in scope:
+            value = evaluate_setting(tensor_name, scope[spec_name], t)
+            if value is None:
+                continue
+            try:
+                return spec.check(value)
+            except ValueError as exc:
+                errors.setdefault(str(exc), f"{exc} (first at {where})")
+                return spec.default
+    if spec.required:
+        model = where.split(": ")[0] if ": " in where else "the merge"
+        errors.setdefault(
+            f"missing {spec_name} {model}",
+            f"missing required parameter {spec_name} for {where}",
+        )
+        return None
+    return spec.default
+
+
+def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePlan:
+    """Resolve the whole merge up front; raise one KruisingError listing every problem."""
+    method = method_for(recipe)  # parameter names and literal ranges: checked by MergeRecipe
+    in_dtype = parse_dtype(recipe.dtype, "dtype")
+    out_dtype = parse_dtype(recipe.out_dtype, "out_dtype")
+    slices = _out_slices(recipe, sources)
+    for i, s in enumerate(slices):
+        n_inputs = len(s.sources)
+        lengths = {src.end - src.start for src in s.sources}
+        if len(lengths) != 1:
+            raise KruisingError(
+                f"slices[{i}]: sources cover different numbers of layers ({sorted(lengths)})",
+                "every source of a slice needs a layer_range of the same length",
+            )
+        for src in s.sources:
+            n_layers = sources[src.model].num_layers
+            if not 0 <= src.start < src.end <= n_layers:
+                raise KruisingError(
+                    f"slices[{i}]: layer_range [{src.start}, {src.end}] is outside "
+                    f"{src.model}'s {n_layers} layers",
+                    f"use a range within [0, {n_layers}]",
+                )
+        base = s.base_model or recipe.base_model
+        if method.needs_base and base is None:
+            raise KruisingError(
+                f"{method.name} needs a base_model", "add `base_model:` to the recipe"
+            )
+        if base is not None and base not in {src.model for src in s.sources}:
+            raise KruisingError(
+                f"base_model {base} is not among the inputs of slices[{i}]",
+                "list the base model among the slice's sources",
+            )
+        if n_inputs < method.min_models or (method.max_models and n_inputs > method.max_models):
+            count = (
+                f"exactly {method.min_models}"
+                if method.min_models == method.max_models
+                else f"at least {method.min_models}"
+            )
+            raise KruisingError(
+                f"{method.name} merges {count} models (base included), the recipe gives {n_inputs}",
+                "list the right number of models",
+            )
+
+    errors: dict[str, str] = {}
+    tasks: list[TensorTask] = []
+    donor = recipe.base_model or next(iter(sources))
+    first_layer_names = _layer_suffixes(sources[slices[0].sources[0].model])
+    outer = [n for n in sources[donor].tensors if not LAYER_NAME.match(n)]
+    pre = [n for n in outer if "embed" in n]
+    post = [n for n in outer if "embed" not in n]
+
+    def add(out_name: str, in_names: list[str], s: OutSlice, t: float, group: str) -> None:
+        refs = [src.model for src in s.sources]
+        base = s.base_model or recipe.base_model
+        base_index = refs.index(base) if base is not None else None
+        shapes = []
+        for ref, name in zip(refs, in_names, strict=True):
+            info = sources[ref].tensors.get(name)
+            if info is None:
+                errors.setdefault(name, f"tensor {name} is missing in model {ref}")
+                return
+            shapes.append(info.shape)
+        if len(set(shapes)) > 1:
+            errors.setdefault(out_name, _shape_problem(out_name, refs, shapes))
+            return
+        global_settings = [s.parameters, recipe.parameters]
+        where = f"{out_name} ({group})"
+        params = {
+            p.name: _resolve(method, global_settings, p.name, out_name, t, where, errors)
+            for p in method.parameters
+            if not p.per_model
+        }
+        per_model = []
+        for i, (src, name) in enumerate(zip(s.sources, in_names, strict=True)):
+            chain = [src.parameters, s.parameters, recipe.parameters]
+            per_model.append(
+                {
+                    p.name: _resolve(
+                        method, chain, p.name, name, t, f"{src.model}: {where}", errors
+                    )
+                    for p in method.parameters
+                    if p.per_model and (i != base_index or p.applies_to_base)
+                }
+            )
+        dtype = out_dtype or in_dtype or sources[refs[base_index or 0]].tensors[in_names[0]].dtype
+        tasks.append(
+            TensorTask(
+                out_name,
+                list(zip(refs, in_names, strict=True)),
+                base_index,
+                params,
+                per_model,
+                shapes[0],
+                in_dtype,
+                dtype,
+                group,
+            )
+        )
+
+    def outer_inputs(name: str, s: OutSlice) -> list[str]:
+        names = []
+        for src in s.sources:
+            model = sources[src.model]
+            if name not in model.tensors and name == TIED_HEAD[0] and TIED_HEAD[1] in model.tensors:
+                names.append(TIED_HEAD[1])  # tied embeddings: the head is the embedding
+            else:
+                names.append(name)
+        return names
+
+    for name in pre:
+        add(name, outer_inputs(name, slices[0]), slices[0], 0.0, "embeddings")
+    out_layer = 0
+    for i, s in enumerate(slices):
+        length = s.sources[0].end - s.sources[0].start
+        for offset in range(length):
+            t = offset / (length - 1) if length > 1 else 1.0
+            for prefix, suffix in first_layer_names:
+                out_name = f"{prefix}{out_layer}.{suffix}"
+                in_names = [f"{prefix}{src.start + offset}.{suffix}" for src in s.sources]
+                add(out_name, in_names, s, t, f"slice {i}, layer {out_layer}")
+            out_layer += 1
+    for name in post:
+        if all(name not in sources[src.model].tensors for src in slices[-1].sources):
+            continue
+        add(name, outer_inputs(name, slices[-1]), slices[-1], 0.0, "head")
+
+    if errors:
+        problems = list(errors.values())
+        shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
+        raise KruisingError("; ".join(shown), _hint_for(problems[0]))
+    return MergePlan(recipe, method, tasks, sources, recipe.base_model, out_layer, donor)
+
+
+def _layer_suffixes(source: ModelSource) -> list[tuple[str, str]]:
+    """The (prefix, suffix) pairs of layer 0's tensors, in file order."""
+    pairs = []
+    for name in source.tensors:
+        match = LAYER_NAME.match(name)
+        if match and match["index"] == "0":
+            pairs.append((match["prefix"], match["suffix"]))
+    return pairs
+
+
+def _shape_problem(name: str, refs: list[str], shapes: list[tuple[int, ...]]) -> str:
+    first = shapes[0]
+    other = next(i for i, s in enumerate(shapes) if s != first)
+    if "embed" in name or "lm_head" in name:
+        return (
+            f"vocabulary sizes differ in {name}: {refs[0]} has {first[0]} rows, "
+            f"{refs[other]} has {shapes[other][0]}"
+        )
+    return (
+        f"shape mismatch in {name}: {refs[0]} has {tuple(first)}, "
+        f"{refs[other]} has {tuple(shapes[other])}"
+    )
+
+
+def _hint_for(problem: str) -> str:
+    if problem.startswith("vocabulary sizes differ"):
+        return (
+            "the models use different tokenizers: set `tokenizer_source: base` (the base "
+            "model's vocabulary) or `tokenizer_source: union` and run with --engine mergekit, "
+            "which rebuilds the embeddings for that vocabulary"
+        )
+    if problem.startswith("shape mismatch"):
+        return "the models are not the same architecture/size; merge only same-shaped models"
+    if "missing in model" in problem:
+        return "the models do not share an architecture; check the model list"
+    if "must be" in problem:
+        return "fix the value in the recipe's parameters"
+    return "fix the recipe's parameters"

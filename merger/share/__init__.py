@@ -1,0 +1,1 @@
+"""Sharing: the child's model card, and Hub push / pull."""

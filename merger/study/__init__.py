@@ -1,0 +1,1 @@
+"""Studies: sweeps of recipe variants stored as optuna studies, and their ranking."""

@@ -1,0 +1,223 @@
+"""The fused CPU kernels against the torch reference methods they stand in for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merger.core import kernels
+from merger.core.methods import METHODS
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler for kernels")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TV_PARAMS = {"normalize": True, "rescale": False, "lambda": 1.0, "int8_mask": False}
+
+
+def _models(n: int, dtype: torch.dtype, k: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    """A base and k-1 fine-tunes near it, as real task vectors are."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    tuned = [base + 0.05 * torch.randn(n, generator=g) for _ in range(k - 1)]
+    return [t.to(dtype) for t in [base, *tuned]]
+
+
+def _both(method, tensors, base_index, params, per_model, out_dtype):
+    fused = kernels.fused_merge(method, tensors, base_index, params, per_model, out_dtype)
+    assert fused is not None
+    reference = METHODS[method](tensors, base_index, params, per_model, out_dtype=out_dtype)
+    return fused, reference
+
+
+@needs_kernels
+@pytest.mark.parametrize("in_dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 4097, 30_011])
+def test_linear_and_slerp_match_the_reference(in_dtype, out_dtype, n):
+    tensors = _models(n, in_dtype)
+    weights = [{"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}]
+    (merged, bad), reference = _both(
+        "linear", tensors, None, {"normalize": True}, weights, out_dtype
+    )
+    assert bad == 0 and merged.dtype == out_dtype
+    # float32 sums in another order: one rounding step apart at most
+    ulp = 1e-2 if out_dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(merged.float(), reference.float(), rtol=ulp, atol=ulp)
+    for t in (0.0, 0.3, 1.0):
+        (merged, bad), reference = _both("slerp", tensors[:2], 0, {"t": t}, [{}, {}], out_dtype)
+        assert bad == 0
+        torch.testing.assert_close(merged.float(), reference.float(), rtol=ulp, atol=ulp)
+    (end, _), _ = _both("slerp", tensors[:2], 1, {"t": 1.0}, [{}, {}], in_dtype)
+    assert torch.equal(end, tensors[0])  # t=1 from base index 1 is model 0, bit for bit
+
+
+@needs_kernels
+@pytest.mark.parametrize("in_dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "densities",
+    [(0.5, 0.5), (0.3, 0.9), (0.0, 1.0), (1e-6, 0.99999), (1.0, 1.0)],
+)
+def test_ties_is_bit_identical_to_the_reference(in_dtype, out_dtype, densities):
+    tensors = _models(20_011, in_dtype)
+    per_model = [
+        {"weight": 1.0},
+        {"weight": 0.7, "density": densities[0]},
+        {"weight": -0.4, "density": densities[1]},
+    ]
+    for params in (TV_PARAMS, TV_PARAMS | {"normalize": False, "lambda": 1.5}):
+        (merged, bad), reference = _both("ties", tensors, 0, params, per_model, out_dtype)
+        assert bad == 0
+        assert torch.equal(merged, reference)
+
+
+@needs_kernels
+def test_ties_threshold_ties_are_kept_in_index_order():
+    # magnitudes from a handful of values: most entries tie with the k-th largest
+    base = torch.zeros(10_000)
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randint(1, 4, (10_000,), generator=g).float() * 0.25
+    delta *= torch.where(torch.rand(10_000, generator=g) < 0.5, -1.0, 1.0)
+    per_model = [{"weight": 1.0}, {"weight": 1.0, "density": 0.37}]
+    (merged, _), reference = _both(
+        "ties", [base, base + delta], 0, TV_PARAMS, per_model, torch.float32
+    )
+    assert torch.equal(merged, reference)
+    assert int((merged != 0).sum()) == int(0.37 * 10_000)  # exactly k kept
+
+
+@needs_kernels
+@pytest.mark.parametrize("in_dtype", DTYPES)
+def test_task_arithmetic_is_bit_identical_to_the_reference(in_dtype):
+    tensors = _models(9_001, in_dtype, k=4)
+    per_model = [{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.3}, {"weight": -0.2}]
+    params = TV_PARAMS | {"normalize": False, "lambda": 0.8}
+    (merged, bad), reference = _both("task_arithmetic", tensors, 0, params, per_model, in_dtype)
+    assert bad == 0
+    assert torch.equal(merged, reference)
+
+
+@needs_kernels
+def test_non_finite_results_are_counted():
+    a, b = _models(5_000, torch.bfloat16, k=2)
+    b[7] = float("nan")
+    b[4_500] = float("inf")
+    weights = [{"weight": 1.0}, {"weight": 1.0}]
+    _, bad = kernels.fused_merge("linear", [a, b], None, {"normalize": True}, weights, a.dtype)
+    assert bad == 2
+    big = torch.full((10,), 3e38)
+    _, bad = kernels.fused_merge(
+        "linear", [big, big], None, {"normalize": False}, weights, torch.float32
+    )
+    assert bad == 10  # overflow of a finite input is caught too
+
+
+@needs_kernels
+def test_writes_into_the_given_buffer():
+    a, b = _models(3_000, torch.bfloat16, k=2)
+    out = torch.empty(3_000, dtype=torch.bfloat16)
+    merged, _ = kernels.fused_merge(
+        "linear", [a, b], None, {"normalize": True}, [{"weight": 1}, {"weight": 1}], a.dtype, out
+    )
+    assert merged.data_ptr() == out.data_ptr()
+
+
+def test_falls_back_where_it_does_not_apply():
+    a, b = _models(100, torch.float32, k=2)
+    per_model = [{"weight": 1.0}, {"weight": 1.0, "density": 0.5}]
+    assert kernels.fused_merge("dare_ties", [a, b], 0, TV_PARAMS, per_model, a.dtype) is None
+    assert (
+        kernels.fused_merge("ties", [a, b], 0, TV_PARAMS | {"rescale": True}, per_model, a.dtype)
+        is None
+    )
+    wide = [t.double() for t in (a, b)]
+    assert kernels.fused_merge("ties", wide, 0, TV_PARAMS, per_model, torch.float64) is None
+    mixed = [a, b.bfloat16()]
+    assert kernels.fused_merge("ties", mixed, 0, TV_PARAMS, per_model, a.dtype) is None
+
+
+def _forget_the_build(monkeypatch) -> None:
+    """Make the next `kernels.available()` look for (or build) the library again."""
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("KRUISING_KERNELS", "off")
+    _forget_the_build(monkeypatch)
+    assert not kernels.available()
+    assert "KRUISING_KERNELS" in kernels.why_not()
+    a, b = _models(10, torch.float32, k=2)
+    weights = [{"weight": 1.0}, {"weight": 1.0}]
+    assert (
+        kernels.fused_merge("linear", [a, b], None, {"normalize": True}, weights, a.dtype) is None
+    )
+
+
+@needs_kernels
+def test_built_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("KRUISING_CACHE", str(tmp_path))
+    _forget_the_build(monkeypatch)
+    assert kernels.available()
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    _forget_the_build(monkeypatch)
+    assert kernels.available()
+    assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+class _Stream:
+    """An output stream in uneven segments (as `merger.core.io.TensorStream` hands them out)."""
+
+    def __init__(self, n: int, dtype: torch.dtype, step: int) -> None:
+        self.numel, self.dtype, self.step = n, dtype, step
+        self.result = torch.empty(n, dtype=dtype)
+
+    def segments(self):
+        for start in range(0, self.numel, self.step):
+            end = min(self.numel, start + self.step)
+            yield start, end, self.result[start:end]
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+def test_dare_draws_as_the_reference(method, rescale, in_dtype):
+    n = 2 * (1 << 18) + 12_345  # three draw blocks, cut across by the segments below
+    tensors = _models(n, in_dtype)
+    per_model = [{"weight": 1.0}, {"weight": 0.6, "density": 0.3}, {"weight": 0.5, "density": 1.0}]
+    params = TV_PARAMS | {"normalize": False, "rescale": rescale}
+    stream = _Stream(n, torch.bfloat16, 100_003)
+    fused = kernels.fused_merge(
+        method, tensors, 0, params, per_model, torch.bfloat16, stream,
+        torch.Generator().manual_seed(7),
+    )  # fmt: skip
+    assert fused is not None and fused[1] == 0
+    reference = METHODS[method](
+        tensors, 0, params, per_model, torch.Generator().manual_seed(7), torch.bfloat16
+    )
+    if rescale:  # the L1 norms are summed in another order: the scale may differ by an ulp
+        torch.testing.assert_close(stream.result.float(), reference.float(), rtol=1e-2, atol=1e-3)
+        assert (stream.result != reference).float().mean() < 1e-3
+    else:
+        assert torch.equal(stream.result, reference)
+    undropped = METHODS["task_arithmetic"](tensors, 0, params, per_model, None, torch.bfloat16)
+    assert (stream.result != undropped).float().mean() > 0.5  # model 1 kept only ~30%
+
+
+@needs_kernels
+def test_a_damaged_cached_build_is_rebuilt(monkeypatch, tmp_path):
+    monkeypatch.setenv("KRUISING_CACHE", str(tmp_path / "first"))
+    _forget_the_build(monkeypatch)
+    assert kernels.available()
+    (built,) = (tmp_path / "first" / "kernels").iterdir()
+    # the same build name in another cache (a path this process has not loaded), damaged
+    damaged = tmp_path / "second" / "kernels" / built.name
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a shared library")
+    monkeypatch.setenv("KRUISING_CACHE", str(tmp_path / "second"))
+    _forget_the_build(monkeypatch)
+    assert kernels.available(), kernels.why_not()
+    assert damaged.read_bytes()[:4] == b"\x7fELF"
