@@ -20,51 +20,9 @@ from typing import Any
 
 import torch
 
+from merger.core.params import PARAMETERS, ParamSpec
+
 Tensor = torch.Tensor
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """A parameter a method takes. ``per_model`` ones are set per input model."""
-
-    name: str
-    per_model: bool
-    default: Any = None
-    required: bool = False
-    kind: type = float
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    applies_to_base: bool = False
-
-    def check(self, value: Any) -> Any:
-        """Validate and convert one resolved value; ValueError names the field and a fix."""
-        if self.kind is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            if isinstance(value, int | float) and value in (0, 1):
-                return bool(value)
-            raise ValueError(f"{self.name} must be true or false, got {value!r}")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{self.name} must be a number, got {value!r}") from None
-        if math.isnan(number) or math.isinf(number):
-            raise ValueError(f"{self.name} must be finite, got {value!r}")
-        if self.low is not None:
-            too_low = number <= self.low if self.low_open else number < self.low
-            if too_low:
-                raise ValueError(f"{self.name} must be in {self.range_text()}, got {value!r}")
-        if self.high is not None and number > self.high:
-            raise ValueError(f"{self.name} must be in {self.range_text()}, got {value!r}")
-        return number
-
-    def range_text(self) -> str:
-        low = "-inf" if self.low is None else f"{self.low:g}"
-        high = "inf" if self.high is None else f"{self.high:g}"
-        return f"{'(' if self.low_open else '['}{low}, {high}]"
 
 
 @dataclass(frozen=True)
@@ -564,9 +522,6 @@ def _task_vector_method(
 
 # --- registry -------------------------------------------------------------------------------
 
-_WEIGHT = ParamSpec("weight", per_model=True, required=True)
-_DENSITY = ParamSpec("density", per_model=True, default=1.0, low=0.0, high=1.0)
-
 
 def _task_vector_spec(
     name: str,
@@ -575,26 +530,13 @@ def _task_vector_spec(
     *,
     sparsify: str | None,
     consensus: str | None,
-    normalize: bool,
-    rescale: bool,
 ) -> MethodSpec:
-    params = [
-        ParamSpec("normalize", per_model=False, default=normalize, kind=bool),
-        ParamSpec("rescale", per_model=False, default=rescale, kind=bool),
-        ParamSpec("lambda", per_model=False, default=1.0),
-        ParamSpec("int8_mask", per_model=False, default=False, kind=bool),
-        _WEIGHT,
-    ]
-    if sparsify is not None:
-        params.append(_DENSITY)
-    if sparsify == "outliers":
-        params.append(ParamSpec("gamma", per_model=True, default=0.01, low=0.0, high=1.0))
     return MethodSpec(
         name=name,
         pretty_name=pretty,
         paper=paper,
         fn=_task_vector_method,
-        parameters=tuple(params),
+        parameters=PARAMETERS[name],
         needs_base=True,
         options={"sparsify": sparsify, "consensus": consensus},
     )
@@ -608,17 +550,14 @@ METHODS: dict[str, MethodSpec] = {
             pretty_name="Linear (model soups)",
             paper="https://arxiv.org/abs/2203.05482",
             fn=_linear_method,
-            parameters=(
-                ParamSpec("weight", per_model=True, required=True, applies_to_base=True),
-                ParamSpec("normalize", per_model=False, default=True, kind=bool),
-            ),
+            parameters=PARAMETERS["linear"],
         ),
         MethodSpec(
             name="slerp",
             pretty_name="SLERP",
             paper="https://en.wikipedia.org/wiki/Slerp",
             fn=_slerp_method,
-            parameters=(ParamSpec("t", per_model=False, required=True, low=0.0, high=1.0),),
+            parameters=PARAMETERS["slerp"],
             needs_base=True,
             min_models=2,
             max_models=2,
@@ -629,8 +568,6 @@ METHODS: dict[str, MethodSpec] = {
             "https://arxiv.org/abs/2212.04089",
             sparsify=None,
             consensus=None,
-            normalize=False,
-            rescale=False,
         ),
         _task_vector_spec(
             "ties",
@@ -638,8 +575,6 @@ METHODS: dict[str, MethodSpec] = {
             "https://arxiv.org/abs/2306.01708",
             sparsify="magnitude",
             consensus="sum",
-            normalize=True,
-            rescale=False,
         ),
         _task_vector_spec(
             "dare_ties",
@@ -647,8 +582,6 @@ METHODS: dict[str, MethodSpec] = {
             "https://arxiv.org/abs/2311.03099",
             sparsify="random",
             consensus="sum",
-            normalize=False,
-            rescale=True,
         ),
         _task_vector_spec(
             "dare_linear",
@@ -656,8 +589,6 @@ METHODS: dict[str, MethodSpec] = {
             "https://arxiv.org/abs/2311.03099",
             sparsify="random",
             consensus=None,
-            normalize=False,
-            rescale=True,
         ),
         _task_vector_spec(
             "breadcrumbs",
@@ -665,8 +596,6 @@ METHODS: dict[str, MethodSpec] = {
             "https://arxiv.org/abs/2312.06795",
             sparsify="outliers",
             consensus=None,
-            normalize=False,
-            rescale=False,
         ),
         _task_vector_spec(
             "breadcrumbs_ties",
@@ -674,8 +603,6 @@ METHODS: dict[str, MethodSpec] = {
             "https://arxiv.org/abs/2312.06795",
             sparsify="outliers",
             consensus="sum",
-            normalize=False,
-            rescale=False,
         ),
     )
 }

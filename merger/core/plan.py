@@ -181,7 +181,9 @@ def _resolve(
 
 def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePlan:
     """Resolve the whole merge up front; raise one KruisingError listing every problem."""
-    method = method_for(recipe)  # parameter names and literal ranges: checked by MergeRecipe
+    method = method_for(
+        recipe
+    )  # names and literal ranges: checked by MergeRecipe (merger.core.params)
     in_dtype = parse_dtype(recipe.dtype, "dtype")
     out_dtype = parse_dtype(recipe.out_dtype, "out_dtype")
     slices = _out_slices(recipe, sources)
@@ -249,7 +251,7 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
         params = {
             p.name: _resolve(method, global_settings, p.name, out_name, t, where, errors)
             for p in method.parameters
-            if not p.per_model
+            if not p.per_model and not p.unused
         }
         per_model = []
         for i, (src, name) in enumerate(zip(s.sources, in_names, strict=True)):
@@ -260,7 +262,7 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
                         method, chain, p.name, name, t, f"{src.model}: {where}", errors
                     )
                     for p in method.parameters
-                    if p.per_model and (i != base_index or p.applies_to_base)
+                    if p.per_model and not p.unused and (i != base_index or p.applies_to_base)
                 }
             )
         dtype = out_dtype or in_dtype or sources[refs[base_index or 0]].tensors[in_names[0]].dtype

@@ -7,10 +7,12 @@ or a list of those), ``dtype``, ``out_dtype``, ``tokenizer_source`` or ``tokeniz
 do not know is an error (mergekit silently drops it), and all problems of a file are reported
 together, each as ``recipe.yaml:7: models[1].parameters.densty: unknown key``.
 
-Parameter resolution (:func:`evaluate_setting`, :func:`setting_for`, :func:`resolve_setting`)
-follows mergekit's semantics: filters are substrings of the tensor name, the first matching
-entry wins, gradients are interpolated over layer depth, and the most specific scope wins
-(slice source for a model > output slice > module > global).
+The parameters each method takes, their types and ranges come from the registry
+(`merger.core.params`); a name the method does not declare, or a literal value out of its
+range, is reported here with its line. Resolving a setting for one tensor is
+:func:`evaluate_setting` (filters are substrings of the tensor name, the first matching entry
+wins, gradients are interpolated over layer depth); the planner (`merger.core.plan`) walks the
+scopes, most specific first.
 
 Light module: pydantic and yaml only, no torch.
 """
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import math
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -49,6 +50,7 @@ from kruising.config import (
     line_of,
 )
 from kruising.errors import KruisingError
+from merger.core.params import ParamSpec, declared
 
 __all__ = [
     "ConditionalParameter",
@@ -66,18 +68,15 @@ __all__ = [
     "ZeroEmbedding",
     "canonical_dtype",
     "evaluate_setting",
-    "gradient_t",
     "load_recipe",
     "parse_model_ref",
     "parse_recipe",
     "recipe_to_yaml",
-    "resolve_setting",
     "validate_recipe",
-    "setting_for",
 ]
 
 # --------------------------------------------------------------------------------------------
-# Vocabulary: dtypes and the parameters each mergekit 0.1.5 method declares
+# Vocabulary: dtypes and the keys people mistype (parameters: merger.core.params)
 # --------------------------------------------------------------------------------------------
 
 #: dtype names mergekit's ``dtype_from_name`` understands (each also with a ``torch.`` prefix).
@@ -92,59 +91,6 @@ _DTYPE_MISTAKES = {
     "bf16": "bfloat16",
     "fp64": "float64",
     "double": "float64",
-}
-
-_F, _B, _I = float, bool, int
-_TASK_ARITHMETIC = {
-    "int8_mask": _B,
-    "normalize": _B,
-    "rescale": _B,
-    "lambda": _F,
-    "weight": _F,
-    "density": _F,
-}
-#: Parameter names (and value types) of every method registered in mergekit 0.1.5. A recipe
-#: for one of these methods may only set these names, at any level (mergekit resolves every
-#: parameter through all scopes). Methods not listed here are not checked by name.
-METHOD_PARAMETERS: dict[str, dict[str, type]] = {
-    "linear": {"weight": _F, "normalize": _B},
-    "slerp": {"t": _F},
-    "nuslerp": {"weight": _F, "nuslerp_row_wise": _B, "nuslerp_flatten": _B},
-    "multislerp": {"weight": _F, "normalize_weights": _B, "eps": _F},
-    "karcher": {"max_iter": _I, "tol": _F},
-    "nearswap": {"t": _F},
-    "passthrough": {"scale": _F},
-    "model_stock": {"filter_wise": _B},
-    "arcee_fusion": {},
-    "sce": {"int8_mask": _B, "select_topk": _F},
-    "ram": {"epsilon": _F},
-    "ramplus_tl": {"r": _F, "alpha": _F, "epsilon": _F},
-    "task_arithmetic": dict(_TASK_ARITHMETIC),
-    "ties": dict(_TASK_ARITHMETIC),
-    "dare_ties": dict(_TASK_ARITHMETIC),
-    "dare_linear": dict(_TASK_ARITHMETIC),
-    "breadcrumbs": {**_TASK_ARITHMETIC, "gamma": _F},
-    "breadcrumbs_ties": {**_TASK_ARITHMETIC, "gamma": _F},
-    "della": {**_TASK_ARITHMETIC, "epsilon": _F},
-    "della_linear": {**_TASK_ARITHMETIC, "epsilon": _F},
-}
-
-# name -> (low, high, low_inclusive, high_inclusive); checked on every literal value.
-_RANGES: dict[str, tuple[float, float, bool, bool]] = {
-    "density": (0.0, 1.0, True, True),
-    "t": (0.0, 1.0, True, True),
-    "gamma": (0.0, 1.0, True, True),
-    "epsilon": (0.0, 1.0, True, False),
-    "select_topk": (0.0, 1.0, False, True),
-    "tol": (0.0, math.inf, False, False),
-    "eps": (0.0, math.inf, False, False),
-    "max_iter": (1.0, math.inf, True, False),
-}
-_RANGE_FIXES = {
-    "density": "density is the fraction of each task vector kept",
-    "t": "t=0 gives the base model, t=1 the other model",
-    "gamma": "gamma is the fraction of largest-magnitude entries removed",
-    "epsilon": "epsilon is the half-width of DELLA's keep-probability range",
 }
 
 # Keys people write for a schema key (mergekit's early `pattern:` is today's `filter:`).
@@ -568,7 +514,8 @@ def _semantic_problems(data: Mapping[str, Any]) -> list[SemanticProblem]:
             )
         )
     method = data.get("merge_method")
-    known = METHOD_PARAMETERS.get(method) if isinstance(method, str) else None
+    specs = declared(method) if isinstance(method, str) else None
+    known = {p.name: p for p in specs} if specs is not None else None
     for loc, params in _parameter_blocks(data):
         for name, setting in params.items():
             if not isinstance(name, str):
@@ -586,8 +533,8 @@ def _semantic_problems(data: Mapping[str, Any]) -> list[SemanticProblem]:
                     )
                 )
                 continue
-            expected = known.get(name) if known is not None else None
-            problems.extend(_value_problems((*loc, name), name, setting, expected))
+            if known is not None:
+                problems.extend(_value_problems((*loc, name), known[name], setting))
     return problems
 
 
@@ -625,33 +572,26 @@ def _adapter(tp: type) -> TypeAdapter[Any]:
     return TypeAdapter(tp)
 
 
-def _value_problems(
-    loc: Loc, name: str, setting: Any, expected: type | None
-) -> list[SemanticProblem]:
+def _value_problems(loc: Loc, spec: ParamSpec, setting: Any) -> list[SemanticProblem]:
+    """Every literal value of a setting checked against the declared type and range."""
     problems: list[SemanticProblem] = []
     for where, raw in _leaves(setting, loc):
-        value = raw
-        if expected is not None:
-            try:
-                value = _adapter(expected).validate_python(raw)
-            except ValidationError:
-                what = {float: "a number", int: "an integer", bool: "true or false"}[expected]
-                problems.append((where, f"{name} must be {what}, got {value!r}", ""))
-                continue
-        if name in _RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
-            low, high, low_in, high_in = _RANGES[name]
-            ok = (low <= value if low_in else low < value) and (
-                value <= high if high_in else value < high
-            )
-            if not ok:
-                span = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
-                problems.append(
-                    (
-                        where,
-                        f"{name} must be in {span}, got {raw!r}",
-                        _RANGE_FIXES.get(name, f"set {name} within {span}"),
-                    )
+        try:
+            value = _adapter(spec.kind).validate_python(raw)
+        except ValidationError:
+            what = {float: "a number", int: "an integer", bool: "true or false"}[spec.kind]
+            problems.append((where, f"{spec.name} must be {what}, got {raw!r}", ""))
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if spec.has_range and number and not spec.in_range(value):
+            span = spec.range_text()
+            problems.append(
+                (
+                    where,
+                    f"{spec.name} must be in {span}, got {raw!r}",
+                    spec.hint or f"set {spec.name} within {span}",
                 )
+            )
     return problems
 
 
@@ -931,87 +871,3 @@ def evaluate_setting(
         ):
             return evaluate_setting(tensor_name, cond.value, t, validate=validate)
     return None
-
-
-def gradient_t(layer_offset: int, num_layers: int) -> float:
-    """mergekit's depth of layer ``layer_offset`` within an output slice of ``num_layers``.
-
-    ``i / (n - 1)``, and 1 for a one-layer slice. Tensors outside the layers (embeddings,
-    final norm, lm_head) are resolved at ``t = 0``: the start of every gradient.
-    """
-    return layer_offset / (num_layers - 1) if num_layers > 1 else 1.0
-
-
-def setting_for(
-    recipe: MergeRecipe,
-    name: str,
-    model: str | None = None,
-    slice_index: int | None = None,
-    *,
-    module: str | None = None,
-) -> Iterator[Any]:
-    """The settings of parameter ``name``, most specific first (mergekit's precedence).
-
-    1. the parameters of ``model`` in output slice ``slice_index`` (for the ``models:`` form,
-       ``models[*].parameters`` of that model: mergekit turns ``models`` into one slice);
-    2. the output slice's own ``parameters``;
-    3. the module's ``parameters`` (``modules:`` form, ``module`` names it);
-    4. the global ``parameters``.
-
-    Shared parameters (``t``, ``normalize``, ...) are asked with ``model=None``: only 2-4 apply.
-    For the ``slices:`` form pass ``slice_index``; as in mergekit, tensors before the layers
-    (embeddings) belong to slice ``0`` and those after them (final norm, lm_head) to slice ``-1``.
-    """
-    container: Any = recipe.modules[module] if module is not None and recipe.modules else recipe
-    out_slice: OutputSlice | None = None
-    if container.slices and slice_index is not None:
-        out_slice = container.slices[slice_index]
-    if model is not None:
-        if out_slice is not None:
-            scoped = [s.parameters for s in out_slice.sources if s.model == model]
-        else:
-            scoped = [m.parameters for m in container.models or [] if m.model == model]
-        for params in scoped:
-            if params and name in params:
-                yield params[name]
-    if out_slice is not None and out_slice.parameters and name in out_slice.parameters:
-        yield out_slice.parameters[name]
-    if module is not None and container.parameters and name in container.parameters:
-        yield container.parameters[name]
-    if recipe.parameters and name in recipe.parameters:
-        yield recipe.parameters[name]
-
-
-_MISSING: Any = object()
-
-
-def resolve_setting(
-    recipe: MergeRecipe,
-    name: str,
-    tensor_name: str,
-    t: float = 0.0,
-    *,
-    model: str | None = None,
-    slice_index: int | None = None,
-    module: str | None = None,
-    validate: Callable[[Any], Any] | None = None,
-    default: Any = _MISSING,
-) -> Any:
-    """The value of parameter ``name`` for one tensor: the first scope whose setting resolves.
-
-    A scope whose filters all miss yields ``None`` and the next scope decides, as in mergekit.
-    With no value anywhere, ``default`` is returned, or ``KruisingError`` raised when there is none.
-    As in mergekit, per-model parameters are matched against that model's own tensor name
-    (its source layer), shared ones against the output tensor name.
-    """
-    for setting in setting_for(recipe, name, model, slice_index, module=module):
-        value = evaluate_setting(tensor_name, setting, t, validate=validate)
-        if value is not None:
-            return value
-    if default is not _MISSING:
-        return validate(default) if validate and default is not None else default
-    where = f"{model}: {tensor_name}" if model else tensor_name
-    raise KruisingError(
-        f"missing required parameter {name!r} for {where}",
-        f"set {name} in the recipe's parameters (globally or for this model)",
-    )

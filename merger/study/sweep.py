@@ -286,7 +286,7 @@ def _method_param(method: str, name: str, per_model: bool):
     if spec is None:
         return None
     param = spec.param(name)
-    if param is None or param.per_model != per_model:
+    if param is None or param.per_model != per_model or param.unused:
         return None
     return param
 

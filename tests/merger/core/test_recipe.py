@@ -17,13 +17,10 @@ from merger.core.recipe import (
     RecipeError,
     canonical_dtype,
     evaluate_setting,
-    gradient_t,
     load_recipe,
     parse_model_ref,
     parse_recipe,
     recipe_to_yaml,
-    resolve_setting,
-    setting_for,
     validate_recipe,
 )
 
@@ -532,7 +529,6 @@ def test_numeric_strings_count_as_numbers_like_mergekit() -> None:
         "merge_method: task_arithmetic\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1e-3}\n"
     )
     assert recipe.models is not None and recipe.models[0].parameters == {"weight": "1e-3"}
-    assert resolve_setting(recipe, "weight", "x", model="a", validate=float) == 0.001
 
 
 def test_unknown_method_parameters_are_not_checked_by_name() -> None:
@@ -584,7 +580,6 @@ def test_modules_form_parses() -> None:
     )
     assert recipe.modules is not None
     assert recipe.referenced_models() == ["org/a", "org/b"]
-    assert list(setting_for(recipe, "weight", "org/b", module="text_decoder")) == [0.3]
 
 
 def test_name_is_accepted_for_mergekit_multi_stages() -> None:
@@ -794,105 +789,3 @@ def test_filter_star_and_no_match() -> None:
     assert evaluate_setting("anything", [ConditionalParameter(filter="*", value=2)], 0) == 2
     assert evaluate_setting("anything", ConditionalParameter(filter="mlp", value=2), 0) is None
     assert evaluate_setting("", [{"filter": "mlp", "value": 2}], 0) is None
-
-
-def test_gradient_t_is_mergekits() -> None:
-    assert [gradient_t(i, 5) for i in range(5)] == [0, 0.25, 0.5, 0.75, 1]
-    assert gradient_t(0, 1) == 1.0
-
-
-def test_gradient_slerp_example_resolves_per_layer() -> None:
-    recipe = load_recipe(HERE / "recipes" / "mergekit-gradient-slerp.yml")
-    ts = [
-        resolve_setting(
-            recipe,
-            "t",
-            f"model.layers.{i}.self_attn.o_proj.weight",
-            gradient_t(i, 40),
-            slice_index=0,
-        )
-        for i in range(40)
-    ]
-    assert ts[0] == 0 and ts[-1] == 1
-    scaled = 4 * 10 / 39  # layer 10 of 40 along a 5-point gradient
-    assert ts[10] == pytest.approx(0.5 + (scaled - 1) * (0.3 - 0.5))
-    assert resolve_setting(recipe, "t", "model.norm.weight", 0.0, slice_index=0) == 0.5
-    assert (
-        resolve_setting(recipe, "t", "model.layers.0.mlp.up_proj.weight", 0.0, slice_index=0) == 1
-    )
-
-
-def test_precedence_slice_source_over_slice_over_global() -> None:
-    recipe = parse(
-        """
-        merge_method: ties
-        base_model: org/base
-        slices:
-          - sources:
-              - model: org/base
-                layer_range: [0, 4]
-              - model: org/a
-                layer_range: [0, 4]
-                parameters: {weight: 0.9}
-              - model: org/b
-                layer_range: [0, 4]
-            parameters: {weight: 0.4, density: 0.7}
-          - sources:
-              - model: org/base
-                layer_range: [4, 8]
-              - model: org/a
-                layer_range: [4, 8]
-              - model: org/b
-                layer_range: [4, 8]
-        parameters: {weight: 0.1, density: 0.5}
-        """
-    )
-    assert list(setting_for(recipe, "weight", "org/a", 0)) == [0.9, 0.4, 0.1]
-    assert list(setting_for(recipe, "weight", "org/b", 0)) == [0.4, 0.1]
-    assert list(setting_for(recipe, "weight", "org/b", 1)) == [0.1]
-    assert list(setting_for(recipe, "density", None, 0)) == [0.7, 0.5]
-    assert resolve_setting(recipe, "weight", "w", model="org/a", slice_index=0) == 0.9
-    assert resolve_setting(recipe, "weight", "w", model="org/a", slice_index=1) == 0.1
-
-
-def test_models_form_uses_model_parameters_first() -> None:
-    recipe = load_recipe(HERE / "recipes" / "mergekit-ties.yml")
-    wizard = "WizardLM/WizardMath-13B-V1.0"
-    assert (
-        resolve_setting(recipe, "weight", "model.layers.0.mlp.up_proj.weight", model=wizard) == 0.5
-    )
-    assert (
-        resolve_setting(recipe, "weight", "model.layers.0.self_attn.q_proj.weight", model=wizard)
-        == 0
-    )
-    assert resolve_setting(recipe, "normalize", "x") is True
-    platypus = "garage-bAInd/Platypus2-13B"
-    assert resolve_setting(recipe, "weight", "w", 0.5, model=platypus) == pytest.approx(0.5)
-
-
-def test_a_scope_whose_filters_miss_falls_through() -> None:
-    recipe = parse(
-        """
-        merge_method: linear
-        models:
-          - model: org/a
-            parameters:
-              weight: [{filter: mlp, value: 2.0}]
-          - model: org/b
-        parameters: {weight: 1.0}
-        """
-    )
-    assert (
-        resolve_setting(recipe, "weight", "model.layers.0.mlp.up_proj.weight", model="org/a") == 2.0
-    )
-    assert (
-        resolve_setting(recipe, "weight", "model.layers.0.self_attn.q_proj.weight", model="org/a")
-        == 1.0
-    )
-
-
-def test_missing_required_parameter_and_default() -> None:
-    recipe = parse("merge_method: linear\nmodels: [{model: org/a}]\n")
-    with pytest.raises(KruisingError, match=r"missing required parameter 'weight' for org/a: w"):
-        resolve_setting(recipe, "weight", "w", model="org/a")
-    assert resolve_setting(recipe, "normalize", "w", default=True) is True
