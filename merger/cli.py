@@ -55,10 +55,9 @@ def run_command(
     The child is built in a temporary sibling and renamed into place when complete.
     """
     from merger.core.engine import run_recipe_file
+    from merger.core.options import MergeOptions
 
-    run_recipe_file(
-        recipe,
-        out,
+    options = MergeOptions(
         device=device,
         out_shard_size=out_shard_size,
         engine=engine,
@@ -66,6 +65,7 @@ def run_command(
         overwrite=overwrite,
         seed=seed,
     )
+    run_recipe_file(recipe, out, options)
 
 
 @app.command("push")

@@ -103,6 +103,7 @@ def run_demo(
 
     from eval.api import score_path
     from merger.core.engine import run_recipe
+    from merger.core.options import MergeOptions
     from merger.core.recipe import parse_recipe
     from merger.study.rank import export, leaderboard, markdown, print_leaderboard, write_plots
     from merger.study.sweep import load_spec, parse_spec, run_sweep, short
@@ -146,9 +147,8 @@ def run_demo(
         resolved.write_text(text)
         recipe = parse_recipe(text, str(resolved))
         name = file.stem
-        child = run_recipe(
-            recipe, out / "children" / name, recipe_text=text, device=device, progress=False
-        )
+        options = MergeOptions(device=device, progress=False)
+        child = run_recipe(recipe, out / "children" / name, options, recipe_text=text)
         card = score_path(str(child), suite="demo", device=device)
         card["model"] = name
         cards[name] = card

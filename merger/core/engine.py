@@ -30,10 +30,18 @@ from kruising.console import console
 from kruising.device import resolve_device
 from kruising.errors import KruisingError
 from merger.core.child import check_chat_template
-from merger.core.io import ModelSource, ShardWriter, TensorStream, open_model, parse_size
+from merger.core.io import (
+    ModelSource,
+    Output,
+    ShardWriter,
+    open_model,
+    parse_size,
+    write_tensor,
+)
 from merger.core.kernels import FUSED_METHODS, fused_merge
 from merger.core.kernels import available as kernels_available
 from merger.core.kernels import why_not as kernels_why_not
+from merger.core.options import MergeOptions
 from merger.core.plan import MergePlan, TensorTask, build_plan
 from merger.core.recipe import MergeRecipe, load_recipe
 
@@ -57,13 +65,14 @@ def compute_task(
     task: TensorTask,
     tensors: list[torch.Tensor],
     seed: int = 0,
-    out: torch.Tensor | TensorStream | None = None,
+    out: Output | None = None,
 ) -> torch.Tensor | None:
-    """Merge one tensor on the device its inputs are on; returns it in the output dtype.
+    """Merge one tensor on the device its inputs are on.
 
-    With ``out`` (a flat buffer of the output dtype) the result is computed into it; with a
-    `TensorStream` it is written there (by a fused CPU kernel segment by segment, or copied
-    from the reference method's result) and None is returned.
+    Without ``out`` the result is returned, in the output dtype. With ``out`` (the tensor's
+    place in the output shards, `ShardWriter.output`) it is written there span by span — by a
+    fused CPU kernel as it computes, or copied from the reference method's result — and None
+    is returned; the caller commits ``out``.
     """
     if task.in_dtype is not None and not (
         # methods compute in float32 anyway: widening half floats first would only copy
@@ -87,9 +96,8 @@ def compute_task(
     if fused is not None:
         merged, bad = fused  # the kernel counted NaN/Inf on its way out
     else:
-        buffer = out if isinstance(out, torch.Tensor) else None
         merged = plan.method(
-            tensors, task.base_index, task.params, task.per_model, generator, task.out_dtype, buffer
+            tensors, task.base_index, task.params, task.per_model, generator, task.out_dtype
         )
         # a sum is finite when no element is NaN/Inf (no copy, unlike a float64 sum); only
         # when it is not, count exactly (a huge but finite sum can overflow on its own)
@@ -101,10 +109,10 @@ def compute_task(
             "with normalize, or a huge lambda)",
         )
     if merged is None:
-        return None
+        return None  # the kernel wrote it to `out`
     merged = merged.to(task.out_dtype)
-    if isinstance(out, TensorStream):
-        out.write_all(merged.reshape(-1))
+    if out is not None:
+        write_tensor(out, merged)
         return None
     return merged
 
@@ -167,20 +175,24 @@ def stream_merge(
     bar = _progress(progress)
     n_tasks = len(plan.tasks)
     threads = torch.get_num_threads()
-    if device.type == "cpu":
+    on_cpu = device.type == "cpu"
+    if on_cpu:
         torch.set_num_threads(1)
 
     def merge_one(task: TensorTask, tensors: list[torch.Tensor]) -> None:
-        on_cpu = writer is not None and device.type == "cpu"
-        merged = compute_task(
-            plan, task, tensors, seed, writer.stream(task.name) if on_cpu else None
-        )
+        out = writer.output(task.name) if writer is not None and on_cpu else None
+        try:  # on the CPU straight into its place in the shards, span by span
+            merged = compute_task(plan, task, tensors, seed, out)
+        except BaseException:
+            if out is not None:
+                out.release()
+            raise
         for ref, name in task.inputs:
             plan.sources[ref].release(name)
-        if on_cpu:
-            writer.done(task.name)
+        if out is not None:
+            out.commit()
         elif writer is not None:
-            writer.write(task.name, merged)
+            writer.write(task.name, merged)  # computed on the GPU: copied into its shard
 
     pending: deque = deque()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge")
@@ -303,56 +315,55 @@ def _commit(tmp: Path, out: Path) -> None:
     replace_folder(tmp, out.expanduser().resolve(), old_tag="kruising-old")
 
 
-def run_recipe_file(recipe_path: Path, out: Path, **options) -> Path:
+def run_recipe_file(recipe_path: Path, out: Path, options: MergeOptions | None = None) -> Path:
     """`merge run RECIPE --out DIR`: merge the recipe file into a child folder."""
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
-    return run_recipe(recipe, out, recipe_text=recipe_path.read_text(), **options)
+    return run_recipe(recipe, out, options, recipe_text=recipe_path.read_text())
 
 
 def run_recipe(
     recipe: MergeRecipe,
     out: Path,
+    options: MergeOptions | None = None,
     *,
     recipe_text: str | None = None,
-    device: str = "auto",
-    out_shard_size: str = "5GB",
-    engine: str = "native",
-    allow_pickle: bool = False,
-    overwrite: bool = False,
-    seed: int = 0,
-    progress: bool = True,
 ) -> Path:
-    """Merge ``recipe`` into the child folder ``out``; returns the folder."""
+    """Merge ``recipe`` into the child folder ``out``; returns the folder.
+
+    ``recipe_text`` is the recipe as the user wrote it (kept in the child); by default the
+    recipe written back as YAML.
+    """
     from merger.core.recipe import recipe_to_yaml
 
+    options = options or MergeOptions()
     recipe_text = recipe_text if recipe_text is not None else recipe_to_yaml(recipe)
-    if engine not in ("native", "mergekit"):
-        raise KruisingError(f"unknown engine {engine!r}", "use --engine native or mergekit")
-    torch_device = resolve_device(device)
-    max_shard = parse_size(out_shard_size)
-    if engine == "mergekit":
-        return _run_with_mergekit(
-            recipe, recipe_text, Path(out), torch_device, max_shard, overwrite, seed, allow_pickle
-        )
-    sources = open_sources(recipe, allow_pickle=allow_pickle)
+    if options.engine not in ("native", "mergekit"):
+        raise KruisingError(f"unknown engine {options.engine!r}", "use --engine native or mergekit")
+    torch_device = resolve_device(options.device)
+    max_shard = parse_size(options.out_shard_size)
+    if options.engine == "mergekit":
+        return _run_with_mergekit(recipe, recipe_text, Path(out), options, torch_device, max_shard)
+    sources = open_sources(recipe, allow_pickle=options.allow_pickle)
     plan = build_plan(recipe, sources)
     check_chat_template(recipe.chat_template)
     out = Path(out)
-    if out.expanduser().resolve().exists() and not overwrite:
+    if out.expanduser().resolve().exists() and not options.overwrite:
         raise KruisingError(
             f"output folder {out} already exists", "choose another --out, or pass --overwrite"
         )
     console.print(_describe(plan, torch_device))
     out.expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
     _check_disk(out.expanduser().resolve().parent, plan.write_bytes)
-    tmp = _prepare_out(out, overwrite)
+    tmp = _prepare_out(out, options.overwrite)
     started = time.perf_counter()
     try:
         layout = [(t.name, t.out_dtype, t.shape) for t in plan.tasks]
         writer = ShardWriter(tmp, layout, max_shard, workers=cpu_workers())
         try:
-            stream_merge(plan, torch_device, writer=writer, seed=seed, progress=progress)
+            stream_merge(
+                plan, torch_device, writer=writer, seed=options.seed, progress=options.progress
+            )
         except BaseException:
             writer.abort()
             raise
@@ -366,7 +377,7 @@ def run_recipe(
             device=str(torch_device),
             seconds=time.perf_counter() - started,
             engine="native",
-            seed=seed,
+            seed=options.seed,
         )
         _commit(tmp, out)
     except OSError as exc:  # the disk: full, gone read-only, an I/O error
@@ -420,11 +431,9 @@ def _run_with_mergekit(
     recipe: MergeRecipe,
     recipe_text: str,
     out: Path,
+    options: MergeOptions,
     device: torch.device,
     max_shard: int,
-    overwrite: bool,
-    seed: int,
-    allow_pickle: bool,
 ) -> Path:
     """Hand the recipe to mergekit's Python API (for methods we do not implement)."""
     import yaml
@@ -432,26 +441,26 @@ def _run_with_mergekit(
     console.print("engine mergekit: importing mergekit (a few seconds)")
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
+    from mergekit.options import MergeOptions as MergekitOptions
 
-    sources = open_sources(recipe, allow_pickle=allow_pickle)
+    sources = open_sources(recipe, allow_pickle=options.allow_pickle)
     try:
         config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
     except Exception as exc:
         raise KruisingError(f"mergekit rejected the recipe: {exc}", "fix the recipe") from None
-    tmp = _prepare_out(out, overwrite)
+    tmp = _prepare_out(out, options.overwrite)
     started = time.perf_counter()
     try:
-        options = MergeOptions(
+        mergekit_options = MergekitOptions(
             device=str(device),
             cuda=device.type == "cuda",
             out_shard_size=max_shard,
-            random_seed=seed,
+            random_seed=options.seed,
             copy_tokenizer=True,
             write_model_card=False,
             quiet=True,
         )
-        run_merge(config, str(tmp), options=options)
+        run_merge(config, str(tmp), options=mergekit_options)
         _write_child_files(
             tmp,
             recipe,
@@ -461,7 +470,7 @@ def _run_with_mergekit(
             device=str(device),
             seconds=time.perf_counter() - started,
             engine="mergekit",
-            seed=seed,
+            seed=options.seed,
         )
         _commit(tmp, out)
     except KruisingError:

@@ -7,6 +7,17 @@ tensor at a time from the page cache (zero-copy; released after use).
 Writing: `ShardWriter` lays out all output shards before the first byte is written (shapes
 and dtypes are known from the plan), writes each header first and then each tensor's bytes
 as soon as it is computed, so no output shard is ever held in memory.
+
+A merged tensor goes to an `Output`, with explicit calls::
+
+    for start, end in out.spans():        # element ranges, in order
+        view = out.buffer(start, end)     # a flat tensor of out.dtype to compute into
+        ...                               # compute elements [start, end) into view
+        out.write(start, end)             # the filled buffer goes to the disk (queued)
+    out.commit()                          # all spans written: the tensor is complete
+
+`ShardOutput` is a tensor's place in the shards (`ShardWriter.output(name)`); `MemoryOutput`
+is a tensor in memory (one span, nothing to write).
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -433,16 +444,16 @@ class _DirectShard:
 class ShardWriter:
     """Output shards laid out up front (names, dtypes, shapes from the plan).
 
-    A tensor is produced through `stream(name)`: the merge computes it segment by segment
-    into the views the stream hands out, and each finished segment is written while the next
-    is computed. Two ways to the disk:
+    A tensor is produced through `output(name)` (a `ShardOutput`): the merge computes it span
+    by span into the buffers the output hands out, and each filled span is written (by
+    `ShardOutput.write`) while the next is computed. Two ways to the disk:
 
     - direct (where the file system takes O_DIRECT and all tensors share one element size):
       segments are staged in a few reused, aligned buffers and a writer thread writes them
       with O_DIRECT. The child does not pass through the page cache, so a merge costs no
       page-cache allocation and no final flush, and its memory stays a few staging buffers.
     - mapped (elsewhere): each shard is created at its final size and memory-mapped; the one
-      segment a stream hands out is the tensor's bytes in the mapped file.
+      span of a tensor is its bytes in the mapped file (so `write` has nothing left to do).
 
     `finish` writes what is left, fsyncs every shard and writes the index.
     """
@@ -553,51 +564,9 @@ class ShardWriter:
 
     # --- producing tensors --------------------------------------------------------------
 
-    def stream(self, name: str) -> TensorStream:
-        """Where tensor ``name`` goes: segments to compute into (see `TensorStream`)."""
-        return TensorStream(self, name)
-
-    def _segments(self, name: str):
-        index, dtype, _, begin, end = self._where[name]
-        size = dtype.itemsize
-        if end == begin:
-            return
-        if not self.direct:
-            raw = torch.frombuffer(
-                self._maps[index], dtype=torch.uint8, count=end - begin, offset=begin
-            )
-            yield 0, (end - begin) // size, raw.view(dtype)
-            return
-        shard = self._files[index]
-        a = begin
-        while a < end:
-            self._check()
-            b = min(end, _down(a) + SEGMENT_BYTES)
-            buffer = self._pool.acquire(self._failed)
-            lead = a - _down(a)
-            raw = torch.frombuffer(buffer, dtype=torch.uint8, count=b - a, offset=lead)
-            try:
-                yield (a - begin) // size, (b - begin) // size, raw.view(dtype)
-            except BaseException:
-                del raw
-                self._pool.release(buffer)
-                raise
-            del raw
-            view = memoryview(buffer)
-            # the shared first and last blocks are copied out before the buffer can go back
-            complete = shard.gather(a, view[lead : lead + min(b, _up(a)) - a])
-            if b % ALIGN and _down(b) >= _up(a):
-                tail = _down(b)
-                complete += shard.gather(tail, view[tail - _down(a) : b - _down(a)])
-            inner_start, inner_end = _up(a), _down(b)
-            if inner_end > inner_start:
-                inner = view[inner_start - _down(a) : inner_end - _down(a)]
-                self._queue.put((shard.fd, inner, inner_start, partial(self._pool.release, buffer)))
-            else:
-                self._pool.release(buffer)
-            del view
-            self._blocks(index, complete)
-            a = b
+    def output(self, name: str) -> ShardOutput:
+        """Where tensor ``name`` goes: spans to compute into and write (see `ShardOutput`)."""
+        return ShardOutput(self, name)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Store a tensor computed elsewhere (e.g. on a GPU); it must match the layout."""
@@ -606,17 +575,13 @@ class ShardWriter:
             raise RuntimeError(
                 f"writer expected {name} {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}"
             )
-        self.stream(name).write_all(tensor)
-        self.done(name)
-
-    def done(self, name: str) -> None:
-        """Mark ``name`` complete (mapped: its pages leave this process; they stay cached)."""
-        index, _, _, begin, end = self._where[name]
-        self._written.add(name)
-        mapped = self._maps[index] if self._maps else None
-        if mapped is not None and end > begin:
-            start = begin - begin % mmap.PAGESIZE
-            mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+        out = self.output(name)
+        try:
+            write_tensor(out, tensor)
+        except BaseException:
+            out.release()
+            raise
+        out.commit()
 
     def finish(self) -> None:
         """Write what is left, fsync every shard; write the index (for more than one)."""
@@ -672,21 +637,164 @@ class ShardWriter:
         self._maps = [None] * len(self._maps)
 
 
-class TensorStream:
-    """The output of one tensor: `segments()` yields ``(start, end, view)`` element ranges
-    and flat views to fill, in order; a segment is written once the next is asked for (or
-    the iteration ends). `write_all` copies a finished tensor through the same path."""
+class Output(Protocol):
+    """Where one merged tensor goes (see the module docstring for the calls, in order)."""
+
+    dtype: torch.dtype
+    numel: int
+
+    def spans(self) -> list[tuple[int, int]]:
+        """The element ranges ``[start, end)`` to compute, in order, covering the tensor."""
+        ...
+
+    def buffer(self, start: int, end: int) -> torch.Tensor:
+        """A flat tensor of ``dtype`` to compute elements ``[start, end)`` into."""
+        ...
+
+    def write(self, start: int, end: int) -> None:
+        """The buffer of ``[start, end)`` is filled: write it."""
+        ...
+
+    def release(self) -> None:
+        """After a failure: give back a buffer taken but not written."""
+        ...
+
+    def commit(self) -> None:
+        """Every span is written: the tensor is complete."""
+        ...
+
+    def in_memory(self) -> torch.Tensor | None:
+        """The flat tensor, when the output is one in memory; None for a shard."""
+        ...
+
+
+class MemoryOutput:
+    """An `Output` that is a flat tensor in memory: one span, nothing to write."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        if not tensor.is_contiguous():
+            raise ValueError("a memory output is a contiguous tensor")
+        self.tensor = tensor.reshape(-1)
+        self.dtype = tensor.dtype
+        self.numel = tensor.numel()
+
+    def spans(self) -> list[tuple[int, int]]:
+        return [(0, self.numel)]
+
+    def buffer(self, start: int, end: int) -> torch.Tensor:
+        return self.tensor[start:end]
+
+    def write(self, start: int, end: int) -> None:
+        pass  # the buffer is the tensor
+
+    def release(self) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def in_memory(self) -> torch.Tensor:
+        return self.tensor
+
+
+class ShardOutput:
+    """An `Output` that is one tensor's bytes in the shards of a `ShardWriter`.
+
+    Direct writer: each span is at most `SEGMENT_BYTES`, computed into a pooled aligned
+    staging buffer; `write` copies the bytes of the blocks it shares with neighbours aside
+    and queues the whole blocks for the writer thread (which gives the buffer back once
+    written). Mapped writer: one span, the tensor's bytes in the mapped shard.
+    """
 
     def __init__(self, writer: ShardWriter, name: str) -> None:
         self.writer = writer
         self.name = name
-        _, self.dtype, self.shape, begin, end = writer._where[name]
+        self._index, self.dtype, self.shape, self._begin, self._end = writer._where[name]
         self.numel = _numel(self.shape)
+        self._held: tuple[int, int, mmap.mmap] | None = None  # byte range, staging buffer
 
-    def segments(self):
-        return self.writer._segments(self.name)
+    def _bytes(self, start: int, end: int) -> tuple[int, int]:
+        size = self.dtype.itemsize
+        return self._begin + start * size, self._begin + end * size
 
-    def write_all(self, tensor: torch.Tensor) -> None:
-        flat = tensor.detach().reshape(-1)
-        for start, end, view in self.segments():
-            view.copy_(flat[start:end])
+    def spans(self) -> list[tuple[int, int]]:
+        size = self.dtype.itemsize
+        if self._end == self._begin:
+            return []
+        if not self.writer.direct:
+            return [(0, self.numel)]
+        spans = []
+        a = self._begin
+        while a < self._end:
+            b = min(self._end, _down(a) + SEGMENT_BYTES)
+            spans.append(((a - self._begin) // size, (b - self._begin) // size))
+            a = b
+        return spans
+
+    def buffer(self, start: int, end: int) -> torch.Tensor:
+        a, b = self._bytes(start, end)
+        writer = self.writer
+        if not writer.direct:
+            mapped = writer._maps[self._index]
+            return torch.frombuffer(mapped, dtype=torch.uint8, count=b - a, offset=a).view(
+                self.dtype
+            )
+        if self._held is not None:
+            raise RuntimeError(f"{self.name}: a buffer is taken and not yet written")
+        writer._check()
+        staging = writer._pool.acquire(writer._failed)
+        self._held = (a, b, staging)
+        raw = torch.frombuffer(staging, dtype=torch.uint8, count=b - a, offset=a - _down(a))
+        return raw.view(self.dtype)
+
+    def write(self, start: int, end: int) -> None:
+        writer = self.writer
+        if not writer.direct:
+            return  # computed in place, in the mapped shard
+        a, b = self._bytes(start, end)
+        if self._held is None or self._held[:2] != (a, b):
+            raise RuntimeError(f"{self.name}: write of [{start}, {end}) without its buffer")
+        staging = self._held[2]
+        self._held = None
+        shard = writer._files[self._index]
+        lead = a - _down(a)
+        view = memoryview(staging)
+        # the shared first and last blocks are copied out before the buffer can go back
+        complete = shard.gather(a, view[lead : lead + min(b, _up(a)) - a])
+        if b % ALIGN and _down(b) >= _up(a):
+            tail = _down(b)
+            complete += shard.gather(tail, view[tail - _down(a) : b - _down(a)])
+        inner_start, inner_end = _up(a), _down(b)
+        if inner_end > inner_start:
+            inner = view[inner_start - _down(a) : inner_end - _down(a)]
+            release = partial(writer._pool.release, staging)
+            writer._queue.put((shard.fd, inner, inner_start, release))
+        else:
+            writer._pool.release(staging)
+        del view
+        writer._blocks(self._index, complete)
+
+    def release(self) -> None:
+        if self._held is not None:
+            self.writer._pool.release(self._held[2])
+            self._held = None
+
+    def commit(self) -> None:
+        """Mark the tensor complete (mapped: its pages leave this process; they stay cached)."""
+        writer = self.writer
+        writer._written.add(self.name)
+        mapped = writer._maps[self._index] if writer._maps else None
+        if mapped is not None and self._end > self._begin:
+            start = self._begin - self._begin % mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, start, self._end - start)
+
+    def in_memory(self) -> None:
+        return None
+
+
+def write_tensor(out: Output, tensor: torch.Tensor) -> None:
+    """Copy a finished tensor into ``out``, span by span (the caller commits)."""
+    flat = tensor.detach().reshape(-1)
+    for start, end in out.spans():
+        out.buffer(start, end).copy_(flat[start:end])
+        out.write(start, end)

@@ -1,8 +1,8 @@
 """Fused CPU kernels for the common methods, built from ``kernels.c`` at first use.
 
 `fused_merge` merges one tensor of linear, slerp, task_arithmetic, ties, dare_ties or
-dare_linear straight from the memory-mapped inputs into the output buffer in one pass per
-method step, and returns how many merged values are NaN/Inf (so the engine needs no extra pass
+dare_linear straight from the memory-mapped inputs into its output (`merger.core.io.Output`:
+span by span, each written once computed) in one pass per method step, and returns how many merged values are NaN/Inf (so the engine needs no extra pass
 to check). It returns None when it does not apply — another method, a GPU tensor, an
 unsupported dtype, or no C compiler — and the engine then runs the torch reference in
 `methods.py`, which defines the semantics; tests hold the two to the same results.
@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from merger.core import methods
+from merger.core.io import MemoryOutput, Output
 
 SOURCE = Path(__file__).with_name("kernels.c")
 MAX_MODELS = 16
@@ -171,7 +172,7 @@ def fused_merge(
     params: dict[str, Any],
     per_model: Sequence[dict[str, Any]],
     out_dtype: torch.dtype,
-    out: torch.Tensor | Any | None = None,
+    out: Output | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor | None, int] | None:
     """Merge one tensor with a fused kernel: (result, non-finite count), or None.
@@ -180,9 +181,10 @@ def fused_merge(
     same order), so a seed drops the same entries either way: the same child bit for bit,
     or to rounding with ``rescale`` (its L1 norms are summed in another order).
 
-    ``out`` is a flat tensor of ``out_dtype`` to fill, or an output stream (anything with
-    ``segments()`` yielding ``(start, end, view)`` in order, as `merger.core.io.TensorStream`):
-    then the result goes there segment by segment and None is returned in its place.
+    The result goes to ``out`` (a `merger.core.io.Output` of ``out_dtype``), span by span: each
+    span is computed into ``out.buffer`` and handed over with ``out.write``; the caller
+    commits. Without ``out`` it goes into a new tensor. The result is returned when it is in
+    memory (``out.in_memory()``), else None in its place.
     """
     if method not in FUSED_METHODS:
         return None
@@ -208,26 +210,17 @@ def fused_merge(
     if in_code is None or out_code is None:
         return None
     n = first.numel()
-    result = None
     if out is None:
-        result = torch.empty(n, dtype=out_dtype)
-    elif isinstance(out, torch.Tensor):
-        if out.numel() != n or out.dtype != out_dtype or not out.is_contiguous():
-            return None
-        result = out.reshape(-1)
-    if result is not None:
-        segments = [(0, n, result)]
-    elif getattr(out, "dtype", None) == out_dtype and getattr(out, "numel", None) == n:
-        segments = out.segments()
-    else:
+        out = MemoryOutput(torch.empty(n, dtype=out_dtype))
+    elif out.dtype != out_dtype or out.numel != n:
         return None
     flats = [t.reshape(-1) for t in tensors]
     if method == "linear":
         weights = [float(p["weight"]) for p in per_model]
         divisor = sum(weights) if params["normalize"] else 0.0
-        bad = _linear(lib, flats, weights, divisor, in_code, segments, out_code)
+        bad = _linear(lib, flats, weights, divisor, in_code, out, out_code)
     elif method == "slerp":
-        bad = _slerp(lib, flats, base_index, float(params["t"]), in_code, segments, out_code)
+        bad = _slerp(lib, flats, base_index, float(params["t"]), in_code, out, out_code)
     else:
         bad = _task_vectors(
             lib,
@@ -237,10 +230,11 @@ def fused_merge(
             params,
             per_model,
             in_code,
-            segments,
+            out,
             out_code,
             generator,
         )
+    result = out.in_memory()
     return (None if result is None else result.reshape(first.shape)), bad
 
 
@@ -248,10 +242,11 @@ def _at(tensors: Sequence[torch.Tensor], start: int, end: int) -> ctypes.Array:
     return _pointers([t[start:end] for t in tensors])
 
 
-def _linear(lib, flats, weights, divisor, in_code, segments, out_code) -> int:
+def _linear(lib, flats, weights, divisor, in_code, out: Output, out_code) -> int:
     bad = 0
     w = _floats(weights)
-    for start, end, view in segments:
+    for start, end in out.spans():
+        view = out.buffer(start, end)
         bad += lib.kr_linear(
             end - start,
             len(flats),
@@ -262,21 +257,22 @@ def _linear(lib, flats, weights, divisor, in_code, segments, out_code) -> int:
             view.data_ptr(),
             out_code,
         )
+        out.write(start, end)
     return bad
 
 
-def _slerp(lib, flats, base_index, t, in_code, segments, out_code) -> int:
+def _slerp(lib, flats, base_index, t, in_code, out: Output, out_code) -> int:
     v0, v1 = flats[base_index], flats[1 - base_index]
     if t in (0, 1):  # a copy of one end (no 0 * x: that would turn an Inf into NaN)
-        return _linear(lib, [v0 if t == 0 else v1], [1.0], 0.0, in_code, segments, out_code)
+        return _linear(lib, [v0 if t == 0 else v1], [1.0], 0.0, in_code, out, out_code)
     sums = (ctypes.c_double * 3)()
     lib.kr_dots(v0.numel(), v0.data_ptr(), v1.data_ptr(), in_code, sums)
     coefficients = methods.slerp_coefficients(t, sums[0], sums[1], sums[2])
-    return _linear(lib, [v0, v1], coefficients, 0.0, in_code, segments, out_code)
+    return _linear(lib, [v0, v1], coefficients, 0.0, in_code, out, out_code)
 
 
 def _task_vectors(
-    lib, method, flats, base_index, params, per_model, in_code, segments, out_code, generator
+    lib, method, flats, base_index, params, per_model, in_code, out: Output, out_code, generator
 ):
     others = [i for i in range(len(flats)) if i != base_index]
     base = flats[base_index]
@@ -334,7 +330,8 @@ def _task_vectors(
             *(masks[j].data_ptr() if j in masks else None for j in range(k))
         )
     bad = 0
-    for start, end, view in segments:
+    for start, end in out.spans():
+        view = out.buffer(start, end)
         for low, high, offset in draws.cover(start, end):
             count = lib.kr_tv_merge(
                 high - low,
@@ -353,6 +350,7 @@ def _task_vectors(
             if count < 0:
                 raise MemoryError("fused task-vector merge: out of memory for its chunk buffers")
             bad += count
+        out.write(start, end)
     return bad
 
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merger.core.engine import run_recipe, run_recipe_file
+from merger.core.options import MergeOptions
 from tests.helpers import load_tensors
 
 
@@ -70,7 +71,7 @@ parameters:
 @pytest.mark.parametrize(("t", "expected"), [(0, "a"), (1, "b")])
 def test_slerp_endpoints_give_the_parents(t, expected, models, tmp_path):
     recipe = write_recipe(tmp_path, SLERP.replace("{t}", str(t)), **models)
-    child = run_recipe_file(recipe, tmp_path / "child", device="cpu", progress=False)
+    child = run_recipe_file(recipe, tmp_path / "child", MergeOptions(device="cpu", progress=False))
     got, want = load_tensors(child), load_tensors(models[expected])
     assert sorted(got) == sorted(want)
     for name in want:
@@ -86,7 +87,9 @@ models:
   - model: {b}
     parameters: {{weight: 2.0}}
 """
-    child = run_recipe_file(write_recipe(tmp_path, text, **models), tmp_path / "c", device="cpu")
+    child = run_recipe_file(
+        write_recipe(tmp_path, text, **models), tmp_path / "c", MergeOptions(device="cpu")
+    )
     got, want = load_tensors(child), load_tensors(models["b"])
     for name in want:
         assert torch.equal(got[name], want[name]), name
@@ -100,7 +103,9 @@ models:
   - model: {b}
     parameters: {{density: 0.3, weight: 1.0}}
 """
-    child = run_recipe_file(write_recipe(tmp_path, text, **models), tmp_path / "c", device="cpu")
+    child = run_recipe_file(
+        write_recipe(tmp_path, text, **models), tmp_path / "c", MergeOptions(device="cpu")
+    )
     got, base, other = load_tensors(child), load_tensors(models["a"]), load_tensors(models["b"])
     checked = 0
     for name, tensor in got.items():
@@ -114,7 +119,7 @@ models:
 
 def test_gradient_is_interpolated_over_layer_depth(models, tmp_path):
     recipe = write_recipe(tmp_path, SLERP.replace("{t}", "[0.0, 0.9]"), **models)
-    child = run_recipe_file(recipe, tmp_path / "c", device="cpu")
+    child = run_recipe_file(recipe, tmp_path / "c", MergeOptions(device="cpu"))
     groups = json.loads((child / "kruising_provenance.json").read_text())["groups"]
     for layer in range(4):
         (entry,) = groups[f"slice 0, layer {layer}"]
@@ -132,9 +137,15 @@ models:
     parameters: {{density: 0.5, weight: 1.0}}
 """
     recipe = write_recipe(tmp_path, text, **models)
-    one = load_tensors(run_recipe_file(recipe, tmp_path / "one", device="cpu", seed=3))
-    two = load_tensors(run_recipe_file(recipe, tmp_path / "two", device="cpu", seed=3))
-    other = load_tensors(run_recipe_file(recipe, tmp_path / "other", device="cpu", seed=4))
+    one = load_tensors(
+        run_recipe_file(recipe, tmp_path / "one", MergeOptions(device="cpu", seed=3))
+    )
+    two = load_tensors(
+        run_recipe_file(recipe, tmp_path / "two", MergeOptions(device="cpu", seed=3))
+    )
+    other = load_tensors(
+        run_recipe_file(recipe, tmp_path / "other", MergeOptions(device="cpu", seed=4))
+    )
     name = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(one[name], two[name])
     assert not torch.equal(one[name], other[name])
@@ -142,7 +153,9 @@ models:
 
 def test_shards_are_split_and_indexed(models, tmp_path):
     recipe = write_recipe(tmp_path, SLERP.replace("{t}", "0.5"), **models)
-    child = run_recipe_file(recipe, tmp_path / "c", device="cpu", out_shard_size="1MB")
+    child = run_recipe_file(
+        recipe, tmp_path / "c", MergeOptions(device="cpu", out_shard_size="1MB")
+    )
     shards = sorted(p.name for p in child.glob("*.safetensors"))
     assert len(shards) > 1 and shards[0].startswith("model-00001-of-")
     index = json.loads((child / "model.safetensors.index.json").read_text())
@@ -162,8 +175,10 @@ def test_cli_prints_the_plan_first_and_writes_a_loadable_child(models, tmp_path,
 
 def test_mergekit_engine_runs_the_recipe(models, tmp_path):
     recipe = write_recipe(tmp_path, SLERP.replace("{t}", "0.4"), **models)
-    ours = load_tensors(run_recipe_file(recipe, tmp_path / "ours", device="cpu"))
-    theirs_dir = run_recipe_file(recipe, tmp_path / "theirs", device="cpu", engine="mergekit")
+    ours = load_tensors(run_recipe_file(recipe, tmp_path / "ours", MergeOptions(device="cpu")))
+    theirs_dir = run_recipe_file(
+        recipe, tmp_path / "theirs", MergeOptions(device="cpu", engine="mergekit")
+    )
     theirs = load_tensors(theirs_dir)
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
@@ -188,7 +203,7 @@ def test_pickle_checkpoints_need_allow_pickle(models, tmp_path, capsys):
     code, err = merge_cli(["run", str(recipe), "--out", str(out), "--device", "cpu"], capsys)
     assert code == 1 and "only pickle checkpoints" in err and "--allow-pickle" in err
     assert_no_child(out)
-    child = run_recipe_file(recipe, out, device="cpu", allow_pickle=True)
+    child = run_recipe_file(recipe, out, MergeOptions(device="cpu", allow_pickle=True))
     got, want = load_tensors(child), load_tensors(models["b"])
     assert torch.equal(got["lm_head.weight"], want["lm_head.weight"])
 
@@ -359,7 +374,7 @@ def test_existing_output_is_kept_unless_overwrite(models, tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     code, err = merge_cli(["run", str(recipe), "--out", str(out), "--device", "cpu"], capsys)
     assert code == 1 and "already exists" in err and (out / "keep.txt").is_file()
-    run_recipe_file(recipe, out, device="cpu", overwrite=True)
+    run_recipe_file(recipe, out, MergeOptions(device="cpu", overwrite=True))
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
 
 
@@ -380,7 +395,7 @@ def test_a_failure_mid_merge_leaves_no_child(models, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "compute_task", flaky)
     recipe = write_recipe(tmp_path, SLERP.replace("{t}", "0.5"), **models)
     with pytest.raises(KruisingError, match="simulated failure"):
-        run_recipe(load_recipe(recipe), tmp_path / "child", device="cpu")
+        run_recipe(load_recipe(recipe), tmp_path / "child", MergeOptions(device="cpu"))
     assert_no_child(tmp_path / "child")
 
 
@@ -388,7 +403,9 @@ def test_chat_template_by_name_and_tokenizer_source(models, tmp_path):
     from transformers import AutoTokenizer
 
     text = SLERP.replace("{t}", "0.5") + "tokenizer_source: {b}\nchat_template: chatml\n"
-    child = run_recipe_file(write_recipe(tmp_path, text, **models), tmp_path / "c", device="cpu")
+    child = run_recipe_file(
+        write_recipe(tmp_path, text, **models), tmp_path / "c", MergeOptions(device="cpu")
+    )
     tokenizer = AutoTokenizer.from_pretrained(child)
     assert "<|im_start|>" in tokenizer.chat_template
     rendered = tokenizer.apply_chat_template(
@@ -402,5 +419,7 @@ def test_unknown_chat_template_name_is_an_error(models, tmp_path):
 
     text = SLERP.replace("{t}", "0.5") + "chat_template: klingon\n"
     with pytest.raises(KruisingError, match="chat_template 'klingon' is neither"):
-        run_recipe_file(write_recipe(tmp_path, text, **models), tmp_path / "c", device="cpu")
+        run_recipe_file(
+            write_recipe(tmp_path, text, **models), tmp_path / "c", MergeOptions(device="cpu")
+        )
     assert_no_child(tmp_path / "c")

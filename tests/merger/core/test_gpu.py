@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from merger.core.engine import ResidentInputs, merge_in_memory, run_recipe
+from merger.core.options import MergeOptions
 from merger.core.recipe import parse_recipe
 from tests.helpers import load_tensors
 
@@ -50,8 +51,12 @@ def parents(make_tiny_mistral):
 def test_cuda_matches_cpu(name, parents, tmp_path):
     text = RECIPES[name].format(**parents)
     recipe = parse_recipe(text)
-    cpu = load_tensors(run_recipe(recipe, tmp_path / "cpu", recipe_text=text, device="cpu"))
-    gpu = load_tensors(run_recipe(recipe, tmp_path / "gpu", recipe_text=text, device="cuda"))
+    cpu = load_tensors(
+        run_recipe(recipe, tmp_path / "cpu", MergeOptions(device="cpu"), recipe_text=text)
+    )
+    gpu = load_tensors(
+        run_recipe(recipe, tmp_path / "gpu", MergeOptions(device="cuda"), recipe_text=text)
+    )
     for tensor_name, expected in cpu.items():
         torch.testing.assert_close(gpu[tensor_name], expected, rtol=1e-5, atol=1e-6)
 

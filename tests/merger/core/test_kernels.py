@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from merger.core import kernels
+from merger.core.io import MemoryOutput
 from merger.core.methods import METHODS
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler for kernels")
@@ -116,8 +117,9 @@ def test_non_finite_results_are_counted():
 def test_writes_into_the_given_buffer():
     a, b = _models(3_000, torch.bfloat16, k=2)
     out = torch.empty(3_000, dtype=torch.bfloat16)
+    weights = [{"weight": 1}, {"weight": 1}]
     merged, _ = kernels.fused_merge(
-        "linear", [a, b], None, {"normalize": True}, [{"weight": 1}, {"weight": 1}], a.dtype, out
+        "linear", [a, b], None, {"normalize": True}, weights, a.dtype, MemoryOutput(out)
     )
     assert merged.data_ptr() == out.data_ptr()
 
@@ -168,16 +170,30 @@ def test_built_once_into_the_cache(monkeypatch, tmp_path):
 
 
 class _Stream:
-    """An output stream in uneven segments (as `merger.core.io.TensorStream` hands them out)."""
+    """An output in uneven spans (as a direct `merger.core.io.ShardOutput` hands them out),
+    that checks the calls come in order: each span's buffer taken, then written, once."""
 
     def __init__(self, n: int, dtype: torch.dtype, step: int) -> None:
         self.numel, self.dtype, self.step = n, dtype, step
         self.result = torch.empty(n, dtype=dtype)
+        self.taken: tuple[int, int] | None = None
+        self.written: list[tuple[int, int]] = []
 
-    def segments(self):
-        for start in range(0, self.numel, self.step):
-            end = min(self.numel, start + self.step)
-            yield start, end, self.result[start:end]
+    def spans(self):
+        return [(a, min(self.numel, a + self.step)) for a in range(0, self.numel, self.step)]
+
+    def buffer(self, start, end):
+        assert self.taken is None
+        self.taken = (start, end)
+        return self.result[start:end]
+
+    def write(self, start, end):
+        assert self.taken == (start, end)
+        self.taken = None
+        self.written.append((start, end))
+
+    def in_memory(self):
+        return None  # like a shard: the result is not handed back
 
 
 @needs_kernels
@@ -195,6 +211,7 @@ def test_dare_draws_as_the_reference(method, rescale, in_dtype):
         torch.Generator().manual_seed(7),
     )  # fmt: skip
     assert fused is not None and fused[1] == 0
+    assert stream.written == stream.spans()
     reference = METHODS[method](
         tensors, 0, params, per_model, torch.Generator().manual_seed(7), torch.bfloat16
     )

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from merger.core.engine import run_recipe
+from merger.core.options import MergeOptions
 from merger.core.recipe import parse_recipe
 from tests.helpers import load_tensors
 
@@ -175,7 +176,9 @@ def test_tensors_match_mergekit(name, path, parents, mergekit_children, tmp_path
     if path == "torch":
         monkeypatch.setattr("merger.core.engine.fused_merge", lambda *args, **kwargs: None)
     text = RECIPES[name].format(**{k: str(v) for k, v in parents.items()})
-    ours = run_recipe(parse_recipe(text), tmp_path / "ours", recipe_text=text, device="cpu")
+    ours = run_recipe(
+        parse_recipe(text), tmp_path / "ours", MergeOptions(device="cpu"), recipe_text=text
+    )
     theirs = mergekit_children(name)
     mine, ref = load_tensors(ours), load_tensors(theirs)
     assert sorted(mine) == sorted(ref)
@@ -199,7 +202,9 @@ def test_tokenizer_matches_mergekit(parents, mergekit_run, tmp_path):
     from transformers import AutoTokenizer
 
     text = RECIPES["slerp_gradient"].format(**{k: str(v) for k, v in parents.items()})
-    ours = run_recipe(parse_recipe(text), tmp_path / "ours", recipe_text=text, device="cpu")
+    ours = run_recipe(
+        parse_recipe(text), tmp_path / "ours", MergeOptions(device="cpu"), recipe_text=text
+    )
     theirs = mergekit_run(text, tmp_path / "theirs")
     sample = "Bassie en Adriaan reizen door Nederland. The ACM watches markets."
     tok_ours = AutoTokenizer.from_pretrained(ours)
@@ -212,7 +217,9 @@ def test_child_loads_in_transformers(parents, tmp_path):
     from transformers import AutoModelForCausalLM
 
     text = RECIPES["ties_half"].format(**{k: str(v) for k, v in parents.items()})
-    child = run_recipe(parse_recipe(text), tmp_path / "child", recipe_text=text, device="cpu")
+    child = run_recipe(
+        parse_recipe(text), tmp_path / "child", MergeOptions(device="cpu"), recipe_text=text
+    )
     model = AutoModelForCausalLM.from_pretrained(child)
     merged = load_tensors(child)
     for name, param in model.state_dict().items():

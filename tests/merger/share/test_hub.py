@@ -801,6 +801,7 @@ def test_merge_pull_then_merge_run_reproduces_the_child(make_tiny_mistral, tmp_p
     import torch
 
     from merger import cli
+    from merger.core.options import MergeOptions
 
     base = make_tiny_mistral("hub-base", seed=1)
     nl = make_tiny_mistral("hub-nl", seed=2)
@@ -814,7 +815,7 @@ def test_merge_pull_then_merge_run_reproduces_the_child(make_tiny_mistral, tmp_p
         "    - value: 0.3\ndtype: float32\n"
     )
     child = tmp_path / "child"
-    run_recipe_file(recipe, child, device="cpu")
+    run_recipe_file(recipe, child, MergeOptions(device="cpu"))
     assert (child / "README.md").is_file() and (child / "mergekit_config.yml").is_file()
 
     stand_in = tmp_path / "org--tiny-slerp"  # a downloaded copy of the repo: card only

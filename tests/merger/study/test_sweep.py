@@ -512,6 +512,7 @@ def test_in_memory_sweep_scores_match_merge_run_of_the_exported_recipe(tiny_pair
     """The stored scores of a variant are what `merge run` of its export scores again."""
     from eval.api import score_path
     from merger.core.engine import run_recipe_file
+    from merger.core.options import MergeOptions
     from merger.core.recipe import load_recipe
     from merger.study.rank import export, leaderboard
 
@@ -542,7 +543,7 @@ def test_in_memory_sweep_scores_match_merge_run_of_the_exported_recipe(tiny_pair
     best = board["rows"][0]
     assert math.isfinite(best["dutch_score"])
     out = export(board, 1, tmp_path / "best.yaml")
-    child = run_recipe_file(out, tmp_path / "child", device="cpu")
+    child = run_recipe_file(out, tmp_path / "child", MergeOptions(device="cpu"))
     card = score_path(str(child), suite=str(probes), device="cpu")
     assert card["dutch_score"] == pytest.approx(best["dutch_score"], abs=1e-6)
     assert card["english_score"] == best["english_score"]

@@ -1,0 +1,27 @@
+"""The runtime options of one merge (`merge run`'s flags), as one frozen object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How to run a merge; the recipe says what to merge.
+
+    - ``device``: ``auto`` (cuda:0 when there is a GPU), ``cpu``, ``cuda`` or ``cuda:N``;
+    - ``out_shard_size``: the largest output shard, e.g. ``5GB``, ``500MB``, ``2GiB``;
+    - ``engine``: ``native`` (ours) or ``mergekit`` (the recipe handed to mergekit's API);
+    - ``allow_pickle``: accept ``.bin``/``.pt`` checkpoints (``torch.load(weights_only=True)``);
+    - ``overwrite``: replace an existing child folder;
+    - ``seed``: the seed of the random methods (``dare_*``);
+    - ``progress``: show a progress bar on stderr.
+    """
+
+    device: str = "auto"
+    out_shard_size: str = "5GB"
+    engine: str = "native"
+    allow_pickle: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    progress: bool = True
