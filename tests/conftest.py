@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,31 @@ def tiny_family():
     from pretrain.family import build_family
 
     return build_family(REPO / ".cache" / "tiny-family-test", size="test", seed=0)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throwaway PostgreSQL cluster for the session (tests/pg.py); skipped, visibly, without one.
+
+    ``KRUISING_REQUIRE_POSTGRES=1`` (set by .ci/run once it has the server) turns the skip into
+    a failure, so CI never passes by skipping the database tests.
+    """
+    from tests.pg import Cluster, Unavailable
+
+    try:
+        cluster = Cluster()
+    except Unavailable as exc:
+        if os.environ.get("KRUISING_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL required but not startable: {exc}")
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster, request):
+    """A fresh, empty database on the session's cluster, named after the test; its URL."""
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
+    return postgres_cluster.database(name)
