@@ -1,14 +1,28 @@
 """Merge methods: each declares its parameters and is a pure function of tensors.
 
-A method gets the input tensors of one output tensor (already on the compute device, any
-dtype), the index of the base model among them (or None), the resolved global parameters
-and the resolved per-model parameters. It computes in float32 (float64 stays float64) on the
-device it was given and returns the merged tensor; casting to the output dtype is the
+A method gets the input tensors of one output tensor (already on the compute device), the
+index of the base model among them (or None), the resolved global parameters and the resolved
+per-model parameters, and returns the merged tensor; casting to the output dtype is the
 caller's job. No I/O, no knowledge of tensor names: the planner resolved everything.
 
-The task-vector family (task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
-breadcrumbs_ties) is one core, `task_vector_merge`, with different settings — as in the
-TIES and DARE papers and in mergekit.
+Two dtype contracts (see `MethodSpec.exact_dtype`):
+
+- ``exact_dtype=True`` (passthrough, model_stock, della, della_linear, sce, nuslerp,
+  multislerp, karcher, arcee_fusion, nearswap, ram, ramplus_tl): the method computes in the
+  dtype of the tensors it is given, with mergekit 0.1.5's operations in mergekit's order, so a
+  bf16 input rounds where mergekit rounds; where mergekit casts to float32 inside the method, so
+  does ours. The caller hands it mergekit's compute dtype (the recipe's ``dtype``, else the
+  promoted dtype of the inputs); then the result is mergekit's, bit for bit, except for the
+  summation order of whole-tensor reductions (norms, means), which even torch varies with the
+  thread count.
+- otherwise (linear, slerp, task_arithmetic, ties, dare_*, breadcrumbs*): float32 compute
+  (float64 stays float64), which equals mergekit for float32 recipes.
+
+The task-vector methods are one core, `task_vector_merge` — base + combine(sparsify(model_i -
+base)) — with different settings, as in the TIES, DARE, DELLA, SCE and RAM papers and in
+mergekit: TIES (magnitude trim + sign consensus), DARE (random drop), Breadcrumbs (outliers),
+DELLA (magnitude-ranked random drop), SCE (variance selection, data weights, consensus), RAM
+(overlap-averaged mix).
 """
 
 from __future__ import annotations
@@ -38,6 +52,18 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    #: False: the base model is merged like any other input (mergekit's BasePolicy.IGNORED:
+    #: linear, passthrough, karcher), so it need not be among a slice's sources.
+    uses_base: bool = True
+    min_non_base: int = 0
+    max_non_base: int | None = None
+    #: draws random numbers: the caller passes a seeded ``generator`` per tensor
+    random: bool = False
+    #: computes in the dtype it is given, as mergekit (module docstring)
+    exact_dtype: bool = False
+    #: cross-parameter check of one tensor's resolved values: (params, per_model of the
+    #: non-base inputs) -> a problem ("density 0.9 + epsilon 0.15 must be below 1") or None
+    check: Callable[[dict[str, Any], Sequence[dict[str, Any]]], str | None] | None = None
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.parameters if p.name == name), None)
@@ -224,10 +250,11 @@ class _Magnitude:
     float32 bit patterns (monotonic for non-negative floats) — counting, not sorting. Entries
     strictly above it are kept; entries equal to it are kept in index order until k are
     kept. mergekit's argsort breaks such ties arbitrarily, so only they may differ.
+    ``k`` may be given instead of a density (SCE's top-k of the variance).
     """
 
-    def __init__(self, density: float, n: int) -> None:
-        self.k = max(1, int(density * n))
+    def __init__(self, density: float, n: int, k: int | None = None) -> None:
+        self.k = max(1, int(density * n)) if k is None else k
         self.n = n
         self.high_counts: Tensor | None = None
         self.low_parts: list[Tensor] = []
@@ -237,6 +264,8 @@ class _Magnitude:
     @staticmethod
     def keys(delta: Tensor) -> Tensor:
         magnitude = delta.abs()
+        if magnitude.dtype in (torch.bfloat16, torch.float16):
+            magnitude = magnitude.float()  # exact: the order of the values is kept
         return magnitude.view(torch.int32) if magnitude.dtype == torch.float32 else magnitude
 
     def count_high(self, delta: Tensor) -> None:
@@ -327,11 +356,64 @@ def sign_consensus(weighted: Tensor, method: str = "sum") -> Tensor:
     return signs == elected
 
 
+def della_magprune(
+    delta: Tensor,
+    density: float,
+    epsilon: float,
+    rescale: bool,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DELLA's MagPrune, as mergekit's ``sparsify.della_magprune``: drop each entry with a
+    probability that falls with its magnitude rank within its row, then (``rescale``) scale the
+    kept ones back to the row-set's L1 norm.
+
+    Keep probabilities run linearly from ``density - epsilon`` (smallest |x| of a row) to
+    ``density + epsilon`` (largest); the draws are ``torch.bernoulli`` from ``generator``. The
+    work dtype is mergekit's: the tensor's own on a GPU and for bf16, float32 for a CPU half.
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError("Epsilon must be chosen such that density +/- epsilon is in (0, 1)")
+    orig_shape = delta.shape
+    work_dtype = (
+        delta.dtype
+        if delta.device.type != "cpu" or delta.dtype == torch.bfloat16
+        else torch.float32
+    )
+    tensor = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    magnitudes = tensor.abs()
+    sorted_indices = torch.argsort(magnitudes, dim=1, descending=False)
+    ranks = sorted_indices.argsort(dim=1).to(work_dtype) + 1
+    min_ranks = ranks.min(dim=1, keepdim=True).values
+    max_ranks = ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - min_ranks) / (max_ranks - min_ranks)).clamp(0, 1)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    mask = torch.bernoulli(probs, generator=generator).to(work_dtype)
+    result = l1_rescaled(tensor.to(work_dtype), mask, rescale)
+    return result.to(delta.dtype).reshape(orig_shape)
+
+
+def l1_rescaled(tensor: Tensor, mask: Tensor, rescale: bool, eps: float = 1e-7) -> Tensor:
+    """``tensor * mask``, scaled back to ``tensor``'s L1 norm when ``rescale`` (mergekit's
+    ``rescaled_masked_tensor`` with the L1 norm; unscaled when either norm is below eps)."""
+    masked = tensor * mask
+    if not rescale:
+        return masked
+    before = tensor.abs().sum()
+    after = masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
 def task_vector_merge(
     base: Tensor,
     others: Sequence[Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
+    weights: Sequence[float] | None,
+    densities: Sequence[float] | None,
     *,
     sparsify: str | None = None,
     consensus: str | None = None,
@@ -339,75 +421,110 @@ def task_vector_merge(
     rescale: bool = False,
     lambda_: float = 1.0,
     gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
+    select_topk: float = 1.0,
+    mix: str = "weighted",
+    ram: tuple[float, float | None, float | None] | None = None,
+    work_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
     out_dtype: torch.dtype | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
-    """The task-vector core: base + lambda * combine(weight_i * sparsify(model_i - base)).
+    """The task-vector core: base + lambda * combine(sparsify(model_i - base)).
 
-    ``sparsify``: None, "magnitude" (TIES trim), "random" (DARE drop, seeded by
-    ``generator``) or "outliers" (Breadcrumbs); ``rescale`` scales each kept task vector to
-    its unpruned L1 norm; ``consensus``: None or "sum"/"count" (TIES sign election, disjoint
-    mean); ``normalize`` divides by the summed weights of the contributing models.
+    ``sparsify`` (per model): None, "magnitude" (TIES trim), "random" (DARE drop, seeded by
+    ``generator``), "outliers" (Breadcrumbs, ``gammas``), "magprune" (DELLA, ``epsilons``,
+    seeded; rescaled inside, as mergekit does) or "nonzero" (RAM: entries above ``ram[0]``);
+    ``rescale`` scales each kept task vector to its unpruned L1 norm.
+    ``select_topk`` < 1 (SCE): keep only the entries where the task vectors vary most across
+    models (the top fraction of the non-zero variances), for all models at once.
+    ``mix``: "weighted" — the task vectors times ``weights``, summed; with ``consensus``
+    ("sum"/"count", TIES sign election) only entries agreeing with the elected sign, and
+    ``normalize`` divides by the weights of the contributing models. "sce" — weights from the
+    data (each model's mean squared task vector, normalised), sign election on the unweighted
+    task vectors, then the weighted mean of the agreeing ones. "ram" — entries set by one model
+    are taken as they are, entries several models set are averaged over them; ``ram = (epsilon,
+    r, alpha)`` with r, alpha (RAM+) scaling each model's unique entries by 1 + r * min(alpha,
+    shared/unique).
 
-    Block by block: a pass counts what the trims need (magnitude thresholds, L1 norms), the
-    last pass merges; task vectors are recomputed per pass rather than stored.
+    ``work_dtype``: None computes in float32 (float64 stays float64); a dtype computes in that
+    dtype with mergekit's operations and rounding (exact-dtype methods, module docstring).
+
+    Block by block: a pass counts what the trims need (magnitude thresholds, L1 norms,
+    variances, overlap counts), the last pass merges; task vectors are recomputed per pass
+    rather than stored (DELLA's, which are random and ranked per row, are made up front).
     """
-    dtype = _compute_dtype(base)
+    exact = work_dtype is not None
+    dtype = work_dtype or _compute_dtype(base)
     device = base.device
     n = base.numel()
-    out = _output(out, n, out_dtype or dtype, device)
-    flat_base = _flat(base)
     if not others:
-        return out.copy_(flat_base).reshape(base.shape)
+        if exact:
+            return _finish(base.to(dtype), out_dtype, out)
+        out = _output(out, n, out_dtype or dtype, device)
+        return out.copy_(_flat(base)).reshape(base.shape)
+    out = _output(out, n, out_dtype or _mix_dtype(dtype, mix, ram), device)
+    flat_base = _flat(base)
     flats = [_flat(o) for o in others]
     k_models = len(others)
     blocks = _blocks(n, device)
     size = blocks[0][1] - blocks[0][0]
     base_buf = torch.empty(size, dtype=dtype, device=device)
     delta_buf = torch.empty((k_models, size), dtype=dtype, device=device)
+    densities = list(densities) if densities is not None else [1.0] * k_models
 
     def load(start: int, end: int) -> tuple[Tensor, Tensor]:
         b = base_buf[: end - start]
         b.copy_(flat_base[start:end])
         d = delta_buf[:, : end - start]
         for i, flat in enumerate(flats):
-            torch.sub(flat[start:end], b, out=d[i])
+            if exact and flat.dtype != dtype:  # round to the compute dtype first, as mergekit
+                torch.sub(flat[start:end].to(dtype), b, out=d[i])
+            else:  # (float32 compute of half inputs: upcast inside the subtraction)
+                torch.sub(flat[start:end], b, out=d[i])
         return b, d
 
-    active = [sparsify is not None and densities[i] < 1 for i in range(k_models)]
-    trims: dict[int, _Magnitude] = {}
-    outlier_masks: dict[int, Tensor] = {}
+    per_model_sparsify = sparsify in ("magnitude", "random", "outliers", "magprune")
+    active = [per_model_sparsify and densities[i] < 1 for i in range(k_models)]
+    trims: dict[int, _Magnitude | None] = {}
+    precomputed_masks: dict[int, Tensor] = {}
+    sparse_deltas: dict[int, Tensor] = {}
     if sparsify == "magnitude":
         for i in range(k_models):
             if active[i]:
                 trims[i] = _Magnitude(max(densities[i], 0.0), n) if densities[i] > 0 else None
         live = {i: t for i, t in trims.items() if t is not None}
-        if dtype == torch.float32:
-            for start, end in blocks:
-                _, d = load(start, end)
-                for i, trim in live.items():
-                    trim.count_high(d[i])
-            for trim in live.values():
-                trim.pick_bucket()
-            for start, end in blocks:
-                _, d = load(start, end)
-                for i, trim in live.items():
-                    trim.collect_low(d[i])
-            for trim in live.values():
-                trim.pick_threshold(device)
-        else:
-            for i, trim in live.items():
+        _select_thresholds(live, blocks, lambda s, e: load(s, e)[1], dtype, device)
+        for i, trim in live.items():
+            if trim.threshold is None:
                 trim.exact_threshold(flats[i].to(dtype) - flat_base.to(dtype))
     elif sparsify == "outliers":
         for i in range(k_models):
             if active[i]:
                 delta = flats[i].to(dtype) - flat_base.to(dtype)
-                outlier_masks[i] = outlier_magnitude_mask(delta, densities[i], gammas[i])
-
-    def trimmed(d: Tensor, start: int, end: int) -> None:
-        """Zero the dropped entries of each task vector in the block, in place."""
+                precomputed_masks[i] = outlier_magnitude_mask(delta, densities[i], gammas[i])
+    elif sparsify == "magprune":
         for i in range(k_models):
+            if active[i]:
+                delta = others[i].to(dtype) - base.to(dtype)
+                sparse_deltas[i] = _flat(
+                    della_magprune(delta, densities[i], epsilons[i], rescale, generator)
+                )
+
+    joint: _Magnitude | None = None
+    keep_nothing = False
+    if select_topk < 1:  # SCE: the top-k of the variances across models, k of the non-zero
+        if select_topk <= 0:
+            keep_nothing = True
+        else:
+            joint, keep_nothing = _variance_selection(select_topk, n, blocks, load, dtype, device)
+
+    def sparsified(d: Tensor, start: int, end: int) -> None:
+        """Zero the dropped entries of the task vectors in the block, in place."""
+        for i in range(k_models):
+            if i in sparse_deltas:
+                d[i].copy_(sparse_deltas[i][start:end])
+                continue
             if not active[i]:
                 continue
             if sparsify == "magnitude":
@@ -421,38 +538,175 @@ def task_vector_merge(
                 draws = torch.rand(end - start, generator=generator, device=device)
                 keep = draws < densities[i]
             else:
-                keep = outlier_masks[i][start:end]
+                keep = precomputed_masks[i][start:end]
             d[i].mul_(keep)  # (a multiply is vectorised; masked_fill_ is not, on the CPU)
+        if keep_nothing:
+            d.mul_(0)
+        elif joint is not None:
+            d.mul_(joint.mask(torch.var(d, dim=0, unbiased=False)))
 
-    scales = [1.0] * k_models
-    if rescale and any(active):
+    def sweep(visit: Callable[[Tensor, Tensor, int, int], None]) -> None:
+        """One pass over the sparsified task vectors, leaving the trims as they were."""
         state = generator.get_state() if generator is not None else None
-        before = torch.zeros(k_models, dtype=torch.float64, device=device)
-        after = torch.zeros(k_models, dtype=torch.float64, device=device)
         quotas = {i: t.quota for i, t in trims.items() if t is not None}
+        joint_quota = joint.quota if joint is not None else 0
         for start, end in blocks:
-            _, d = load(start, end)
-            before += d.abs().sum(dim=1)
-            trimmed(d, start, end)
-            after += d.abs().sum(dim=1)
+            b, d = load(start, end)
+            visit(b, d, start, end)
         for i, quota in quotas.items():
             trims[i].quota = quota
+        if joint is not None:
+            joint.quota = joint_quota
         if state is not None:
             generator.set_state(state)
+
+    scales = [1.0] * k_models
+    if rescale and sparsify in ("random", "magnitude", "outliers") and any(active):
+        before = torch.zeros(k_models, dtype=torch.float64, device=device)
+        after = torch.zeros(k_models, dtype=torch.float64, device=device)
+
+        def norms(b: Tensor, d: Tensor, start: int, end: int) -> None:
+            before.add_(d.abs().sum(dim=1))
+            sparsified(d, start, end)
+            after.add_(d.abs().sum(dim=1))
+
+        sweep(norms)
         for i, (b_sum, a_sum) in enumerate(zip(before.tolist(), after.tolist(), strict=True)):
             if active[i] and b_sum >= 1e-7 and a_sum >= 1e-7:
                 scales[i] = b_sum / a_sum
 
-    weight = torch.tensor(list(weights), dtype=dtype, device=device).reshape(-1, 1)
+    if mix == "sce":
+        weight = _sce_weights(sweep, sparsified, k_models, n, dtype, device)
+    elif mix == "ram":
+        weight = None
+    else:
+        weight = torch.tensor(list(weights), dtype=dtype, device=device).reshape(-1, 1)
+    lam = None
+    if mix == "ram" and ram[1] is not None:
+        lam = _ram_plus_lambdas(sweep, sparsified, k_models, *ram, device)
+    divisor: float | Tensor = 1.0
+    if mix == "weighted" and normalize and not consensus:
+        if exact:  # mergekit: the sum of the weights, in the compute dtype
+            divisor = weight.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        else:
+            divisor = task_vector_divisor(weight.reshape(-1).tolist())
+
     for start, end in blocks:
         b, d = load(start, end)
-        trimmed(d, start, end)
+        sparsified(d, start, end)
         for i, scale in enumerate(scales):
             if scale != 1.0:
                 d[i].mul_(scale)
-        d.mul_(weight)
-        out[start:end].copy_(combine_task_vectors(b, d, weight, consensus, normalize, lambda_))
+        if mix == "sce":
+            merged = sce_combine(b, d, weight)
+        elif mix == "ram":
+            merged = ram_combine(b, d, ram[0], lam)
+        else:
+            d.mul_(weight)
+            merged = combine_task_vectors(b, d, weight, consensus, normalize, lambda_, divisor)
+        out[start:end].copy_(merged)
     return out.reshape(base.shape)
+
+
+def _mix_dtype(dtype: torch.dtype, mix: str, ram: tuple | None) -> torch.dtype:
+    """The dtype of the merged values before the output cast (RAM+'s float32 lambdas promote)."""
+    if mix == "ram" and ram is not None and ram[1] is not None:
+        return torch.promote_types(dtype, torch.float32)
+    return dtype
+
+
+def _select_thresholds(
+    trims: dict[int, _Magnitude],
+    blocks: list[tuple[int, int]],
+    values: Callable[[int, int], Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Two counting passes of the radix select for each ``trims[i]`` over ``values(s, e)[i]``
+    (float32 keys; a float64 tensor is left to ``exact_threshold``)."""
+    if not trims or dtype == torch.float64:
+        return
+    for start, end in blocks:
+        v = values(start, end)
+        for i, trim in trims.items():
+            trim.count_high(v[i])
+    for trim in trims.values():
+        trim.pick_bucket()
+    for start, end in blocks:
+        v = values(start, end)
+        for i, trim in trims.items():
+            trim.collect_low(v[i])
+    for trim in trims.values():
+        trim.pick_threshold(device)
+
+
+def _variance_selection(
+    select_topk: float,
+    n: int,
+    blocks: list[tuple[int, int]],
+    load: Callable[[int, int], tuple[Tensor, Tensor]],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[_Magnitude | None, bool]:
+    """SCE's selection (mergekit's ``sce_mask``): of the entries whose variance across the
+    models' task vectors is non-zero, the ``int(count * select_topk)`` largest variances.
+    Returns the trim (its mask is applied to each block's variances) and whether nothing is kept.
+    """
+
+    def variance(start: int, end: int) -> Tensor:
+        return torch.var(load(start, end)[1], dim=0, unbiased=False).unsqueeze(0)
+
+    nonzero = 0
+    for start, end in blocks:
+        nonzero += int(torch.count_nonzero(variance(start, end)))
+    k = int(torch.tensor(nonzero) * select_topk)  # mergekit's product: a float32 tensor
+    if k == 0:
+        return None, True
+    trim = _Magnitude(select_topk, n, k=k)
+    if dtype == torch.float64:
+        whole = torch.cat([variance(s, e)[0] for s, e in blocks])
+        trim.exact_threshold(whole)
+    else:
+        _select_thresholds({0: trim}, blocks, variance, dtype, device)
+    return trim, False
+
+
+def _sce_weights(sweep, sparsified, k_models: int, n: int, dtype, device) -> Tensor:
+    """mergekit's ``sce_weight``: each model's mean squared (selected) task vector, divided
+    by their sum (uniform when the sum is below 1e-6), in the compute dtype; shape (k, 1)."""
+    sums = torch.zeros(k_models, dtype=torch.float64, device=device)
+
+    def squares(b: Tensor, d: Tensor, start: int, end: int) -> None:
+        sparsified(d, start, end)
+        sums.add_(d.square().sum(dim=1, dtype=torch.float64))
+
+    sweep(squares)
+    weights = (sums / n).to(dtype)
+    weight_sum = torch.sum(weights).item()
+    if abs(weight_sum) < 1e-6:
+        weights = torch.ones_like(weights) / weights.shape[0]
+    else:
+        weights = weights / weight_sum
+    return weights.reshape(-1, 1)
+
+
+def _ram_plus_lambdas(sweep, sparsified, k_models, epsilon, r, alpha, device) -> Tensor:
+    """RAM+'s per-model factor 1 + r * clamp(shared / unique, 0, alpha) for the entries only
+    that model sets (counts of entries above ``epsilon``, as mergekit; float32; shape (k, 1))."""
+    shared = torch.zeros(k_models, dtype=torch.int64, device=device)
+    unique = torch.zeros(k_models, dtype=torch.int64, device=device)
+
+    def count(b: Tensor, d: Tensor, start: int, end: int) -> None:
+        sparsified(d, start, end)
+        nonzero = d.abs() > epsilon
+        counts = nonzero.sum(dim=0, keepdim=True)
+        shared.add_((nonzero & (counts > 1)).sum(dim=1))
+        unique.add_((nonzero & (counts == 1)).sum(dim=1))
+
+    sweep(count)
+    rho = shared / unique.clamp(min=epsilon)
+    return (1 + r * rho.clamp(min=0, max=alpha)).unsqueeze(-1)
 
 
 def task_vector_divisor(weights: Sequence[float]) -> float:
@@ -468,26 +722,69 @@ def combine_task_vectors(
     consensus: str | None,
     normalize: bool,
     lambda_: float,
+    divisor: float | Tensor | None = None,
 ) -> Tensor:
     """base + lambda * mix of the trimmed, weighted task vectors (``weighted``: models x n).
 
     With ``consensus`` only entries agreeing with the elected sign are mixed (TIES disjoint
-    mean); ``normalize`` divides by the weights that contributed. ``weighted`` is consumed.
+    mean); ``normalize`` divides by the weights that contributed, or without consensus by
+    ``divisor`` (default: the summed weights). ``weighted`` is consumed.
     """
     if consensus:
         agree = sign_consensus(weighted, consensus)
         mixed = (weighted * agree).sum(dim=0)
         if normalize:
-            divisor = (weight * agree).sum(dim=0)
-            divisor += divisor == 0  # no agreeing model: divide by 1
-            mixed.div_(divisor)
+            total = (weight * agree).sum(dim=0)
+            total += total == 0  # no agreeing model: divide by 1
+            mixed.div_(total)
     else:
         mixed = weighted.sum(dim=0)
         if normalize:
-            mixed.div_(task_vector_divisor(weight.reshape(-1).tolist()))
+            if divisor is None:
+                divisor = task_vector_divisor(weight.reshape(-1).tolist())
+            mixed.div_(divisor)
     if lambda_ != 1:
         mixed.mul_(lambda_)
     return mixed.add_(base)
+
+
+def sce_combine(base: Tensor, deltas: Tensor, weight: Tensor) -> Tensor:
+    """SCE's merge of (selected) task vectors ``deltas`` (models x n): the sign is elected on
+    the unweighted sum, then the weighted mean of the agreeing entries (mergekit's order)."""
+    agree = sign_consensus(deltas, "sum")
+    erased = weight * agree
+    merged = (deltas * erased).sum(dim=0)
+    return base + merged / erased.sum(dim=0).clamp(min=1e-6)
+
+
+def ram_combine(base: Tensor, deltas: Tensor, epsilon: float, lam: Tensor | None) -> Tensor:
+    """RAM: entries above ``epsilon`` in one model only are kept (RAM+: times that model's
+    ``lam``), entries several models set are averaged over those models (mergekit's order)."""
+    nonzero = deltas.abs() > epsilon
+    counts = nonzero.sum(dim=0, keepdim=True)
+    overlap = counts > 1
+    unique = counts == 1
+    kept = deltas * nonzero
+    alone = kept * unique if lam is None else kept * unique * lam
+    merged = (alone + (kept * overlap / counts.clamp(min=1))).sum(dim=0)
+    return base + merged
+
+
+def _promoted(tensors: Sequence[Tensor]) -> torch.dtype:
+    """mergekit's compute dtype of a group: the promotion of the inputs' dtypes."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _finish(result: Tensor, out_dtype: torch.dtype | None, out: Tensor | None) -> Tensor:
+    """The result in ``out_dtype`` — into ``out`` (flat, ``out_dtype``) when given."""
+    if out is not None:
+        buffer = _output(out, result.numel(), out_dtype or out.dtype, result.device)
+        buffer.copy_(result.reshape(-1))
+        return buffer.reshape(result.shape)
+    return result.to(out_dtype) if out_dtype is not None else result
 
 
 def _task_vector_method(
@@ -501,6 +798,7 @@ def _task_vector_method(
     *,
     sparsify: str | None,
     consensus: str | None,
+    exact: bool = False,
 ) -> Tensor:
     others = [i for i in range(len(tensors)) if i != base_index]
     return task_vector_merge(
@@ -514,13 +812,349 @@ def _task_vector_method(
         rescale=bool(params["rescale"]),
         lambda_=float(params["lambda"]),
         gammas=[per_model[i].get("gamma", 0.01) for i in others],
+        epsilons=[per_model[i].get("epsilon", 0.15) for i in others],
+        work_dtype=_promoted(tensors) if exact else None,
         generator=generator,
         out_dtype=out_dtype,
         out=out,
     )
 
 
+def _sce_method(tensors, base_index, params, per_model, generator=None, out_dtype=None, out=None):
+    others = [i for i in range(len(tensors)) if i != base_index]
+    return task_vector_merge(
+        tensors[base_index],
+        [tensors[i] for i in others],
+        None,
+        None,
+        select_topk=float(params["select_topk"]),
+        mix="sce",
+        work_dtype=_promoted(tensors),
+        out_dtype=out_dtype,
+        out=out,
+    )
+
+
+def _ram_method(
+    tensors, base_index, params, per_model, generator=None, out_dtype=None, out=None, *, plus
+):
+    others = [i for i in range(len(tensors)) if i != base_index]
+    epsilon = float(params["epsilon"])
+    ram = (epsilon, float(params["r"]), float(params["alpha"])) if plus else (epsilon, None, None)
+    return task_vector_merge(
+        tensors[base_index],
+        [tensors[i] for i in others],
+        None,
+        None,
+        mix="ram",
+        ram=ram,
+        work_dtype=_promoted(tensors),
+        out_dtype=out_dtype,
+        out=out,
+    )
+
+
+# --- passthrough, model_stock ------------------------------------------------------------------
+
+
+def passthrough(tensor: Tensor, scale: float | None = None) -> Tensor:
+    """The one input, times ``scale`` when given (mergekit's passthrough)."""
+    return tensor if scale is None else tensor * scale
+
+
+def _passthrough_method(
+    tensors, base_index, params, per_model, generator=None, out_dtype=None, out=None
+):
+    return _finish(passthrough(tensors[0], per_model[0].get("scale")), out_dtype, out)
+
+
+def model_stock(base: Tensor, others: Sequence[Tensor], filter_wise: bool = False) -> Tensor:
+    """Model Stock: interpolate from the base towards the average of the fine-tuned models by
+    t = k cos / (1 + (k - 1) cos), cos the mean pairwise cosine of their task vectors (per row
+    with ``filter_wise``); where the denominator vanishes, the base (mergekit's order)."""
+    w_0, ws = base, list(others)
+    out_shape = w_0.shape
+    if filter_wise:
+        if w_0.dim() == 1:
+            w_0 = w_0.unsqueeze(0)
+            ws = [w.unsqueeze(0) for w in ws]
+    else:
+        w_0 = w_0.reshape(-1)
+        ws = [w.reshape(-1) for w in ws]
+    offsets = [w - w_0 for w in ws]
+    cos_thetas = []
+    for idx, offset_a in enumerate(offsets):
+        for offset_b in offsets[idx + 1 :]:
+            norm_product = torch.norm(offset_a, dim=-1) * torch.norm(offset_b, dim=-1)
+            cos_thetas.append(
+                ((offset_a * offset_b).sum(dim=-1) / norm_product.clamp(min=1e-6)).clamp(-1, 1)
+            )
+    cos_theta = torch.stack(cos_thetas).mean(dim=0).unsqueeze(-1)
+    count = len(ws)
+    denominator = 1 + (count - 1) * cos_theta
+    singular = denominator.abs() < 1e-6
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    t = torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe)
+    average = sum(ws) / count
+    return (t * average + (1 - t) * w_0).reshape(out_shape)
+
+
+def _model_stock_method(
+    tensors, base_index, params, per_model, generator=None, out_dtype=None, out=None
+):
+    tensors = _aligned(tensors)
+    others = [t for i, t in enumerate(tensors) if i != base_index]
+    merged = model_stock(tensors[base_index], others, bool(params["filter_wise"]))
+    return _finish(merged, out_dtype, out)
+
+
+def _aligned(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The inputs in their promoted dtype (mergekit's ``align_dtype``)."""
+    dtype = _promoted(tensors)
+    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+
+
+# --- nuslerp, multislerp, karcher, nearswap, arcee_fusion ------------------------------------
+
+
+def nuslerp(
+    t: float,
+    v0: Tensor,
+    v1: Tensor,
+    dim: int = -1,
+    eps: float = 1e-8,
+    flatten: bool = False,
+) -> Tensor:
+    """Spherical interpolation per row (``dim``) or over the flattened tensor (mergekit's
+    ``nuslerp``); linear where the two are colinear (1 - cos^2 <= eps^2)."""
+    out_shape = v0.shape
+
+    def _normalize(x: Tensor, eps: float = 1e-7) -> Tensor:
+        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=eps)
+
+    if flatten:
+        v0 = v0.reshape(-1)
+        v1 = v1.reshape(-1)
+    elif dim != -1:
+        v0 = v0.transpose(dim, -1)
+        v1 = v1.transpose(dim, -1)
+    v0_u = _normalize(v0)
+    v1_u = _normalize(v1)
+    cos_theta = torch.sum(v0_u * v1_u, dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos_theta.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos_theta))
+    sin_theta = torch.sin(theta)
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if dim != -1 and not flatten:
+        result = result.transpose(dim, -1)
+    return result.reshape(out_shape)
+
+
+def _nuslerp_method(
+    tensors, base_index, params, per_model, generator=None, out_dtype=None, out=None
+):
+    tensors = _aligned(tensors)
+    others = [i for i in range(len(tensors)) if i != base_index]
+    weights = [per_model[i]["weight"] for i in others]
+    total = sum(weights)
+    t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+    v0, v1 = (tensors[i] for i in others)
+    dim = 0 if params["nuslerp_row_wise"] else -1
+    flatten = bool(params["nuslerp_flatten"])
+    if base_index is not None:
+        base = tensors[base_index]
+        merged = base + nuslerp(t, v0 - base, v1 - base, dim=dim, flatten=flatten)
+    else:
+        merged = nuslerp(t, v0, v1, dim=dim, flatten=flatten)
+    return _finish(merged, out_dtype, out)
+
+
+def multislerp(
+    tensors: Sequence[Tensor],
+    weights: Sequence[float],
+    base: Tensor | None = None,
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+) -> Tensor:
+    """Barycentric interpolation on the hypersphere (mergekit's ``multislerp``): the unit
+    (task) vectors are mapped to the tangent space at their weighted mean, averaged there and
+    mapped back, then scaled to the weighted mean norm."""
+    if len(tensors) == 1:
+        return tensors[0]
+    stacked = torch.stack(list(tensors), dim=0)
+    if base is not None:
+        stacked -= base
+    flat = stacked.view(stacked.shape[0], -1)
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if stacked.shape[0] == 2:
+            result = (stacked[0] * w[0] + stacked[1] * w[1]).view(stacked.shape[1:])
+            return result + base if base is not None else result
+        raise ValueError(
+            "multislerp: the weighted sum of the input tensors is zero (antipodal inputs with "
+            "balancing weights)"
+        )
+    mean = mean / mean_norm
+    dots = (units * mean).sum(-1, keepdim=True)
+    tangents = units - dots * mean
+    tangent = (tangents * w.view(-1, 1)).sum(0)
+    tangent_norm = torch.norm(tangent) + eps
+    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    result = result * (norms.squeeze(-1) * w).sum()
+    result = result.view(stacked.shape[1:])
+    return result + base if base is not None else result
+
+
+def _multislerp_method(
+    tensors, base_index, params, per_model, generator=None, out_dtype=None, out=None
+):
+    tensors = _aligned(tensors)
+    others = [i for i in range(len(tensors)) if i != base_index]
+    merged = multislerp(
+        [tensors[i] for i in others],
+        [per_model[i]["weight"] for i in others],
+        tensors[base_index] if base_index is not None else None,
+        bool(params["normalize_weights"]),
+        float(params["eps"]),
+    )
+    return _finish(merged, out_dtype, out)
+
+
+def karcher_mean(
+    tensors: Sequence[Tensor], alphas: Sequence[float], max_iter: int = 10, tol: float = 1e-5
+) -> Tensor:
+    """The weighted Karcher (Riemannian) mean of the directions, scaled by the weighted mean
+    norm (mergekit's ``karcher_merge_tensors``: norms in float32, float64 stays float64)."""
+    if len(tensors) == 1:
+        return tensors[0]
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    norms = []
+    units = []
+    for tensor in tensors:
+        norm = torch.linalg.vector_norm(tensor.to(dtype))
+        norms.append(norm)
+        if norm.item() == 0.0:
+            units.append(torch.zeros_like(tensor))
+        else:
+            units.append((tensor / norm).to(tensor.dtype))
+    valid = [i for i, norm in enumerate(norms) if norm.item() > tol]
+    if not valid:
+        return sum(tensor * 0 for tensor in tensors)
+    valid_alphas = [alphas[i] for i in valid]
+    alpha_sum = sum(valid_alphas)
+    normalized = [alpha / alpha_sum for alpha in valid_alphas]
+    valid_units = [units[i] for i in valid]
+    mean = torch.zeros_like(valid_units[0])
+    for alpha, unit in zip(normalized, valid_units, strict=True):
+        mean += alpha * unit
+    mean_norm = torch.linalg.vector_norm(mean.to(dtype))
+    mean = valid_units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for alpha, unit in zip(normalized, valid_units, strict=True):
+            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += alpha * (theta / torch.sin(theta)) * (unit - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(dtype))
+        if tangent_norm.item() < tol:
+            break
+        mean = (
+            torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        ).to(mean.dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(dtype))
+        if unit_norm.item() > tol:
+            mean = (mean / unit_norm).to(mean.dtype)
+    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms, strict=True))
+    return scale * mean
+
+
+def _karcher_method(
+    tensors, base_index, params, per_model, generator=None, out_dtype=None, out=None
+):
+    tensors = _aligned(tensors)
+    if len(tensors) == 1:
+        return _finish(tensors[0], out_dtype, out)
+    alphas = [1.0 / len(tensors)] * len(tensors)
+    merged = karcher_mean(tensors, alphas, int(params["max_iter"]), float(params["tol"]))
+    return _finish(merged, out_dtype, out)
+
+
+def nearswap(t: float, base: Tensor, other: Tensor) -> Tensor:
+    """NearSwap: take ``other`` where it is within ``t`` of the base, interpolating by
+    t / |base - other| elsewhere (mergekit's order)."""
+    absdiff = torch.abs(base - other)
+    weight = (t / absdiff.clamp(min=1e-6)).clamp(min=0, max=1)
+    return weight * other + (1 - weight) * base
+
+
+def _nearswap_method(
+    tensors, base_index, params, per_model, generator=None, out_dtype=None, out=None
+):
+    tensors = _aligned(tensors)
+    other = tensors[1 - base_index]
+    return _finish(nearswap(float(params["t"]), tensors[base_index], other), out_dtype, out)
+
+
+#: arcee_fusion estimates its quantiles from this many entries of a larger tensor (mergekit)
+QUANTILE_SAMPLE_SIZE = 1_000_000
+
+
+def arcee_fusion(base: Tensor, other: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Arcee Fusion: take ``other``'s entries whose importance |other - base| * KL(softmax of
+    the row) reaches median + 1.5 IQR of all importances, the base's elsewhere. The quantiles
+    of a tensor above 1M entries come from 1M entries drawn (with replacement) from
+    ``generator``, as mergekit draws them. The mask is float32, so the result is too."""
+    diff = (other - base).abs()
+    eps = 1e-8
+    p = torch.nn.functional.softmax(other, dim=-1) + eps
+    q = torch.nn.functional.softmax(base, dim=-1) + eps
+    kl_div = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    importance = diff * kl_div
+    flat = importance.reshape(-1)
+    if flat.numel() > QUANTILE_SAMPLE_SIZE:
+        picks = torch.randint(
+            flat.numel(), (QUANTILE_SAMPLE_SIZE,), device=flat.device, generator=generator
+        )
+        flat = flat[picks]
+    ordered, _ = torch.sort(flat)
+    q_points = torch.tensor([0.25, 0.5, 0.75])
+    at = (q_points.to(ordered.device) * (ordered.numel() - 1)).long()
+    q1, median, q3 = ordered[at]
+    threshold = median + 1.5 * (q3 - q1)
+    mask = (importance >= threshold).float()
+    return base + (other - base) * mask
+
+
+def _arcee_fusion_method(
+    tensors, base_index, params, per_model, generator=None, out_dtype=None, out=None
+):
+    tensors = _aligned(tensors)
+    merged = arcee_fusion(tensors[base_index], tensors[1 - base_index], generator)
+    return _finish(merged, out_dtype, out)
+
+
 # --- registry -------------------------------------------------------------------------------
+
+
+def _della_check(params: dict[str, Any], per_model: Sequence[dict[str, Any]]) -> str | None:
+    """mergekit raises mid-merge when density +/- epsilon leaves (0, 1); we say so up front."""
+    for p in per_model:
+        density, epsilon = p.get("density", 1.0), p.get("epsilon", 0.15)
+        if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+            return (
+                f"density {density:g} +/- epsilon {epsilon:g} must stay inside (0, 1) "
+                "(DELLA's keep probabilities)"
+            )
+    return None
 
 
 def _task_vector_spec(
@@ -531,6 +1165,7 @@ def _task_vector_spec(
     sparsify: str | None,
     consensus: str | None,
 ) -> MethodSpec:
+    exact = sparsify == "magprune"
     return MethodSpec(
         name=name,
         pretty_name=pretty,
@@ -538,7 +1173,23 @@ def _task_vector_spec(
         fn=_task_vector_method,
         parameters=PARAMETERS[name],
         needs_base=True,
-        options={"sparsify": sparsify, "consensus": consensus},
+        options={"sparsify": sparsify, "consensus": consensus, "exact": exact},
+        random=sparsify in ("random", "magprune"),
+        exact_dtype=exact,
+        check=_della_check if exact else None,
+    )
+
+
+def _ram_spec(name: str, pretty: str, plus: bool) -> MethodSpec:
+    return MethodSpec(
+        name=name,
+        pretty_name=pretty,
+        paper="https://arxiv.org/abs/2601.13572",
+        fn=_ram_method,
+        parameters=PARAMETERS[name],
+        needs_base=True,
+        options={"plus": plus},
+        exact_dtype=True,
     )
 
 
@@ -551,6 +1202,7 @@ METHODS: dict[str, MethodSpec] = {
             paper="https://arxiv.org/abs/2203.05482",
             fn=_linear_method,
             parameters=PARAMETERS["linear"],
+            uses_base=False,
         ),
         MethodSpec(
             name="slerp",
@@ -603,6 +1255,102 @@ METHODS: dict[str, MethodSpec] = {
             "https://arxiv.org/abs/2312.06795",
             sparsify="outliers",
             consensus="sum",
+        ),
+        _task_vector_spec(
+            "della",
+            "DELLA",
+            "https://arxiv.org/abs/2406.11617",
+            sparsify="magprune",
+            consensus="sum",
+        ),
+        _task_vector_spec(
+            "della_linear",
+            "Linear DELLA",
+            "https://arxiv.org/abs/2406.11617",
+            sparsify="magprune",
+            consensus=None,
+        ),
+        MethodSpec(
+            name="sce",
+            pretty_name="SCE",
+            paper="https://arxiv.org/abs/2408.07990",
+            fn=_sce_method,
+            parameters=PARAMETERS["sce"],
+            needs_base=True,
+            exact_dtype=True,
+        ),
+        _ram_spec("ram", "Reinforced Agent Merging", plus=False),
+        _ram_spec("ramplus_tl", "Reinforced Agent Merging Plus (Tensor-Local)", plus=True),
+        MethodSpec(
+            name="passthrough",
+            pretty_name="Passthrough",
+            paper="https://github.com/arcee-ai/mergekit#passthrough",
+            fn=_passthrough_method,
+            parameters=PARAMETERS["passthrough"],
+            max_models=1,
+            uses_base=False,
+            exact_dtype=True,
+        ),
+        MethodSpec(
+            name="model_stock",
+            pretty_name="Model Stock",
+            paper="https://arxiv.org/abs/2403.19522",
+            fn=_model_stock_method,
+            parameters=PARAMETERS["model_stock"],
+            needs_base=True,
+            min_models=3,
+            exact_dtype=True,
+        ),
+        MethodSpec(
+            name="nuslerp",
+            pretty_name="NuSLERP",
+            paper="https://github.com/arcee-ai/mergekit#nuslerp",
+            fn=_nuslerp_method,
+            parameters=PARAMETERS["nuslerp"],
+            min_non_base=2,
+            max_non_base=2,
+            exact_dtype=True,
+        ),
+        MethodSpec(
+            name="multislerp",
+            pretty_name="Multi-SLERP",
+            paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+            fn=_multislerp_method,
+            parameters=PARAMETERS["multislerp"],
+            min_non_base=1,
+            exact_dtype=True,
+        ),
+        MethodSpec(
+            name="karcher",
+            pretty_name="Karcher Mean",
+            paper="https://arxiv.org/abs/2603.04972",
+            fn=_karcher_method,
+            parameters=PARAMETERS["karcher"],
+            uses_base=False,
+            exact_dtype=True,
+        ),
+        MethodSpec(
+            name="arcee_fusion",
+            pretty_name="Arcee Fusion",
+            paper="https://arcee.ai",
+            fn=_arcee_fusion_method,
+            parameters=PARAMETERS["arcee_fusion"],
+            needs_base=True,
+            min_models=2,
+            max_models=2,
+            random=True,
+            exact_dtype=True,
+        ),
+        MethodSpec(
+            name="nearswap",
+            pretty_name="NearSwap",
+            paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+            fn=_nearswap_method,
+            parameters=PARAMETERS["nearswap"],
+            needs_base=True,
+            min_models=2,
+            max_models=2,
+            exact_dtype=True,
         ),
     )
 }

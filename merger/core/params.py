@@ -170,10 +170,19 @@ PARAMETERS: dict[str, tuple[ParamSpec, ...]] = {
         ParamSpec("eps", per_model=False, default=1e-8, low=0.0, low_open=True),
     ),
     "karcher": (
-        ParamSpec("max_iter", per_model=False, default=10, kind=int, low=1.0),
+        ParamSpec("max_iter", per_model=False, default=10, kind=int, low=0.0),
         ParamSpec("tol", per_model=False, default=1e-5, low=0.0, low_open=True),
     ),
-    "nearswap": (_t(),),
+    "nearswap": (
+        ParamSpec(
+            "t",
+            per_model=False,
+            required=True,
+            low=0.0,
+            hint="nearswap's t is the distance |base - other| below which the other model's "
+            "value is taken (e.g. 0.0001)",
+        ),
+    ),
     "passthrough": (ParamSpec("scale", per_model=True, applies_to_base=True),),
     "model_stock": (ParamSpec("filter_wise", per_model=False, default=False, kind=bool),),
     "arcee_fusion": (),

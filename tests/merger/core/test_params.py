@@ -68,7 +68,8 @@ def test_check_converts(spec, value, expected):
         ("sce", "select_topk", 0.0, r"select_topk must be in \(0, 1\], got 0\.0"),
         ("karcher", "tol", 0, r"tol must be in \(0, inf\), got 0"),
         ("karcher", "max_iter", 2.5, r"max_iter must be an integer, got 2\.5"),
-        ("karcher", "max_iter", 0, r"max_iter must be in \[1, inf\), got 0"),
+        ("karcher", "max_iter", -1, r"max_iter must be in \[0, inf\), got -1"),  # 0: allowed
+        ("nearswap", "t", -0.5, r"t must be in \[0, inf\), got -0\.5"),  # a distance
         ("ties", "weight", float("nan"), r"weight must be finite"),
         ("ties", "lambda", "big", r"lambda must be a number, got 'big'"),
     ],

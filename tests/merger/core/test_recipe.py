@@ -789,3 +789,17 @@ def test_filter_star_and_no_match() -> None:
     assert evaluate_setting("anything", [ConditionalParameter(filter="*", value=2)], 0) == 2
     assert evaluate_setting("anything", ConditionalParameter(filter="mlp", value=2), 0) is None
     assert evaluate_setting("", [{"filter": "mlp", "value": 2}], 0) is None
+
+
+def test_nearswap_t_is_a_distance_not_a_fraction() -> None:
+    body = "merge_method: nearswap\nbase_model: a\nmodels:\n  - model: a\n  - model: b\n"
+    assert parse(body + "parameters:\n  t: 2.5\n").parameters["t"] == 2.5
+    with pytest.raises(RecipeError, match=r"recipe.yaml:7: parameters.t: t must be in \[0, inf\)"):
+        parse(body + "parameters:\n  t: -0.5\n")
+
+
+def test_karcher_max_iter_zero_is_accepted_like_mergekit() -> None:
+    body = "merge_method: karcher\nmodels:\n  - model: a\n  - model: b\n"
+    assert parse(body + "parameters:\n  max_iter: 0\n").parameters["max_iter"] == 0
+    with pytest.raises(RecipeError, match="max_iter must be an integer"):
+        parse(body + "parameters:\n  max_iter: 2.5\n")
