@@ -41,11 +41,10 @@ from merger.core.io import (
 from merger.core.kernels import FUSED_METHODS, fused_merge
 from merger.core.kernels import available as kernels_available
 from merger.core.kernels import why_not as kernels_why_not
+from merger.core.methods import MergeInputError
 from merger.core.options import MergeOptions
 from merger.core.plan import MergePlan, TensorTask, build_plan
 from merger.core.recipe import MergeRecipe, load_recipe
-
-RANDOM_METHODS = ("dare_ties", "dare_linear")
 
 
 def open_sources(recipe: MergeRecipe, *, allow_pickle: bool = False) -> dict[str, ModelSource]:
@@ -74,13 +73,17 @@ def compute_task(
     fused CPU kernel as it computes, or copied from the reference method's result — and None
     is returned; the caller commits ``out``.
     """
-    if task.in_dtype is not None and not (
+    if task.compute_dtype is not None:  # exact-dtype methods compute in mergekit's dtype
+        tensors = [
+            t if t.dtype == task.compute_dtype else t.to(task.compute_dtype) for t in tensors
+        ]
+    elif task.in_dtype is not None and not (
         # methods compute in float32 anyway: widening half floats first would only copy
         task.in_dtype == torch.float32 and all(t.dtype in _HALF_OR_SINGLE for t in tensors)
     ):
         tensors = [t.to(task.in_dtype) for t in tensors]
     generator = None
-    if plan.method.name in RANDOM_METHODS:
+    if plan.method.random:
         generator = torch.Generator(device=tensors[0].device)
         generator.manual_seed(_seed_for(seed, task))
     fused = fused_merge(
@@ -96,9 +99,13 @@ def compute_task(
     if fused is not None:
         merged, bad = fused  # the kernel counted NaN/Inf on its way out
     else:
-        merged = plan.method(
-            tensors, task.base_index, task.params, task.per_model, generator, task.out_dtype
-        )
+        try:
+            merged = plan.method(
+                tensors, task.base_index, task.params, task.per_model, generator, task.out_dtype
+            )
+        except MergeInputError as exc:
+            message = f"{plan.method.name} cannot merge {task.name}: {exc}"
+            raise KruisingError(message, exc.hint) from None
         # a sum is finite when no element is NaN/Inf (no copy, unlike a float64 sum); only
         # when it is not, count exactly (a huge but finite sum can overflow on its own)
         bad = 0 if bool(torch.isfinite(merged.sum())) else int((~torch.isfinite(merged)).sum())
@@ -266,10 +273,13 @@ def _progress(enabled: bool):
 
 def _describe(plan: MergePlan, device: torch.device) -> str:
     out_dtypes = sorted({str(t.out_dtype).removeprefix("torch.") for t in plan.tasks})
+    computes = sorted(
+        {str(t.compute_dtype or torch.float32).removeprefix("torch.") for t in plan.tasks}
+    )
     return (
         f"{plan.method.name}: {len(plan.sources)} models, {len(plan.tasks)} tensors, "
         f"{plan.num_layers} layers, {_gb(plan.read_bytes)} to read, {_gb(plan.write_bytes)} "
-        f"to write, device {device}{_kernel_note(plan, device)}, compute float32, "
+        f"to write, device {device}{_kernel_note(plan, device)}, compute {'/'.join(computes)}, "
         f"out {'/'.join(out_dtypes)}"
     )
 

@@ -64,6 +64,12 @@ class MethodSpec:
     #: cross-parameter check of one tensor's resolved values: (params, per_model of the
     #: non-base inputs) -> a problem ("density 0.9 + epsilon 0.15 must be below 1") or None
     check: Callable[[dict[str, Any], Sequence[dict[str, Any]]], str | None] | None = None
+    #: the dtype of the result for a compute dtype (mergekit stores it when no out_dtype is
+    #: set): the compute dtype itself, except where a float32 mask or factor promotes it
+    promotes_to_float32: bool = False
+
+    def result_dtype(self, compute: torch.dtype) -> torch.dtype:
+        return torch.promote_types(compute, torch.float32) if self.promotes_to_float32 else compute
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.parameters if p.name == name), None)
@@ -89,6 +95,14 @@ class MethodSpec:
             out=out,
             **self.options,
         )
+
+
+class MergeInputError(ValueError):
+    """Inputs a method cannot merge (as mergekit cannot): the engine reports it with ``hint``."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 def _compute_dtype(tensor: Tensor) -> torch.dtype:
@@ -997,9 +1011,11 @@ def multislerp(
         if stacked.shape[0] == 2:
             result = (stacked[0] * w[0] + stacked[1] * w[1]).view(stacked.shape[1:])
             return result + base if base is not None else result
-        raise ValueError(
-            "multislerp: the weighted sum of the input tensors is zero (antipodal inputs with "
-            "balancing weights)"
+        raise MergeInputError(
+            "the weighted mean of the unit (task) vectors is zero: they cancel out, or are all "
+            "zero (fine-tunes that left this tensor unchanged)",
+            "mergekit 0.1.5 stops here too; use weights that do not balance out, two models "
+            "(then multislerp falls back to linear), or another method",
         )
     mean = mean / mean_norm
     dots = (units * mean).sum(-1, keepdim=True)
@@ -1190,6 +1206,7 @@ def _ram_spec(name: str, pretty: str, plus: bool) -> MethodSpec:
         needs_base=True,
         options={"plus": plus},
         exact_dtype=True,
+        promotes_to_float32=plus,
     )
 
 
@@ -1340,6 +1357,7 @@ METHODS: dict[str, MethodSpec] = {
             max_models=2,
             random=True,
             exact_dtype=True,
+            promotes_to_float32=True,
         ),
         MethodSpec(
             name="nearswap",

@@ -14,7 +14,7 @@ class MergeOptions:
     - ``engine``: ``native`` (ours) or ``mergekit`` (the recipe handed to mergekit's API);
     - ``allow_pickle``: accept ``.bin``/``.pt`` checkpoints (``torch.load(weights_only=True)``);
     - ``overwrite``: replace an existing child folder;
-    - ``seed``: the seed of the random methods (``dare_*``);
+    - ``seed``: the seed of the random methods (``dare_*``, ``della*``, ``arcee_fusion``);
     - ``progress``: show a progress bar on stderr.
     """
 

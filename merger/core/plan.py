@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kruising.console import console
 from kruising.errors import KruisingError
 from merger.core.io import ModelSource
 from merger.core.methods import METHODS, MethodSpec
@@ -46,6 +47,9 @@ class TensorTask:
     in_dtype: torch.dtype | None  # recipe `dtype`: inputs are cast to it first (mergekit)
     out_dtype: torch.dtype
     group: str  # e.g. "slice 0, layer 3" or "embed": the unit provenance reports
+    #: for exact-dtype methods: mergekit's compute dtype (recipe `dtype`, else the promoted
+    #: stored dtypes); the inputs are cast to it before the method runs. None: float32 compute.
+    compute_dtype: torch.dtype | None = None
 
     @property
     def nbytes(self) -> int:
@@ -68,6 +72,7 @@ class OutSlice:
     sources: list[SliceSource]
     base_model: str | None
     parameters: dict[str, Any] | None
+    module_parameters: dict[str, Any] | None = None  # `modules.<name>.parameters`
 
 
 @dataclass
@@ -113,19 +118,32 @@ def method_for(recipe: MergeRecipe) -> MethodSpec:
     return method
 
 
+#: mergekit's name of the one module of a decoder-only architecture (`modules: {default: ...}`)
+DEFAULT_MODULE = "default"
+
+
 def _out_slices(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> list[OutSlice]:
-    if getattr(recipe, "modules", None):
-        raise KruisingError(
-            "recipe uses `modules`, which the native engine does not support",
-            "run it with --engine mergekit",
-        )
-    if recipe.slices:
+    """The output slices, as mergekit normalises a recipe: `models` (top level or of the one
+    module) becomes one slice over every layer of every model, the base model added when it
+    is not listed; `modules: {default: ...}` is that module's models or slices."""
+    models, slices, module_parameters = recipe.models, recipe.slices, None
+    if recipe.modules:
+        unknown = [name for name in recipe.modules if name != DEFAULT_MODULE]
+        if unknown:
+            raise KruisingError(
+                f"modules.{unknown[0]}: a decoder-only model has one module, "
+                f"{DEFAULT_MODULE!r} (mergekit's name for it)",
+                f"write modules: {{{DEFAULT_MODULE}: {{models: ...}}}}, or use models:/slices:",
+            )
+        module = recipe.modules[DEFAULT_MODULE]
+        models, slices, module_parameters = module.models, module.slices, module.parameters
+    if slices:
         out = []
-        for s in recipe.slices:
-            if getattr(s, "residual_weight", None) is not None:
-                raise KruisingError(
-                    "recipe slices use residual_weight, which the native engine does not support",
-                    "remove it or run with --engine mergekit",
+        for i, s in enumerate(slices):
+            if s.residual_weight is not None:
+                console.print(
+                    f"[yellow]note:[/] slices[{i}].residual_weight is read but not used by "
+                    "mergekit 0.1.5, so it changes nothing here either"
                 )
             out.append(
                 OutSlice(
@@ -137,16 +155,34 @@ def _out_slices(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> list[Ou
                     ],
                     s.base_model,
                     s.parameters,
+                    module_parameters,
                 )
             )
         return out
-    members = [
-        SliceSource(m.model, 0, sources[m.model].num_layers, m.parameters) for m in recipe.models
-    ]
-    if recipe.base_model and recipe.base_model not in {m.model for m in recipe.models}:
+    members = [SliceSource(m.model, 0, sources[m.model].num_layers, m.parameters) for m in models]
+    if recipe.base_model and recipe.base_model not in {m.model for m in models}:
         base = recipe.base_model
         members.append(SliceSource(base, 0, sources[base].num_layers, None))
-    return [OutSlice(members, None, None)]
+    return [OutSlice(members, None, None, module_parameters)]
+
+
+def _count_problem(method: MethodSpec, n_inputs: int, n_non_base: int) -> str | None:
+    """mergekit's input contract of a method, for one slice (None when it is met)."""
+    for what, count, low, high in (
+        ("models (base included)", n_inputs, method.min_models, method.max_models),
+        ("models besides the base", n_non_base, method.min_non_base, method.max_non_base),
+    ):
+        if count < low or (high is not None and count > high):
+            if low == high:
+                need = f"exactly {low}"
+            elif high is None:
+                need = f"at least {low}"
+            elif low <= 1 and count > high:
+                need = f"at most {high}"
+            else:
+                need = f"{low} to {high}"
+            return f"{method.name} merges {need} {what}, the recipe gives {count}"
+    return None
 
 
 def _resolve(
@@ -189,6 +225,14 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
     slices = _out_slices(recipe, sources)
     for i, s in enumerate(slices):
         n_inputs = len(s.sources)
+        refs = [src.model for src in s.sources]
+        twice = next((ref for ref in refs if refs.count(ref) > 1), None)
+        if twice is not None:  # mergekit: "Duplicate merge inputs"
+            where = "the recipe" if len(slices) == 1 else f"slices[{i}]"
+            raise KruisingError(
+                f"{where} lists {twice} twice as a merge input",
+                "list each model once (mergekit refuses duplicates too)",
+            )
         lengths = {src.end - src.start for src in s.sources}
         if len(lengths) != 1:
             raise KruisingError(
@@ -208,19 +252,16 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
             raise KruisingError(
                 f"{method.name} needs a base_model", "add `base_model:` to the recipe"
             )
-        if base is not None and base not in {src.model for src in s.sources}:
+        in_slice = base is not None and base in {src.model for src in s.sources}
+        if method.uses_base and base is not None and not in_slice:
             raise KruisingError(
                 f"base_model {base} is not among the inputs of slices[{i}]",
                 "list the base model among the slice's sources",
             )
-        if n_inputs < method.min_models or (method.max_models and n_inputs > method.max_models):
-            count = (
-                f"exactly {method.min_models}"
-                if method.min_models == method.max_models
-                else f"at least {method.min_models}"
-            )
+        problem = _count_problem(method, n_inputs, n_inputs - int(in_slice and method.uses_base))
+        if problem:
             raise KruisingError(
-                f"{method.name} merges {count} models (base included), the recipe gives {n_inputs}",
+                problem if len(slices) == 1 else f"slices[{i}]: {problem}",
                 "list the right number of models",
             )
 
@@ -235,7 +276,7 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
     def add(out_name: str, in_names: list[str], s: OutSlice, t: float, group: str) -> None:
         refs = [src.model for src in s.sources]
         base = s.base_model or recipe.base_model
-        base_index = refs.index(base) if base is not None else None
+        base_index = refs.index(base) if base is not None and base in refs else None
         shapes = []
         for ref, name in zip(refs, in_names, strict=True):
             info = sources[ref].tensors.get(name)
@@ -246,7 +287,7 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
         if len(set(shapes)) > 1:
             errors.setdefault(out_name, _shape_problem(out_name, refs, shapes))
             return
-        global_settings = [s.parameters, recipe.parameters]
+        global_settings = [s.parameters, s.module_parameters, recipe.parameters]
         where = f"{out_name} ({group})"
         params = {
             p.name: _resolve(method, global_settings, p.name, out_name, t, where, errors)
@@ -255,7 +296,7 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
         }
         per_model = []
         for i, (src, name) in enumerate(zip(s.sources, in_names, strict=True)):
-            chain = [src.parameters, s.parameters, recipe.parameters]
+            chain = [src.parameters, s.parameters, s.module_parameters, recipe.parameters]
             per_model.append(
                 {
                     p.name: _resolve(
@@ -265,7 +306,22 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
                     if p.per_model and not p.unused and (i != base_index or p.applies_to_base)
                 }
             )
-        dtype = out_dtype or in_dtype or sources[refs[base_index or 0]].tensors[in_names[0]].dtype
+        if method.check is not None:
+            non_base = [row for i, row in enumerate(per_model) if i != base_index]
+            problem = method.check(params, non_base)
+            if problem:
+                errors.setdefault(problem, f"{problem} (first at {where})")
+        compute = None
+        if method.exact_dtype:  # mergekit: loaded in `dtype`, else the promoted stored dtype
+            compute = in_dtype
+            if compute is None:
+                compute = sources[refs[0]].tensors[in_names[0]].dtype
+                for ref, name in zip(refs[1:], in_names[1:], strict=True):
+                    compute = torch.promote_types(compute, sources[ref].tensors[name].dtype)
+            dtype = out_dtype or method.result_dtype(compute)
+        else:
+            stored = sources[refs[base_index or 0]].tensors[in_names[0]].dtype
+            dtype = out_dtype or in_dtype or stored
         tasks.append(
             TensorTask(
                 out_name,
@@ -277,6 +333,7 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
                 in_dtype,
                 dtype,
                 group,
+                compute,
             )
         )
 
