@@ -6,8 +6,11 @@ Not a test: it prints numbers. One path, top to bottom:
             Mistral-7B shapes and ``--layers`` layers (4: 1.13B parameters, 2.3 GB each), written
             tensor chunk by tensor chunk into 2 safetensors shards + index, a MistralForCausalLM
             config.json and the real Mistral tokenizer. Reused from ``--workdir`` when present.
-2. recipe — linear of 3 models, slerp of 2 (gradient t with self_attn/mlp filters), ties of
-            base + 2 (density 0.5), all with ``dtype: bfloat16``.
+2. recipe — one per mergekit method (`write_recipes`): linear of 3 models, slerp of 2
+            (gradient t with self_attn/mlp filters), ties of base + 2 (density 0.5), the other
+            task-vector methods, model_stock, nuslerp, multislerp, karcher of base + 2,
+            nearswap and arcee_fusion of base + 1, passthrough stacking both models' layers;
+            all with ``dtype: bfloat16``.
 3. time   — per method: ``cat`` the inputs (warms the page cache; its best time is the I/O
             floor), then ``merge run`` and ``mergekit-yaml`` as subprocesses, best wall time of
             ``--repeat`` runs, peak RSS of the child process tree sampled every 50 ms.
@@ -45,8 +48,32 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 GiB = 2**30
-METHODS = ("linear", "slerp", "ties")
-TARGET_SPEEDUP = {"linear": 4.0, "slerp": 4.0, "ties": 20.0}
+METHODS = (
+    "linear",
+    "slerp",
+    "ties",
+    "task_arithmetic",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "sce",
+    "ram",
+    "ramplus_tl",
+    "model_stock",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "nearswap",
+    "arcee_fusion",
+    "passthrough",
+)
+#: the targets of issues 2 and 12: 4x mergekit's wall time for every method, slerp 5x, ties 20x
+TARGET_SPEEDUP = {m: 4.0 for m in METHODS} | {"slerp": 5.0, "ties": 20.0}
+#: methods that draw random numbers: the children differ from mergekit's by design
+RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear", "arcee_fusion")
 SHAPES = {
     "full": dict(
         hidden_size=4096,
@@ -273,6 +300,7 @@ parameters:
 dtype: bfloat16
 """,
     }
+    texts.update(_more_recipes(base, ft1, ft2, layers))
     recipes_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for method, text in texts.items():
@@ -281,10 +309,72 @@ dtype: bfloat16
     return paths
 
 
-METHOD_MODELS = {
-    "linear": ("base", "ft1", "ft2"),
+def _more_recipes(base: str, ft1: str, ft2: str, layers: int) -> dict[str, str]:
+    """The methods of issue 12 (and the rest of the task-vector family) on the same models."""
+
+    def task_vectors(method: str, extra: str = "", shared: str = "") -> str:
+        return f"""\
+merge_method: {method}
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.6{extra}}}
+  - model: {ft2}
+    parameters: {{weight: 0.4{extra}}}
+{shared}dtype: bfloat16
+"""
+
+    def plain(method: str, models: list[str], shared: str = "", with_base: bool = True) -> str:
+        listed = "".join(f"  - model: {m}\n" for m in models)
+        head = f"base_model: {base}\n" if with_base else ""
+        return f"merge_method: {method}\n{head}models:\n{listed}{shared}dtype: bfloat16\n"
+
+    weights = "".join(
+        f"  - model: {m}\n    parameters: {{weight: {w}}}\n" for m, w in ((ft1, 0.6), (ft2, 0.4))
+    )
+    return {
+        "task_arithmetic": task_vectors("task_arithmetic"),
+        "dare_ties": task_vectors("dare_ties", ", density: 0.5"),
+        "dare_linear": task_vectors("dare_linear", ", density: 0.5"),
+        "breadcrumbs": task_vectors("breadcrumbs", ", density: 0.9, gamma: 0.01"),
+        "breadcrumbs_ties": task_vectors("breadcrumbs_ties", ", density: 0.9, gamma: 0.01"),
+        "della": task_vectors("della", ", density: 0.5, epsilon: 0.1"),
+        "della_linear": task_vectors("della_linear", ", density: 0.5, epsilon: 0.1"),
+        "sce": plain("sce", [ft1, ft2], "parameters:\n  select_topk: 0.5\n"),
+        "ram": plain("ram", [ft1, ft2], "parameters:\n  epsilon: 1.0e-5\n"),
+        "ramplus_tl": plain("ramplus_tl", [ft1, ft2], "parameters:\n  r: 0.1\n  alpha: 0.2\n"),
+        "model_stock": plain("model_stock", [ft1, ft2]),
+        "karcher": plain("karcher", [base, ft1, ft2], with_base=False),
+        "nearswap": plain("nearswap", [base, ft1], "parameters:\n  t: 0.001\n"),
+        "arcee_fusion": plain("arcee_fusion", [base, ft1]),
+        "nuslerp": f"merge_method: nuslerp\nbase_model: {base}\nmodels:\n{weights}dtype: bfloat16\n",
+        "multislerp": f"merge_method: multislerp\nbase_model: {base}\nmodels:\n{weights}"
+        "dtype: bfloat16\n",
+        "passthrough": f"""\
+merge_method: passthrough
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, {layers}]
+  - sources:
+      - model: {ft1}
+        layer_range: [0, {layers}]
+        parameters:
+          scale:
+            - filter: o_proj
+              value: 0.5
+            - value: 1.0
+dtype: bfloat16
+""",
+    }
+
+
+_THREE = ("base", "ft1", "ft2")
+METHOD_MODELS = {m: _THREE for m in METHODS} | {
     "slerp": ("base", "ft1"),
-    "ties": ("base", "ft1", "ft2"),
+    "nearswap": ("base", "ft1"),
+    "arcee_fusion": ("base", "ft1"),
+    "passthrough": ("base", "ft1"),
 }
 
 
@@ -440,9 +530,11 @@ def compare_children(ours: Path, theirs: Path, device: torch.device) -> dict:
     return result
 
 
-def agreement_text(check: dict | None) -> str:
+def agreement_text(check: dict | None, method: str = "") -> str:
     if check is None:
         return "not checked"
+    if method in RANDOM_METHODS:
+        return "random draws (compared in tests/merger/core/test_parity_methods.py)"
     if check["only_ours"] or check["only_mergekit"] or check["bad_shape_or_dtype"]:
         return "MISMATCH: tensor names/shapes differ"
     n = max(1, check["elements"])
@@ -513,7 +605,7 @@ def bench_method(
             started = time.perf_counter()
             result.check = compare_children(ours_out, theirs_out, device)
             print(
-                f"  {method} outputs: {agreement_text(result.check)} "
+                f"  {method} outputs: {agreement_text(result.check, method)} "
                 f"(compared in {time.perf_counter() - started:.1f} s)",
                 flush=True,
             )
@@ -564,7 +656,7 @@ def print_report(
                 f"{theirs.cpu_seconds:.1f}" if theirs else "-",
                 f"{ours_rss / GiB:.2f}" if ours else "-",
                 f"{mk_rss / GiB:.2f}" if theirs else "-",
-                agreement_text(r.check),
+                agreement_text(r.check, r.method),
             )
         )
         target = TARGET_SPEEDUP[r.method]
@@ -594,7 +686,7 @@ def print_report(
         "peak RSS: VmRSS summed over the child's process tree, sampled every 50 ms "
         "(includes mapped shard pages; the per-run lines also give the anonymous part, RssAnon)"
     )
-    lines.append("targets (issue 2):")
+    lines.append("targets (issues 2 and 12):")
     lines += [f"  {v}" for v in verdicts]
     print("\n" + "\n".join(lines), flush=True)
     return lines
@@ -608,7 +700,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device", default="cpu", help="cpu (default) or cuda[:N]; mergekit gets --cuda"
     )
     parser.add_argument(
-        "--methods", default=",".join(METHODS), help="comma list of linear,slerp,ties"
+        "--methods",
+        default="linear,slerp,ties",
+        help=f"comma list of {','.join(METHODS)}, or all",
     )
     parser.add_argument(
         "--skip-mergekit-methods",
@@ -625,6 +719,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.methods == ["all"]:
+        args.methods = list(METHODS)
     args.skip_mergekit_methods = {
         m.strip() for m in args.skip_mergekit_methods.split(",") if m.strip()
     }

@@ -199,3 +199,17 @@ def test_missing_required_parameter_and_default():
         plan_of(recipe, layers=1)
     recipe = parse("merge_method: linear\nmodels: [{model: org/a, parameters: {weight: 1}}]\n")
     assert plan_of(recipe, layers=1).tasks[0].params == {"normalize": True}
+
+
+EXAMPLES = sorted((HERE.parent.parent.parent / "recipes" / "examples").glob("*.yml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_recipe_plans_natively(path: Path):
+    recipe = load_recipe(path)
+    plan = plan_of(recipe, layers=32)
+    assert plan.method.name == recipe.merge_method
+    if recipe.merge_method == "passthrough":  # 24 + 24 layers from two overlapping slices
+        assert plan.num_layers == 48
+        scales = [t.per_model[0]["scale"] for t in plan.tasks if "o_proj" in t.name]
+        assert scales[24] == 0.5 and scales[-1] == 1.0

@@ -86,12 +86,14 @@ def test_demo_recipes_parse(path: Path, mergekit_config) -> None:
     assert parse_recipe(recipe_to_yaml(recipe)) == recipe
 
 
-def test_there_are_three_demo_recipes_one_per_form() -> None:
+def test_the_examples_show_every_native_method_and_each_form() -> None:
+    from merger.core.methods import METHODS
+
     recipes = [load_recipe(p) for p in DEMO_RECIPES]
-    assert len(recipes) == 3
+    assert {r.merge_method for r in recipes} == set(METHODS)
     assert any(r.models and r.merge_method == "linear" for r in recipes)
     assert any(r.slices and r.merge_method == "slerp" for r in recipes)
-    assert any(r.merge_method == "ties" for r in recipes)
+    assert any(r.slices and r.merge_method == "passthrough" for r in recipes)
 
 
 @pytest.mark.parametrize(
