@@ -45,7 +45,8 @@ def main() -> None:
     from merger.core.recipe import parse_recipe
     from merger.demo import default_family_dir, resolve_family
     from merger.study.rank import leaderboard
-    from merger.study.sweep import parse_spec, run_sweep
+    from merger.study.spec import parse_spec
+    from merger.study.sweep import run_sweep
     from pretrain.family import build_family
 
     torch.manual_seed(0)

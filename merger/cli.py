@@ -128,7 +128,8 @@ def sweep_command(
     import json
 
     from merger.study.rank import leaderboard, print_leaderboard
-    from merger.study.sweep import load_spec, run_sweep, spec_recipe
+    from merger.study.spec import load_spec, spec_recipe
+    from merger.study.sweep import run_sweep
 
     parsed, root = load_spec(spec)
     if trials is not None and trials < 1:

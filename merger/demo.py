@@ -105,8 +105,10 @@ def run_demo(
     from merger.core.engine import run_recipe
     from merger.core.options import MergeOptions
     from merger.core.recipe import parse_recipe
+    from merger.study.paths import short
     from merger.study.rank import export, leaderboard, markdown, print_leaderboard, write_plots
-    from merger.study.sweep import load_spec, parse_spec, run_sweep, short
+    from merger.study.spec import load_spec, parse_spec
+    from merger.study.sweep import run_sweep
     from pretrain.family import build_family
 
     started = time.perf_counter()

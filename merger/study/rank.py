@@ -14,14 +14,14 @@ from rich.markup import escape
 
 from kruising.console import console
 from kruising.errors import KruisingError
-from merger.study.sweep import short
+from merger.study.paths import short
 
 
 def load_study(name: str, storage: str | None):
     """Load study ``name``; an unknown name lists the studies the storage holds."""
     import optuna
 
-    from merger.study.sweep import open_storage
+    from merger.study.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     store = open_storage(storage, heartbeat=False)

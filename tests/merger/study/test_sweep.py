@@ -15,7 +15,11 @@ from pathlib import Path
 import pytest
 
 from kruising.errors import KruisingError
-from merger.study.sweep import parse_path, parse_spec, run_sweep, set_path, validate, variant_recipe
+from merger.study.evaluator import VariantFailed
+from merger.study.paths import parse_path, set_path, variant_recipe
+from merger.study.spec import parse_spec
+from merger.study.sweep import run_sweep
+from merger.study.validate import validate
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -89,7 +93,7 @@ class FakeEvaluator:
         self.calls += 1
         t = _t_of(variant)
         if self.fail_above is not None and t > self.fail_above:
-            raise RuntimeError(f"shape mismatch at t={t}")
+            raise VariantFailed(f"shape mismatch at t={t}")  # the evaluator's contract
         dutch = (
             float("nan")
             if self.nan_above is not None and t > self.nan_above
@@ -258,6 +262,29 @@ def test_failing_and_nan_variants_are_recorded_and_the_sweep_goes_on(tmp_path):
     assert [by_t[t].state for t in (0, 0.25, 0.5)] == [TrialState.COMPLETE] * 3
 
 
+def test_an_unexpected_error_stops_the_sweep_with_its_traceback(tmp_path):
+    """A bug (a torch RuntimeError, an OOM) is not the variant's fault: it is not recorded as
+    a failed variant and the sweep does not go on past it."""
+    from optuna.trial import TrialState
+
+    class Buggy(FakeEvaluator):
+        def __call__(self, variant):
+            if self.calls == 1:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return super().__call__(variant)
+
+    grid = "{parameters.t[default]: {type: float, low: 0.0, high: 1.0, step: 0.25}}"
+    evaluator = Buggy()
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        _run(tmp_path, grid, evaluator, sampler="grid", trials=5)
+    assert evaluator.calls == 1  # one variant scored; the second one hit the bug
+    import optuna
+
+    study = optuna.load_study(study_name="test-sweep", storage=f"sqlite:///{tmp_path}/studies.db")
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and "fail_reason" not in failed[0].user_attrs
+
+
 def test_pareto_sweep_ranks_the_front_first_and_exports_a_recipe(tmp_path):
     from merger.core.recipe import load_recipe
     from merger.study.rank import export, leaderboard
@@ -336,7 +363,8 @@ KILL_SCRIPT = """
 import sys, time
 sys.path.insert(0, {repo!r})
 from merger.core.recipe import parse_recipe
-from merger.study.sweep import parse_spec, run_sweep
+from merger.study.spec import parse_spec
+from merger.study.sweep import run_sweep
 sys.path.insert(0, {tests!r})
 from test_sweep import FakeEvaluator, SLERP, _spec
 
@@ -354,7 +382,7 @@ def test_sigkill_mid_sweep_then_rerun_continues_without_losing_completed_variant
     import optuna
     from optuna.trial import TrialState
 
-    from merger.study.sweep import open_storage
+    from merger.study.storage import open_storage
 
     search = "{parameters.t[default]: {type: float, low: 0.0, high: 1.0}}"
     storage = f"sqlite:///{tmp_path}/studies.db"
@@ -558,7 +586,7 @@ def test_the_evaluator_encodes_the_suite_once_and_scores_like_score_model(tiny_p
     """Each variant is scored with the suite tokenised and laid out once per study."""
     from eval.api import score_model
     from merger.core.recipe import load_recipe
-    from merger.study.sweep import InMemoryEvaluator
+    from merger.study.evaluator import InMemoryEvaluator
 
     recipe, probes = tiny_pair
     base = load_recipe(recipe)
