@@ -182,7 +182,7 @@ def spec_recipe(spec: SweepSpec, root: Path | None):
 
     if isinstance(spec.recipe, dict):
         return parse_recipe(
-            yaml.safedump_recipe(spec.recipe, sort_keys=False), f"{spec.name}:recipe"
+            yaml.safe_dump(spec.recipe, sort_keys=False), f"{spec.name}:recipe"
         )
     path = Path(spec.recipe).expanduser()
     if not path.is_absolute() and root is not None:

@@ -113,6 +113,19 @@ def test_parse_path_reads_names_indices_filters_and_gradient_points():
         parse_path("parameters..t")
 
 
+def test_an_inline_recipe_mapping_is_the_base_recipe():
+    from merger.study.spec import spec_recipe
+
+    spec = parse_spec(
+        "name: inline\nrecipe:\n  merge_method: slerp\n  base_model: org/a\n"
+        "  models: [{model: org/a}, {model: org/b}]\n  parameters: {t: 0.5}\n"
+        "search: {parameters.t: {type: float, low: 0.0, high: 1.0}}\n",
+        "inline.yaml",
+    )
+    recipe = spec_recipe(spec, None)
+    assert recipe.merge_method == "slerp" and recipe.parameters == {"t": 0.5}
+
+
 def test_variant_sets_filtered_gradient_points_and_per_model_values():
     recipe = _recipe()
     variant = variant_recipe(recipe, {"parameters.t[self_attn].1": 0.25, "parameters.t[mlp]": 0.9})
