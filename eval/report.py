@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from eval.errors import EvalError
 from kruising.atomic import write_text
 
 # Metrics shown in the table, per probe, in this order (the JSON has them all).
@@ -24,8 +25,38 @@ def slug(ref: str) -> str:
     return re.sub(r"[^A-Za-z0-9._@-]+", "_", name) or "model"
 
 
+def _is_checkpoint(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def _same_folder(ref: str, out: Path) -> bool:
+    path = Path(ref)
+    return path.is_dir() and out.is_dir() and path.resolve() == out.resolve()
+
+
+def check_out(refs: list[str], out: Path) -> None:
+    """``--out`` may be a checkpoint folder only when that checkpoint is the one model scored
+    (``merge eval CHILD --out CHILD``: the scorecard goes next to the weights). Scorecards of
+    other models are never written into someone's checkpoint."""
+    out = Path(out)
+    if not _is_checkpoint(out):
+        return
+    if len(refs) == 1 and _same_folder(refs[0], out):
+        return
+    raise EvalError(
+        f"--out {out} is a checkpoint folder: the scorecards of "
+        + ("these models" if len(refs) > 1 else refs[0])
+        + " would be written inside it",
+        "give --out a folder of scorecards (default: scorecards), or --out CHILD only when "
+        "scoring CHILD alone",
+    )
+
+
 def write_scorecards(cards: list[dict[str, Any]], refs: list[str], out: Path) -> list[Path]:
-    """Write ``out/<slug>/scorecard.json`` for each model; slugs that collide get ``-2``, ``-3``."""
+    """Write ``out/<slug>/scorecard.json`` for each model; slugs that collide get ``-2``, ``-3``.
+
+    A model scored into its own folder (``out`` is the model) gets ``out/scorecard.json``.
+    """
     written: list[Path] = []
     used: dict[str, int] = {}
     for card, ref in zip(cards, refs, strict=True):
@@ -33,7 +64,7 @@ def write_scorecards(cards: list[dict[str, Any]], refs: list[str], out: Path) ->
         used[name] = used.get(name, 0) + 1
         if used[name] > 1:
             name = f"{name}-{used[name]}"
-        folder = out / name
+        folder = out if _same_folder(ref, out) else out / name
         folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps(card, indent=2, ensure_ascii=False) + "\n"
         written.append(write_text(folder / "scorecard.json", text))
@@ -117,8 +148,9 @@ def score_models(
     from eval.api import score_path
     from eval.harness import parse_tasks
     from eval.suites import load_suite
-    from kruising.console import console
+    from kruising.console import console, print_table
 
+    check_out(list(models), out)
     hf_logging.disable_progress_bar()  # our own progress bar says what is happening
     tasks = parse_tasks(lm_eval) if lm_eval is not None else None
     probes = load_suite(suite)
@@ -147,7 +179,7 @@ def score_models(
         )
         cards.append(card)
     written = write_scorecards(cards, list(models), out)
-    console.print(comparison_table(cards))
+    print_table(comparison_table(cards))
     for path in written:
         console.print(f"wrote {path}")
     return cards, written

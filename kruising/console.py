@@ -20,6 +20,31 @@ from kruising.errors import KruisingError
 console = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
 
 
+def print_table(table, out: Console | None = None) -> None:
+    """Print a rich table without cutting any cell or header to an ellipsis.
+
+    On a terminal, cells too wide for it wrap. Elsewhere (a log file, a pipe, CI) there is no
+    width to fit, and rich would squeeze the table to 80 columns (``Engli…``): the table is
+    printed at its natural width instead. Machine-readable output is ``--json``.
+    """
+    out = out or console
+    for column in table.columns:
+        column.no_wrap = False
+        column.overflow = "fold"
+    if out.is_terminal:
+        out.print(table)
+        return
+    from rich.measure import Measurement
+
+    natural = Measurement.get(out, out.options.update(max_width=10_000), table).maximum
+    saved = out._width  # rich caps print(width=) at the console's width: widen it for this one
+    out.width = max(out.width, natural)
+    try:
+        out.print(table)
+    finally:
+        out._width = saved
+
+
 def run_cli(app: Callable[[], object], verbose: Callable[[], bool]) -> None:
     """Call a typer app; print expected failures as one line + hint and exit 1."""
     try:

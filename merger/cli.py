@@ -11,8 +11,11 @@ from typing import Annotated
 
 import typer
 
+from kruising.cli import Command, Group
+
 app = typer.Typer(
     name="merge",
+    cls=Group,
     help="kruising: merge Mistral-family models with mergekit recipes, probe them in Dutch, rank and share.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -31,7 +34,7 @@ def _root(
     _state["verbose"] = verbose
 
 
-@app.command("run")
+@app.command("run", cls=Command)
 def run_command(
     recipe: Annotated[Path, typer.Argument(help="A mergekit YAML recipe.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Child folder to write.")],
@@ -68,7 +71,7 @@ def run_command(
     run_recipe_file(recipe, out, options)
 
 
-@app.command("push")
+@app.command("push", cls=Command)
 def push_command(
     child: Annotated[Path, typer.Argument(help="Child folder written by `merge run`.")],
     repo: Annotated[str, typer.Option("--repo", help="Model repo on the Hub: ORG/NAME.")],
@@ -87,7 +90,7 @@ def push_command(
     print(url)
 
 
-@app.command("pull")
+@app.command("pull", cls=Command)
 def pull_command(
     source: Annotated[str, typer.Argument(help="Hub model repo ORG/NAME[@rev] or a local folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Recipe file to write.")] = Path(
@@ -104,7 +107,7 @@ def pull_command(
     pull(source, out, overwrite=force)
 
 
-@app.command("sweep")
+@app.command("sweep", cls=Command)
 def sweep_command(
     spec: Annotated[Path, typer.Argument(help="A sweep spec YAML (recipe + search space).")],
     storage: Annotated[
@@ -145,7 +148,7 @@ def sweep_command(
         print(json.dumps(board, indent=2))
 
 
-@app.command("rank")
+@app.command("rank", cls=Command)
 def rank_command(
     study: Annotated[str, typer.Argument(help="The study name (a sweep spec's name:).")],
     storage: Annotated[
@@ -174,7 +177,7 @@ def rank_command(
         print(json.dumps(board, indent=2))
 
 
-@app.command("export")
+@app.command("export", cls=Command)
 def export_command(
     study: Annotated[str, typer.Argument(help="The study name.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Recipe file to write.")],
@@ -191,7 +194,7 @@ def export_command(
     console.print(f"wrote {path}")
 
 
-@app.command("demo")
+@app.command("demo", cls=Command)
 def demo_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder to write.")] = Path(
         "kruising-demo"
@@ -227,7 +230,7 @@ def demo_command(
         print(json.dumps(summary, indent=2, default=str))
 
 
-@app.command("eval")
+@app.command("eval", cls=Command)
 def eval_command(
     models: Annotated[list[str], typer.Argument(help="Checkpoint folders or Hub ids.")],
     suite: Annotated[

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kruising.console import console
+from kruising.console import console, print_table
 from kruising.errors import KruisingError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -330,7 +330,7 @@ def _print_models(rows: list[dict[str, Any]]) -> None:
             _fmt(r["english_score"]),
             *(_fmt(r[p]) for p in PROBE_COLUMNS),
         )
-    console.print(table)
+    print_table(table)
     for r in rows:
         if r["kind"] == "child":
             console.print(escape(f"  {r['model']}: {r['method']}"))

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import typer
 
+from kruising.cli import Command, Group
+
 app = typer.Typer(
     name="pretrain",
+    cls=Group,
     help="Continue a Mistral checkpoint on Dutch text, and build the tiny Mistral family.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -29,7 +32,7 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show trac
     _state["verbose"] = verbose
 
 
-@app.command()
+@app.command(cls=Command)
 def run(
     config: Path = typer.Argument(..., help="Pretrain config YAML (see recipes/pretrain/)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -61,7 +64,7 @@ def run(
         )
 
 
-@app.command()
+@app.command(cls=Command)
 def family(
     out: Path = typer.Option(
         ..., "--out", help="Folder for the family (one subfolder per member)."

@@ -368,6 +368,8 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
     eval_loss: float | None = None
     t_start = time.perf_counter()
     tokens_at_start = tokens_seen
+    paused = 0.0  # seconds of eval and checkpoints: not training throughput
+    train_seconds = 0.0  # wall time minus `paused`, up to the last logged step
     progress = _progress(show, console, total, step)
 
     def batch_tensors():
@@ -443,6 +445,7 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
             pending.clear()
             loss_value = losses[-1]
             now = time.perf_counter()
+            train_seconds = now - t_start - paused
             tps = (tokens_seen - tokens_log) / max(now - t_log, 1e-9)
             t_log, tokens_log = now, tokens_seen
             rows[-1]["tokens_per_s"] = round(tps, 1)
@@ -452,23 +455,29 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
                 eval_loss = _evaluate(model, held_out, config.micro_batch, rank, world, accelerator)
                 rows[-1]["eval_loss"] = round(eval_loss, 6)
                 t_log = time.perf_counter()  # eval time is not training throughput
+                paused += t_log - now
             for row in rows:
                 metrics.write(row)
-            if show:
+            if show:  # the bar shows the run's training tokens/s so far: the summary's figure
+                trained = (tokens_seen - tokens_at_start) / max(train_seconds, 1e-9)
                 progress.update(
                     task,
                     completed=step,
                     loss=f"{loss_value:.3f}",
                     lr=f"{rows[-1]['lr']:.2e}",
-                    tps=f"{tps:,.0f}",
+                    tps=f"{trained:,.0f}",
                 )
             if ckpt:
+                saving = time.perf_counter()
                 _save_checkpoint(
                     accelerator, model, tokenizer, out, step, tokens_seen, stream, config
                 )
+                t_log = time.perf_counter()
+                paused += t_log - saving
 
     seconds = time.perf_counter() - t_start
-    tps = (tokens_seen - tokens_at_start) / max(seconds, 1e-9)
+    # training throughput: eval and checkpoint time left out (the bar showed the same measure)
+    tps = (tokens_seen - tokens_at_start) / max(train_seconds, 1e-9)
     mfu = tps * fpt / (peak * world) if peak else None
     model_dir = out / "model"
     _save_final(accelerator, model, tokenizer, model_dir)
@@ -479,7 +488,13 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
         console.print(
             f"done: {step} steps, {tokens_seen:,} tokens, final loss {loss_value:.4f}"
             + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "")
-            + f", {tps:,.0f} tokens/s"
+            + f", {tps:,.0f} tokens/s training"
+            + (
+                f" ({(tokens_seen - tokens_at_start) / max(seconds, 1e-9):,.0f} tokens/s over "
+                f"all {seconds:.0f} s, of which {paused:.0f} s eval and checkpoints)"
+                if paused >= 0.5
+                else ""
+            )
             + (f", MFU {mfu:.1%}" if mfu else "")
             + f"; model in {model_dir}"
         )

@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from kruising.console import console
+from kruising.console import console, print_table
 from kruising.errors import KruisingError
 from merger.study.paths import short
 
@@ -131,7 +131,7 @@ def print_leaderboard(board: dict[str, Any], limit: int | None = None) -> None:
             cells.append(_fmt(row["values"][board["objectives"][0]]))
         cells += ["★" if row["pareto"] else "", _fmt(row["seconds"])]
         table.add_row(*cells)
-    console.print(table)
+    print_table(table)
     failed = [f for f in board["failed"] if not f["retried"]]
     if failed:
         console.print(f"{len(failed)} failed variant(s):")

@@ -86,6 +86,12 @@ def run_sweep(
         twin = _twin(study, trial.number, params)
         if twin is not None:  # samplers repeat points of discrete spaces: don't merge twice
             trial.set_user_attr("duplicate_of", twin)
+            if progress:
+                console.print(
+                    f"  trial {trial.number}: same variant as trial {twin}, skipped "
+                    "(the sampler proposed it again)",
+                    style="dim",
+                )
             raise optuna.TrialPruned(f"same variant as trial {twin}")
         start = time.perf_counter()
         try:

@@ -204,6 +204,13 @@ def test_scoring_a_child_into_itself_refreshes_its_card(
     after = (child / "README.md").read_text()
     assert after != before and "english_score" in after and "english_score" not in before
     assert "merge_method: linear" in after  # still the child's card, recipe included
+    # the scorecard lies next to the weights, not in a folder inside the checkpoint
+    assert json.loads((child / "scorecard.json").read_text())["model"] == str(child)
+    assert not any(p.is_dir() for p in child.iterdir()), sorted(child.iterdir())
+    # nobody else's scorecard is written into a checkpoint folder, before any scoring
+    code, _, err = run_merge(monkeypatch, capsys, "eval", str(a), *args[2:])
+    assert code == 1 and "is a checkpoint folder" in err and "hint:" in err
+    assert sorted(p.name for p in child.iterdir() if p.is_dir()) == []
     # a folder scored elsewhere, or not merged here, keeps its card
     elsewhere = tmp_path / "cards"
     code, _, err = run_merge(monkeypatch, capsys, *args[:-4], "--out", str(elsewhere), *args[-2:])

@@ -23,3 +23,43 @@ def test_merge_help_imports_no_heavy_library():
     assert done.returncode == 0, done.stderr
     assert "Usage: merge" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _help(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", *args, "--help"],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "COLUMNS": "120", "NO_COLOR": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _option_line(help_text: str, option: str) -> str:
+    lines = [line for line in help_text.splitlines() if f" {option} " in line]
+    assert lines, help_text
+    return lines[0]
+
+
+def test_help_shows_flags_without_a_value_type():
+    """`--json`, `--verbose -v`, `--help` take no value: the help must not read `<bool>`."""
+    root = _help("merger.cli")
+    rank = _help("merger.cli", "rank")
+    pretrain = _help("pretrain.cli", "run")
+    for text in (root, rank, pretrain):
+        assert "<bool>" not in text, text
+    assert "Show tracebacks" in _option_line(root, "--verbose")
+    assert "-v" in _option_line(root, "--verbose")
+    assert "JSON" in _option_line(rank, "--json")
+    assert "<str>" in _option_line(rank, "--storage")  # options that take a value still say so
+    assert "<int>" in _option_line(rank, "--top")
+
+
+def test_flags_still_parse_as_flags(tmp_path):
+    from typer.testing import CliRunner
+
+    from merger.cli import app
+
+    result = CliRunner().invoke(app, ["rank", "nothing", "--json=yes"])
+    assert result.exit_code != 0 and "does not take a value" in result.output

@@ -244,3 +244,16 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert results[0]["final_loss"] == pytest.approx(single.final_loss, rel=1e-4)
     ckpt = tmp_path / "double" / "checkpoints" / "step-00000002"
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ckpt.iterdir()}
+
+
+def test_the_bar_and_the_summary_show_the_same_tokens_per_second(tmp_path, capsys):
+    """The bar's last tok/s is the summary's training tokens/s (eval and checkpoints out)."""
+    import re
+
+    settings = tiny(tmp_path, progress=True, max_steps=6, holdout_docs=20, eval_every=3)
+    result = run(cfg({**settings, "eval_batches": 1, "checkpoint_every": 3}))
+    err = capsys.readouterr().err
+    bar = re.findall(r"([\d,]+) tok/s", err)
+    summary = re.search(r"([\d,]+) tokens/s\s+training", err)
+    assert bar and summary, err
+    assert bar[-1] == summary.group(1) == f"{result.tokens_per_s:,.0f}"

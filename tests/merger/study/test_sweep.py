@@ -237,11 +237,12 @@ def test_storage_that_cannot_be_opened_is_an_error_before_merging(tmp_path):
 # --- the study --------------------------------------------------------------------------------
 
 
-def _run(tmp_path, search: str, evaluator, **fields):
+def _run(tmp_path, search: str, evaluator, progress: bool = False, **fields):
     fields.setdefault("trials", 6)
     spec = parse_spec(_spec(search, **fields), "s.yaml")
     storage = f"sqlite:///{tmp_path}/studies.db"
-    return run_sweep(spec, _recipe(), storage=storage, evaluator=evaluator, progress=False), storage
+    study = run_sweep(spec, _recipe(), storage=storage, evaluator=evaluator, progress=progress)
+    return study, storage
 
 
 def test_sweep_stores_params_scores_seconds_and_variant_recipe(tmp_path):
@@ -328,19 +329,23 @@ def test_pareto_sweep_ranks_the_front_first_and_exports_a_recipe(tmp_path):
         export(board, 9, tmp_path / "x.yaml")
 
 
-def test_repeated_points_are_not_merged_twice_and_a_discrete_space_caps_trials(tmp_path):
+def test_repeated_points_are_not_merged_twice_and_a_discrete_space_caps_trials(tmp_path, capsys):
     from optuna.trial import TrialState
 
     evaluator = FakeEvaluator()
     search = "{parameters.t[default]: {type: categorical, choices: [0.1, 0.4, 0.7]}}"
-    study, _ = _run(tmp_path, search, evaluator, sampler="tpe", trials=10)
+    study, _ = _run(tmp_path, search, evaluator, progress=True, sampler="tpe", trials=10)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert sorted(t.params["parameters.t[default]"] for t in complete) == [0.1, 0.4, 0.7]
     assert evaluator.calls == 3
-    for t in study.trials:
-        if t.state == TrialState.PRUNED:
-            twin = study.trials[t.user_attrs["duplicate_of"]]
-            assert twin.params == t.params and twin.state == TrialState.COMPLETE
+    log = capsys.readouterr().err
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned  # three choices, the sampler repeats some
+    for t in pruned:
+        twin = study.trials[t.user_attrs["duplicate_of"]]
+        assert twin.params == t.params and twin.state == TrialState.COMPLETE
+        # the log says why this trial number has no scores
+        assert f"trial {t.number}: same variant as trial {twin.number}, skipped" in log
 
 
 def test_weighted_objective_is_one_value(tmp_path):
