@@ -73,19 +73,21 @@ def compute_task(
     fused CPU kernel as it computes, or copied from the reference method's result — and None
     is returned; the caller commits ``out``.
     """
-    if task.compute_dtype is not None:  # exact-dtype methods compute in mergekit's dtype
-        tensors = [
-            t if t.dtype == task.compute_dtype else t.to(task.compute_dtype) for t in tensors
-        ]
-    elif task.in_dtype is not None and not (
-        # methods compute in float32 anyway: widening half floats first would only copy
-        task.in_dtype == torch.float32 and all(t.dtype in _HALF_OR_SINGLE for t in tensors)
+    compute = task.compute_dtype  # exact-dtype methods: mergekit's compute dtype
+    if (
+        compute is None
+        and task.in_dtype is not None
+        and not (
+            # methods compute in float32 anyway: widening half floats first would only copy
+            task.in_dtype == torch.float32 and all(t.dtype in _HALF_OR_SINGLE for t in tensors)
+        )
     ):
         tensors = [t.to(task.in_dtype) for t in tensors]
     generator = None
     if plan.method.random:
         generator = torch.Generator(device=tensors[0].device)
         generator.manual_seed(_seed_for(seed, task))
+    # the exact-dtype kernels read the inputs as stored and round to `compute` themselves
     fused = fused_merge(
         plan.method.name,
         tensors,
@@ -95,7 +97,10 @@ def compute_task(
         task.out_dtype,
         out,
         generator,
+        compute,
     )
+    if fused is None and compute is not None:
+        tensors = [t if t.dtype == compute else t.to(compute) for t in tensors]
     if fused is not None:
         merged, bad = fused  # the kernel counted NaN/Inf on its way out
     else:

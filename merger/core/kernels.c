@@ -353,3 +353,396 @@ int64_t kr_tv_merge(int64_t n, int k, const void *base, const void *const *src, 
     free(d);
     return bad;
 }
+
+/* ---- exact-dtype kernels: mergekit's torch operations, in the compute dtype ----------------
+ *
+ * A torch op on bf16 (f16) tensors computes in float32 and rounds its result to bf16 (f16);
+ * `rnd` is that rounding for the compute dtype `cdt` (nothing for float32). Each kernel below
+ * is the chain of ops of one mergekit method, each followed by `rnd`, in mergekit's order, so
+ * the results are torch's bits (tests/merger/core/test_kernels.py holds them to the reference).
+ * A sum over the models (torch's reduction over dim 0 of a [k, n] tensor) accumulates in float
+ * in model order from 0 and rounds once, as torch does. A Python scalar enters a bf16/f16 op as
+ * torch takes it: in float32 for mul and div (the reciprocal of `s / x` too), rounded to the
+ * tensor's dtype first for add, sub and comparisons.
+ */
+static inline float rnd(float x, int cdt)
+{
+    if (cdt == KR_BF16) {
+        uint32_t u;
+        memcpy(&u, &x, sizeof(u));
+        if ((u & 0x7fffffffu) > 0x7f800000u)
+            return x; /* NaN stays NaN */
+        u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        memcpy(&x, &u, sizeof(x));
+        return x;
+    }
+#ifdef KR_HAVE_F16
+    if (cdt == KR_F16)
+        return (float)(_Float16)x;
+#endif
+    return x;
+}
+
+/* load m elements as float, rounded to the compute dtype (as `tensor.to(cdt)` first) */
+static void load_c(float *dst, const void *src, int64_t off, int64_t m, int dtype, int cdt)
+{
+    load_f32(dst, src, off, m, dtype);
+    if (cdt != KR_F32 && cdt != dtype)
+        for (int64_t i = 0; i < m; i++)
+            dst[i] = rnd(dst[i], cdt);
+}
+
+/* passthrough: x (has_scale == 0) or x * scale */
+int64_t kr_scale(int64_t n, const void *src, int in_dtype, int has_scale, float scale, int cdt,
+                 void *dst, int out_dtype)
+{
+    float x[CHUNK];
+    int64_t bad = 0;
+    for (int64_t off = 0; off < n; off += CHUNK) {
+        int64_t m = n - off < CHUNK ? n - off : CHUNK;
+        load_c(x, src, off, m, in_dtype, cdt);
+        if (has_scale)
+            for (int64_t i = 0; i < m; i++)
+                x[i] = rnd(x[i] * scale, cdt);
+        bad += store_f32(dst, off, x, m, out_dtype);
+    }
+    return bad;
+}
+
+/* nearswap: w = clamp(t / clamp(|a - b|, min=1e-6), 0, 1); w * b + (1 - w) * a.
+ * torch computes `t / x` as reciprocal(x) * t. */
+int64_t kr_nearswap(int64_t n, const void *base, const void *other, int in_dtype, float t,
+                    int cdt, void *dst, int out_dtype)
+{
+    float a[CHUNK], b[CHUNK];
+    const float floor_ = rnd(1e-6f, cdt);
+    int64_t bad = 0;
+    for (int64_t off = 0; off < n; off += CHUNK) {
+        int64_t m = n - off < CHUNK ? n - off : CHUNK;
+        load_c(a, base, off, m, in_dtype, cdt);
+        load_c(b, other, off, m, in_dtype, cdt);
+        for (int64_t i = 0; i < m; i++) {
+            float d = rnd(a[i] - b[i], cdt);
+            d = d < 0 ? -d : d;
+            float c = d < floor_ ? floor_ : d; /* NaN stays NaN */
+            float w = rnd(rnd(1.0f / c, cdt) * t, cdt);
+            w = w < 0.0f ? 0.0f : (w > 1.0f ? 1.0f : w);
+            float p = rnd(w * b[i], cdt);
+            float q = rnd(rnd(1.0f - w, cdt) * a[i], cdt);
+            a[i] = rnd(p + q, cdt);
+        }
+        bad += store_f32(dst, off, a, m, out_dtype);
+    }
+    return bad;
+}
+
+/* RAM: d_j = x_j - base; entries with |d_j| > eps (eps in the compute dtype) count; where one
+ * model counts, its entry (RAM+: times lam[j], in float32), where several do, each counting
+ * entry / count; summed over the models; base + that. With lam the sum is float32 (torch
+ * promotes to the float32 factors), else rounded to the compute dtype. */
+int64_t kr_ram(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
+               float eps, const float *lam, int cdt, void *dst, int out_dtype)
+{
+    float b[CHUNK], acc[CHUNK];
+    float (*d)[CHUNK] = malloc(sizeof(float[CHUNK]) * (size_t)(k > 0 ? k : 1));
+    int32_t *count = malloc(sizeof(int32_t) * CHUNK);
+    if (d == NULL || count == NULL) {
+        free(d);
+        free(count);
+        return -1;
+    }
+    const float e = rnd(eps, cdt);
+    int64_t bad = 0;
+    for (int64_t off = 0; off < n; off += CHUNK) {
+        int64_t m = n - off < CHUNK ? n - off : CHUNK;
+        load_c(b, base, off, m, in_dtype, cdt);
+        for (int64_t i = 0; i < m; i++)
+            count[i] = 0;
+        for (int j = 0; j < k; j++) {
+            load_c(d[j], src[j], off, m, in_dtype, cdt);
+            for (int64_t i = 0; i < m; i++) {
+                float v = rnd(d[j][i] - b[i], cdt);
+                float a = v < 0 ? -v : v;
+                int nz = a > e;
+                d[j][i] = v * (float)nz;
+                count[i] += nz;
+            }
+        }
+        for (int64_t i = 0; i < m; i++)
+            acc[i] = 0.0f;
+        for (int j = 0; j < k; j++) {
+            for (int64_t i = 0; i < m; i++) {
+                float kept = d[j][i];
+                float unique = kept * (float)(count[i] == 1);
+                float shared = rnd((kept * (float)(count[i] > 1)) / (float)(count[i] > 1 ? count[i] : 1), cdt);
+                float term = lam != NULL ? unique * lam[j] + shared : rnd(unique + shared, cdt);
+                acc[i] += term;
+            }
+        }
+        for (int64_t i = 0; i < m; i++)
+            acc[i] = lam != NULL ? b[i] + acc[i] : rnd(b[i] + rnd(acc[i], cdt), cdt);
+        bad += store_f32(dst, off, acc, m, out_dtype);
+    }
+    free(d);
+    free(count);
+    return bad;
+}
+
+/* The task-vector merge in the compute dtype (mergekit's generalized task arithmetic, DELLA's
+ * and SCE's mixes). Per model j: d = x_j - base; where keep[j] (a byte per element, of the
+ * whole tensor; this call starts at element `first`) is given, d = d * keep and, with
+ * has_ratio, d * ratio[j] (DELLA's rescale, in the compute dtype); then
+ * mode 0 (weighted, mergekit's GTA): d * w[j]; with consensus, the entries agreeing with the
+ *        sign of the sum of the weighted deltas, mixed and (normalize) divided by the sum of
+ *        the agreeing weights (0 -> 1); without, the sum, divided by `divisor` (normalize);
+ *        then times lambda;
+ * mode 1 (SCE): keep_all[] (a byte per element, nullable) selects entries for all models;
+ *        signs elected on the unweighted sum; sum of d * (w * agree) over clamp(sum of
+ *        w * agree, min=1e-6).
+ * base + the mix. Returns the non-finite count, -1 when the buffers cannot be allocated. */
+int64_t kr_tv_exact(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
+                    const float *w, const uint8_t *const *keep, const uint8_t *keep_all,
+                    int64_t first, int has_ratio, const float *ratio, int mode, int consensus,
+                    int normalize, float divisor, float lambda, int cdt, void *dst,
+                    int out_dtype)
+{
+    float b[CHUNK], mixed[CHUNK], total[CHUNK], wsum[CHUNK];
+    float (*d)[CHUNK] = malloc(sizeof(float[CHUNK]) * (size_t)(k > 0 ? k : 1));
+    if (d == NULL)
+        return -1;
+    const float clamp_min = rnd(1e-6f, cdt);
+    int64_t bad = 0;
+    for (int64_t off = 0; off < n; off += CHUNK) {
+        int64_t m = n - off < CHUNK ? n - off : CHUNK;
+        load_c(b, base, off, m, in_dtype, cdt);
+        for (int j = 0; j < k; j++) {
+            float *dj = d[j];
+            load_c(dj, src[j], off, m, in_dtype, cdt);
+            for (int64_t i = 0; i < m; i++)
+                dj[i] = rnd(dj[i] - b[i], cdt);
+            if (keep != NULL && keep[j] != NULL) {
+                const uint8_t *kj = keep[j] + first + off;
+                for (int64_t i = 0; i < m; i++)
+                    dj[i] = dj[i] * (float)kj[i];
+                if (has_ratio) {
+                    const float r = ratio[j];
+                    for (int64_t i = 0; i < m; i++)
+                        dj[i] = rnd(dj[i] * r, cdt);
+                }
+            }
+            if (keep_all != NULL) {
+                const uint8_t *ka = keep_all + first + off;
+                for (int64_t i = 0; i < m; i++)
+                    dj[i] = dj[i] * (float)ka[i];
+            }
+            if (mode == 0) {
+                const float wj = w[j];
+                for (int64_t i = 0; i < m; i++)
+                    dj[i] = rnd(dj[i] * wj, cdt);
+            }
+        }
+        if (mode == 1 || consensus) {
+            for (int64_t i = 0; i < m; i++)
+                total[i] = 0.0f;
+            for (int j = 0; j < k; j++)
+                for (int64_t i = 0; i < m; i++)
+                    total[i] += d[j][i];
+            for (int64_t i = 0; i < m; i++) {
+                total[i] = rnd(total[i], cdt);
+                mixed[i] = 0.0f;
+                wsum[i] = 0.0f;
+            }
+            for (int j = 0; j < k; j++) {
+                const float wj = w[j];
+                for (int64_t i = 0; i < m; i++) {
+                    float v = d[j][i];
+                    float elected = total[i] >= 0.0f ? 1.0f : -1.0f;
+                    float sign = v > 0.0f ? 1.0f : (v < 0.0f ? -1.0f : 0.0f);
+                    float agree = sign == elected ? 1.0f : 0.0f;
+                    if (mode == 1) {
+                        float ew = wj * agree;
+                        mixed[i] += rnd(v * ew, cdt);
+                        wsum[i] += ew;
+                    } else {
+                        mixed[i] += v * agree;
+                        wsum[i] += wj * agree;
+                    }
+                }
+            }
+            for (int64_t i = 0; i < m; i++) {
+                float mx = rnd(mixed[i], cdt), ws = rnd(wsum[i], cdt);
+                if (mode == 1) {
+                    ws = ws < clamp_min ? clamp_min : ws;
+                    mx = rnd(mx / ws, cdt);
+                } else if (normalize) {
+                    mx = rnd(mx / (ws == 0.0f ? 1.0f : ws), cdt);
+                }
+                mixed[i] = mx;
+            }
+        } else {
+            for (int64_t i = 0; i < m; i++)
+                mixed[i] = 0.0f;
+            for (int j = 0; j < k; j++)
+                for (int64_t i = 0; i < m; i++)
+                    mixed[i] += d[j][i];
+            for (int64_t i = 0; i < m; i++) {
+                mixed[i] = rnd(mixed[i], cdt);
+                if (normalize)
+                    mixed[i] = rnd(mixed[i] / divisor, cdt);
+            }
+        }
+        if (mode == 0 && lambda != 1.0f)
+            for (int64_t i = 0; i < m; i++)
+                mixed[i] = rnd(mixed[i] * lambda, cdt);
+        for (int64_t i = 0; i < m; i++)
+            mixed[i] = rnd(b[i] + mixed[i], cdt);
+        bad += store_f32(dst, off, mixed, m, out_dtype);
+    }
+    free(d);
+    return bad;
+}
+
+/* |v| as an unsigned key ordered as the magnitudes are (v already in the compute dtype) */
+static inline uint32_t abs_key(float v)
+{
+    uint32_t u;
+    memcpy(&u, &v, sizeof(u));
+    return u & 0x7fffffffu;
+}
+
+/* DELLA's keep probabilities (mergekit's della_magprune, ranks of tied magnitudes in index
+ * order): per row of `cols` entries of d = x - base (compute dtype), the rank r of |d| (0 for
+ * the smallest), then in the work dtype `wdt`: rank = r + 1, rank_norm = clamp((rank - 1) /
+ * (max_rank - 1), 0, 1), p = lowest + rank_norm * 2 * epsilon (lowest = density - epsilon,
+ * rounded from double as torch rounds a Python scalar), stored into
+ * `probs` (wdt). Also adds sum |d| over the tensor (float64) to *l1. A stable LSD radix sort
+ * on 8-bit digits; `scratch` holds 3 * cols uint32. */
+void kr_della_probs(int64_t rows, int64_t cols, const void *base, const void *src,
+                    int in_dtype, int cdt, int wdt, float lowest, float epsilon, void *probs,
+                    double *l1, uint32_t *scratch)
+{
+    float *b = malloc(sizeof(float) * (size_t)cols);
+    float *x = malloc(sizeof(float) * (size_t)cols);
+    float *p = malloc(sizeof(float) * (size_t)cols);
+    uint32_t *key = scratch, *idx = scratch + cols, *tmp = scratch + 2 * cols;
+    if (b == NULL || x == NULL || p == NULL) {
+        free(b);
+        free(x);
+        free(p);
+        *l1 = -1.0;
+        return;
+    }
+    const int digits = cdt == KR_F32 ? 4 : 2; /* bf16/f16 keys fit in 16 bits */
+    const float min_rank = rnd(rnd(0.0f, wdt) + 1.0f, wdt);
+    const float max_rank = rnd(rnd((float)(cols - 1), wdt) + 1.0f, wdt);
+    const float span = rnd(max_rank - min_rank, wdt);
+    const float low = rnd(lowest, wdt); /* torch adds a Python scalar in the tensor's dtype */
+    double total = 0.0;
+    for (int64_t r = 0; r < rows; r++) {
+        load_c(b, base, r * cols, cols, in_dtype, cdt);
+        load_c(x, src, r * cols, cols, in_dtype, cdt);
+        for (int64_t i = 0; i < cols; i++) {
+            float d = rnd(x[i] - b[i], cdt);
+            total += d < 0 ? -(double)d : (double)d;
+            uint32_t k = abs_key(d);
+            key[i] = cdt == KR_F32 ? k : k >> 16;
+            if (cdt == KR_F16) { /* f16: order by the half's own bits */
+#ifdef KR_HAVE_F16
+                _Float16 h = (_Float16)(d < 0 ? -d : d);
+                uint16_t hb;
+                memcpy(&hb, &h, sizeof(hb));
+                key[i] = hb;
+#endif
+            }
+            idx[i] = (uint32_t)i;
+        }
+        for (int pass = 0; pass < digits; pass++) {
+            uint32_t count[257] = {0};
+            const int shift = 8 * pass;
+            for (int64_t i = 0; i < cols; i++)
+                count[((key[idx[i]] >> shift) & 0xffu) + 1]++;
+            for (int c = 0; c < 256; c++)
+                count[c + 1] += count[c];
+            for (int64_t i = 0; i < cols; i++)
+                tmp[count[(key[idx[i]] >> shift) & 0xffu]++] = idx[i];
+            uint32_t *swap = idx;
+            idx = tmp;
+            tmp = swap;
+        }
+        for (int64_t pos = 0; pos < cols; pos++) {
+            float rank = rnd(rnd((float)pos, wdt) + 1.0f, wdt);
+            float norm = rnd(rnd(rank - min_rank, wdt) / span, wdt);
+            norm = norm < 0.0f ? 0.0f : (norm > 1.0f ? 1.0f : norm);
+            float q = rnd(rnd(rnd(norm * 2.0f, wdt) * epsilon, wdt) + low, wdt);
+            p[idx[pos]] = q;
+        }
+        store_f32(probs, r * cols, p, cols, wdt);
+        if (idx != scratch + cols) { /* keep the buffers where they started */
+            memcpy(scratch + cols, idx, sizeof(uint32_t) * (size_t)cols);
+            idx = scratch + cols;
+            tmp = scratch + 2 * cols;
+        }
+    }
+    *l1 += total;
+    free(b);
+    free(x);
+    free(p);
+}
+
+/* sum |d * keep| of d = x - base (compute dtype), keep a byte per element, added to *l1 */
+void kr_masked_l1(int64_t n, const void *base, const void *src, int in_dtype, int cdt,
+                  const uint8_t *keep, double *l1)
+{
+    float b[CHUNK], x[CHUNK];
+    double total = 0.0;
+    for (int64_t off = 0; off < n; off += CHUNK) {
+        int64_t m = n - off < CHUNK ? n - off : CHUNK;
+        load_c(b, base, off, m, in_dtype, cdt);
+        load_c(x, src, off, m, in_dtype, cdt);
+        for (int64_t i = 0; i < m; i++) {
+            float d = rnd(x[i] - b[i], cdt) * (float)keep[off + i];
+            total += d < 0 ? -(double)d : (double)d;
+        }
+    }
+    *l1 += total;
+}
+
+/* RAM+'s counts per model: entries with |x_j - base| > eps that no other model sets
+ * (unique[j]) and that others set too (shared[j]); added to the given int64 counts. */
+void kr_ram_counts(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
+                   float eps, int cdt, int64_t *unique, int64_t *shared)
+{
+    float b[CHUNK], x[CHUNK];
+    uint8_t *nz = malloc((size_t)CHUNK * (size_t)(k > 0 ? k : 1));
+    int32_t count[CHUNK];
+    if (nz == NULL)
+        return;
+    const float e = rnd(eps, cdt);
+    for (int64_t off = 0; off < n; off += CHUNK) {
+        int64_t m = n - off < CHUNK ? n - off : CHUNK;
+        load_c(b, base, off, m, in_dtype, cdt);
+        for (int64_t i = 0; i < m; i++)
+            count[i] = 0;
+        for (int j = 0; j < k; j++) {
+            load_c(x, src[j], off, m, in_dtype, cdt);
+            uint8_t *nj = nz + (size_t)j * CHUNK;
+            for (int64_t i = 0; i < m; i++) {
+                float v = rnd(x[i] - b[i], cdt);
+                float a = v < 0 ? -v : v;
+                nj[i] = a > e;
+                count[i] += nj[i];
+            }
+        }
+        for (int j = 0; j < k; j++) {
+            const uint8_t *nj = nz + (size_t)j * CHUNK;
+            int64_t u = 0, s = 0;
+            for (int64_t i = 0; i < m; i++) {
+                u += nj[i] & (count[i] == 1);
+                s += nj[i] & (count[i] > 1);
+            }
+            unique[j] += u;
+            shared[j] += s;
+        }
+    }
+    free(nz);
+}

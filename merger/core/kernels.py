@@ -1,11 +1,20 @@
-"""Fused CPU kernels for the common methods, built from ``kernels.c`` at first use.
+"""Fused CPU kernels, built from ``kernels.c`` at first use.
 
-`fused_merge` merges one tensor of linear, slerp, task_arithmetic, ties, dare_ties or
-dare_linear straight from the memory-mapped inputs into its output (`merger.core.io.Output`:
-span by span, each written once computed) in one pass per method step, and returns how many merged values are NaN/Inf (so the engine needs no extra pass
-to check). It returns None when it does not apply — another method, a GPU tensor, an
-unsupported dtype, or no C compiler — and the engine then runs the torch reference in
-`methods.py`, which defines the semantics; tests hold the two to the same results.
+`fused_merge` merges one tensor straight from the memory-mapped inputs into its output
+(`merger.core.io.Output`: span by span, each written once computed) in one pass per method
+step, and returns how many merged values are NaN/Inf (so the engine needs no extra pass to
+check). Two kinds:
+
+- linear, slerp, task_arithmetic, ties, dare_ties, dare_linear: float32 compute, as their torch
+  references in `methods.py`;
+- passthrough, nearswap, ram, ramplus_tl, della, della_linear (the exact-dtype methods): every
+  operation rounds to the compute dtype exactly as torch rounds it (bf16/f16 ops compute in
+  float32 and round; a Python scalar enters mul/div in float32, add/sub/compare in the tensor's
+  dtype), so the result is the torch reference's — mergekit's operations — bit for bit.
+
+It returns None when it does not apply — another method, a GPU tensor, an unsupported dtype
+(float64), inputs stored in different dtypes, or no C compiler — and the engine then runs the
+torch reference, which defines the semantics; tests hold the two to the same results.
 
 The library is compiled once per source, compiler and CPU into the user's cache
 (``$KRUISING_CACHE``, else ``$XDG_CACHE_HOME/kruising`` or ``~/.cache/kruising``), written
@@ -35,7 +44,23 @@ from merger.core.io import MemoryOutput, Output
 SOURCE = Path(__file__).with_name("kernels.c")
 MAX_MODELS = 16
 #: the methods with a fused kernel (others, and DARE's rescale, run the torch reference)
-FUSED_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear")
+FUSED_METHODS = (
+    "linear",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "passthrough",
+    "nearswap",
+    "ram",
+    "ramplus_tl",
+    "della",
+    "della_linear",
+)
+#: exact-dtype methods (`methods.MethodSpec.exact_dtype`): their kernels compute in the
+#: compute dtype with mergekit's rounding, from the inputs as stored
+EXACT = ("passthrough", "nearswap", "ram", "ramplus_tl", "della", "della_linear")
 RANDOM = ("dare_ties", "dare_linear")
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -137,6 +162,23 @@ def _build_and_open() -> Any:
     ]  # fmt: skip
     lib.kr_tv_l1.restype = None
     lib.kr_tv_l1.argtypes = [i64, i32, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i64]
+    lib.kr_scale.restype = i64
+    lib.kr_scale.argtypes = [i64, ptr, i32, i32, f32, i32, ptr, i32]
+    lib.kr_nearswap.restype = i64
+    lib.kr_nearswap.argtypes = [i64, ptr, ptr, i32, f32, i32, ptr, i32]
+    lib.kr_ram.restype = i64
+    lib.kr_ram.argtypes = [i64, i32, ptr, ptr, i32, f32, ptr, i32, ptr, i32]
+    lib.kr_ram_counts.restype = None
+    lib.kr_ram_counts.argtypes = [i64, i32, ptr, ptr, i32, f32, i32, ptr, ptr]
+    lib.kr_tv_exact.restype = i64
+    lib.kr_tv_exact.argtypes = [
+        i64, i32, ptr, ptr, i32, ptr, ptr, ptr, i64, i32, ptr, i32, i32, i32, f32, f32, i32,
+        ptr, i32,
+    ]  # fmt: skip
+    lib.kr_della_probs.restype = None
+    lib.kr_della_probs.argtypes = [i64, i64, ptr, ptr, i32, i32, i32, f32, f32, ptr, ptr, ptr]
+    lib.kr_masked_l1.restype = None
+    lib.kr_masked_l1.argtypes = [i64, ptr, ptr, i32, i32, ptr, ptr]
     return lib
 
 
@@ -174,12 +216,19 @@ def fused_merge(
     out_dtype: torch.dtype,
     out: Output | None = None,
     generator: torch.Generator | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, int] | None:
     """Merge one tensor with a fused kernel: (result, non-finite count), or None.
 
     DARE's methods draw from ``generator`` exactly as the torch reference does (same draws,
     same order), so a seed drops the same entries either way: the same child bit for bit,
     or to rounding with ``rescale`` (its L1 norms are summed in another order).
+
+    The exact-dtype methods (`EXACT`) take ``compute_dtype`` (mergekit's: the recipe's dtype,
+    else the stored one) and the inputs as stored; each of their operations rounds to it as
+    torch's does, so the result is the torch reference's bit for bit. DELLA's probabilities
+    come from a kernel, its draws from ``torch.bernoulli`` on them with ``generator``, as the
+    reference draws them.
 
     The result goes to ``out`` (a `merger.core.io.Output` of ``out_dtype``), span by span: each
     span is computed into ``out.buffer`` and handed over with ``out.write``; the caller
@@ -188,8 +237,13 @@ def fused_merge(
     """
     if method not in FUSED_METHODS:
         return None
+    if (method in EXACT) != (compute_dtype is not None):
+        return None
     if method in RANDOM and (generator is None or generator.device.type != "cpu"):
         return None
+    if method in ("della", "della_linear"):
+        if generator is None or generator.device.type != "cpu" or tensors[0].dim() > 2:
+            return None
     first = tensors[0]
     if first.device.type != "cpu" or len(tensors) > MAX_MODELS + 1:
         return None
@@ -201,13 +255,16 @@ def fused_merge(
         return None  # the reference raises the error
     if method == "slerp" and params.get("t") is None:
         return None
-    if params.get("rescale") and method not in RANDOM:
+    if params.get("rescale") and method not in RANDOM + ("della", "della_linear"):
         return None  # TIES with rescale: the reference
     lib = _load()
     if lib is None:
         return None
     in_code, out_code = _code(first.dtype, lib), _code(out_dtype, lib)
     if in_code is None or out_code is None:
+        return None
+    c_code = _code(compute_dtype, lib) if compute_dtype is not None else None
+    if compute_dtype is not None and c_code is None:
         return None
     n = first.numel()
     if out is None:
@@ -221,6 +278,13 @@ def fused_merge(
         bad = _linear(lib, flats, weights, divisor, in_code, out, out_code)
     elif method == "slerp":
         bad = _slerp(lib, flats, base_index, float(params["t"]), in_code, out, out_code)
+    elif method in EXACT:
+        codes = (in_code, c_code, out_code)
+        bad = _exact(
+            lib, method, tensors, flats, base_index, params, per_model, codes, out, generator
+        )
+        if bad is None:
+            return None
     else:
         bad = _task_vectors(
             lib,
@@ -236,6 +300,173 @@ def fused_merge(
         )
     result = out.in_memory()
     return (None if result is None else result.reshape(first.shape)), bad
+
+
+def _exact(
+    lib, method, tensors, flats, base_index, params, per_model, codes, out: Output, generator
+):
+    """The exact-dtype methods' kernels; None where the reference must run after all."""
+    in_code, c_code, out_code = codes
+    if method == "passthrough":
+        scale = per_model[0].get("scale")
+        has, factor = int(scale is not None), float(scale or 0.0)
+        return _spans(
+            out,
+            lambda s, e, v: lib.kr_scale(
+                e - s, flats[0][s:e].data_ptr(), in_code, has, factor, c_code, v, out_code
+            ),
+        )
+    base = flats[base_index]
+    others = [flats[i] for i in range(len(flats)) if i != base_index]
+    if method == "nearswap":
+        t = float(params["t"])
+        return _spans(
+            out,
+            lambda s, e, v: lib.kr_nearswap(
+                e - s,
+                base[s:e].data_ptr(),
+                others[0][s:e].data_ptr(),
+                in_code,
+                t,
+                c_code,
+                v,
+                out_code,
+            ),
+        )
+    k = len(others)
+    if method in ("ram", "ramplus_tl"):
+        eps = float(params["epsilon"])
+        lam = None
+        if method == "ramplus_tl":
+            unique, shared = (ctypes.c_int64 * k)(), (ctypes.c_int64 * k)()
+            lib.kr_ram_counts(
+                base.numel(),
+                k,
+                base.data_ptr(),
+                _pointers(others),
+                in_code,
+                eps,
+                c_code,
+                unique,
+                shared,
+            )
+            counts = torch.tensor(list(unique)), torch.tensor(list(shared))
+            rho = counts[1] / counts[0].clamp(min=eps)  # as mergekit: float32
+            lam = _floats(
+                (1 + float(params["r"]) * rho.clamp(min=0, max=float(params["alpha"]))).tolist()
+            )
+        return _spans(
+            out,
+            lambda s, e, v: lib.kr_ram(
+                e - s,
+                k,
+                base[s:e].data_ptr(),
+                _at(others, s, e),
+                in_code,
+                eps,
+                lam,
+                c_code,
+                v,
+                out_code,
+            ),
+        )
+    return _della(lib, method, tensors, flats, base_index, params, per_model, codes, out, generator)
+
+
+def _della(
+    lib, method, tensors, flats, base_index, params, per_model, codes, out: Output, generator
+):
+    """DELLA / Linear DELLA: MagPrune's probabilities per row (kernel), torch.bernoulli draws
+    (the reference's), the L1 rescale factors, then the task-vector merge in one pass."""
+    in_code, c_code, out_code = codes
+    compute = next(d for d, c in _CODES.items() if c == c_code)
+    others = [i for i in range(len(flats)) if i != base_index]
+    base = flats[base_index]
+    shape = tensors[base_index].shape
+    rows, cols = (1, shape[0]) if len(shape) < 2 else (shape[0], shape[1])
+    work = methods.della_work_dtype(torch.empty(0, dtype=compute))
+    w_code = _CODES[work]
+    rescale = bool(params["rescale"])
+    for i in others:  # before any draw: the reference raises mergekit's error
+        density = float(per_model[i].get("density", 1.0))
+        epsilon = float(per_model[i].get("epsilon", 0.15))
+        if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+            return None
+    keeps: list[torch.Tensor | None] = []
+    ratios = []
+    for i in others:
+        density = float(per_model[i].get("density", 1.0))
+        epsilon = float(per_model[i].get("epsilon", 0.15))
+        if density >= 1:
+            keeps.append(None)
+            ratios.append(1.0)
+            continue
+        if density <= 0:
+            keeps.append(torch.zeros(base.numel(), dtype=torch.uint8))
+            ratios.append(1.0)
+            continue
+        probs = torch.empty(base.numel(), dtype=work)
+        before = ctypes.c_double(0.0)
+        scratch = torch.empty(3 * cols, dtype=torch.int32)
+        lib.kr_della_probs(
+            rows, cols, base.data_ptr(), flats[i].data_ptr(), in_code, c_code, w_code,
+            density - epsilon, epsilon, probs.data_ptr(), ctypes.byref(before), scratch.data_ptr(),
+        )  # fmt: skip
+        if before.value < 0:
+            raise MemoryError("fused DELLA: out of memory for its row buffers")
+        keep = torch.bernoulli(probs.view(rows, cols), generator=generator).reshape(-1)
+        keep = keep.to(torch.uint8)
+        del probs
+        ratio = 1.0
+        if rescale:
+            after = ctypes.c_double(0.0)
+            lib.kr_masked_l1(
+                base.numel(), base.data_ptr(), flats[i].data_ptr(), in_code, c_code,
+                keep.data_ptr(), ctypes.byref(after),
+            )  # fmt: skip
+            scale = methods.della_ratio(
+                torch.tensor(before.value, dtype=torch.float64),
+                torch.tensor(after.value, dtype=torch.float64),
+                work,
+            )
+            ratio = 1.0 if scale is None else float(scale)
+        keeps.append(keep)
+        ratios.append(ratio)
+    weights = torch.tensor([per_model[i]["weight"] for i in others], dtype=compute)
+    consensus = method == "della"
+    normalize = bool(params["normalize"])
+    divisor = 1.0
+    if normalize and not consensus:
+        total = weights.sum()
+        divisor = 1.0 if abs(float(total)) < 1e-8 else float(total)
+    k = len(others)
+    inputs = [flats[i] for i in others]
+    w = _floats(weights.tolist())
+    keep_ptrs = (ctypes.c_void_p * k)(*(t.data_ptr() if t is not None else None for t in keeps))
+    ratio_arr = _floats(ratios)
+    lam = float(params["lambda"])
+
+    def run(s, e, v):
+        return lib.kr_tv_exact(
+            e - s, k, base[s:e].data_ptr(), _at(inputs, s, e), in_code, w, keep_ptrs, None,
+            s, int(rescale), ratio_arr, 0, int(consensus), int(normalize), divisor, lam, c_code,
+            v, out_code,
+        )  # fmt: skip
+
+    return _spans(out, run)
+
+
+def _spans(out: Output, kernel) -> int:
+    """Run ``kernel(start, end, view_pointer)`` over the output's spans, writing each."""
+    bad = 0
+    for start, end in out.spans():
+        view = out.buffer(start, end)
+        count = kernel(start, end, view.data_ptr())
+        if count < 0:
+            raise MemoryError("fused merge: out of memory for its chunk buffers")
+        bad += count
+        out.write(start, end)
+    return bad
 
 
 def _at(tensors: Sequence[torch.Tensor], start: int, end: int) -> ctypes.Array:

@@ -379,48 +379,67 @@ def della_magprune(
 ) -> Tensor:
     """DELLA's MagPrune, as mergekit's ``sparsify.della_magprune``: drop each entry with a
     probability that falls with its magnitude rank within its row, then (``rescale``) scale the
-    kept ones back to the row-set's L1 norm.
+    kept ones back to the tensor's L1 norm.
 
     Keep probabilities run linearly from ``density - epsilon`` (smallest |x| of a row) to
     ``density + epsilon`` (largest); the draws are ``torch.bernoulli`` from ``generator``. The
     work dtype is mergekit's: the tensor's own on a GPU and for bf16, float32 for a CPU half.
+    Two choices where mergekit's result is not defined by its operations alone: entries of
+    equal magnitude are ranked in index order (a stable sort; mergekit's argsort orders them
+    arbitrarily — as TIES keeps threshold ties in index order), and the L1 norms are summed in
+    float64 before rounding to the work dtype (torch's own order depends on its thread count).
     """
     if density >= 1:
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
+    probs = della_probabilities(delta, density, epsilon)
+    mask = torch.bernoulli(probs, generator=generator).to(probs.dtype)
+    tensor = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    tensor = tensor.to(probs.dtype)
+    masked = tensor * mask
+    if rescale:
+        ratio = della_ratio(
+            tensor.abs().sum(dtype=torch.float64),
+            masked.abs().sum(dtype=torch.float64),
+            probs.dtype,
+        )
+        if ratio is not None:
+            masked = masked * ratio
+    return masked.to(delta.dtype).reshape(delta.shape)
+
+
+def della_work_dtype(delta: Tensor) -> torch.dtype:
+    """mergekit's: the tensor's dtype on a GPU and for bf16, float32 for other CPU tensors."""
+    keep = delta.device.type != "cpu" or delta.dtype == torch.bfloat16
+    return delta.dtype if keep else torch.float32
+
+
+def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's keep probability of every entry (work dtype, rows of a >= 2-D view), from the
+    rank of its magnitude within its row, as mergekit computes it (ties in index order)."""
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError("Epsilon must be chosen such that density +/- epsilon is in (0, 1)")
-    orig_shape = delta.shape
-    work_dtype = (
-        delta.dtype
-        if delta.device.type != "cpu" or delta.dtype == torch.bfloat16
-        else torch.float32
-    )
+    work_dtype = della_work_dtype(delta)
     tensor = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    magnitudes = tensor.abs()
-    sorted_indices = torch.argsort(magnitudes, dim=1, descending=False)
-    ranks = sorted_indices.argsort(dim=1).to(work_dtype) + 1
+    order = torch.argsort(tensor.abs(), dim=1, stable=True)
+    positions = torch.arange(tensor.shape[1], device=tensor.device)
+    positions = positions.view(1, -1, *([1] * (tensor.dim() - 2))).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions)  # argsort(order): its inverse
+    ranks = ranks.to(work_dtype) + 1
     min_ranks = ranks.min(dim=1, keepdim=True).values
     max_ranks = ranks.max(dim=1, keepdim=True).values
     rank_norm = ((ranks - min_ranks) / (max_ranks - min_ranks)).clamp(0, 1)
-    probs = (density - epsilon) + rank_norm * 2 * epsilon
-    mask = torch.bernoulli(probs, generator=generator).to(work_dtype)
-    result = l1_rescaled(tensor.to(work_dtype), mask, rescale)
-    return result.to(delta.dtype).reshape(orig_shape)
+    return (density - epsilon) + rank_norm * 2 * epsilon
 
 
-def l1_rescaled(tensor: Tensor, mask: Tensor, rescale: bool, eps: float = 1e-7) -> Tensor:
-    """``tensor * mask``, scaled back to ``tensor``'s L1 norm when ``rescale`` (mergekit's
-    ``rescaled_masked_tensor`` with the L1 norm; unscaled when either norm is below eps)."""
-    masked = tensor * mask
-    if not rescale:
-        return masked
-    before = tensor.abs().sum()
-    after = masked.abs().sum()
+def della_ratio(before: Tensor, after: Tensor, work_dtype: torch.dtype, eps: float = 1e-7):
+    """DELLA's L1 rescale factor (before / after in the work dtype), or None where mergekit
+    does not rescale (either norm below eps)."""
+    before, after = before.to(work_dtype), after.to(work_dtype)
     if before < eps or after < eps:
-        return masked
-    return masked * (before / after)
+        return None
+    return before / after
 
 
 def task_vector_merge(

@@ -238,3 +238,101 @@ def test_a_damaged_cached_build_is_rebuilt(monkeypatch, tmp_path):
     _forget_the_build(monkeypatch)
     assert kernels.available(), kernels.why_not()
     assert damaged.read_bytes()[:4] == b"\x7fELF"
+
+
+# --- the exact-dtype kernels (issue #12): mergekit's rounding in the compute dtype ---------------
+
+
+def _exact_both(method, stored, base_index, params, per_model, compute, out_dtype, seed=None):
+    """The fused kernel on the inputs as stored, the reference on them cast to ``compute``."""
+    gen = (lambda: torch.Generator().manual_seed(seed)) if seed is not None else (lambda: None)
+    fused = kernels.fused_merge(
+        method, stored, base_index, params, per_model, out_dtype, None, gen(), compute
+    )
+    assert fused is not None, method
+    cast = [t.to(compute) for t in stored]
+    reference = METHODS[method](cast, base_index, params, per_model, gen(), out_dtype=out_dtype)
+    return fused, reference
+
+
+def _tricky(n: int, dtype: torch.dtype, k: int, seed: int = 0) -> list[torch.Tensor]:
+    """Fine-tunes near a base, with untouched entries, exact ties, zeros and tiny changes."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    out = [base]
+    for j in range(k):
+        delta = 0.05 * torch.randn(n, generator=g)
+        delta[torch.rand(n, generator=g) < 0.4] = 0.0  # untouched
+        delta[torch.rand(n, generator=g) < 0.05] = 1e-6 * (j + 1)  # around RAM's epsilon
+        delta[:7] = 0.25  # equal magnitudes
+        out.append(base + delta)
+    out = [t.to(dtype) for t in out]
+    out[0][5] = 0.0
+    return out
+
+
+STORED_COMPUTE = [
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float16, torch.float16),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize(("stored", "compute"), STORED_COMPUTE)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_exact_elementwise_kernels_are_bit_identical(stored, compute, out_dtype):
+    if compute == torch.float16 and not kernels._load().kr_has_f16():
+        pytest.skip("no _Float16 in this compiler")
+    tensors = _tricky(30_011, stored, k=3)
+    cases = [
+        ("passthrough", tensors[1:2], None, {}, [{"scale": None}]),
+        ("passthrough", tensors[1:2], None, {}, [{"scale": 0.37}]),
+        ("nearswap", tensors[:2], 0, {"t": 0.01}, [{}, {}]),
+        ("nearswap", tensors[:2], 1, {"t": 2.5}, [{}, {}]),
+        ("ram", tensors, 0, {"epsilon": 1e-5}, [{}] * 4),
+        ("ram", tensors, 0, {"epsilon": 0.03}, [{}] * 4),
+        ("ramplus_tl", tensors, 0, {"epsilon": 1e-5, "r": 0.3, "alpha": 0.4}, [{}] * 4),
+    ]
+    for method, inputs, base_index, params, per_model in cases:
+        (merged, bad), reference = _exact_both(
+            method, inputs, base_index, params, per_model, compute, out_dtype
+        )
+        assert bad == 0
+        assert merged.dtype == reference.dtype == out_dtype
+        assert torch.equal(merged, reference), (method, params)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("stored", "compute"), STORED_COMPUTE)
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize("shape", [(37, 811), (5003,)])
+def test_della_kernel_draws_and_merges_as_the_reference(stored, compute, method, shape):
+    """Same seed: the same probabilities (ranks, ties in index order), the same
+    torch.bernoulli draws, the same rescale and merge, bit for bit."""
+    if compute == torch.float16 and not kernels._load().kr_has_f16():
+        pytest.skip("no _Float16 in this compiler")
+    n = 1
+    for d in shape:
+        n *= d
+    tensors = [t.reshape(shape) for t in _tricky(n, stored, k=2, seed=3)]
+    params = {"normalize": method == "della", "rescale": True, "lambda": 1.2, "int8_mask": False}
+    per_model = [
+        {},
+        {"weight": 0.7, "density": 0.4, "epsilon": 0.2},
+        {"weight": 0.45, "density": 0.6, "epsilon": 0.1},
+    ]
+    for p in (params, params | {"rescale": False, "normalize": not params["normalize"]}):
+        (merged, bad), reference = _exact_both(
+            method, tensors, 0, p, per_model, compute, torch.bfloat16, seed=7
+        )
+        assert bad == 0
+        assert torch.equal(merged, reference), p
+    # a model at density 1 draws nothing; one at 0 contributes nothing
+    edge = [{}, {"weight": 1.0, "density": 1.0}, {"weight": 0.5, "density": 0.0}]
+    (merged, _), reference = _exact_both(
+        method, tensors, 0, params, edge, compute, torch.float32, seed=1
+    )
+    assert torch.equal(merged, reference)
