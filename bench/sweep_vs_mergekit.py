@@ -43,7 +43,7 @@ def main() -> None:
     from eval.api import score_model
     from eval.suites import load_suite
     from merger.core.recipe import parse_recipe
-    from merger.demo import default_family_dir, resolve_family
+    from merger.demo import DEMO_SWEEPS, default_family_dir, resolve_family
     from merger.study.rank import leaderboard
     from merger.study.spec import parse_spec
     from merger.study.sweep import run_sweep
@@ -56,9 +56,7 @@ def main() -> None:
     else:
         members = build_family(family_dir, size=args.size, seed=0)
     root = Path(members["nl"]).parent
-    base_text = resolve_family(
-        (REPO / "recipes" / "sweeps" / "demo-slerp.recipe.yaml").read_text(), root
-    )
+    base_text = resolve_family((DEMO_SWEEPS / "demo-slerp.recipe.yaml").read_text(), root)
     recipe = parse_recipe(base_text, "demo-slerp.recipe.yaml")
     ts = [round(i / (args.k - 1), 6) for i in range(args.k)]
     work = Path(tempfile.mkdtemp(prefix="kruising-bench-"))

@@ -10,6 +10,7 @@ from typing import Any
 
 from eval.errors import EvalError
 from kruising.atomic import write_text
+from kruising.console import fmt
 
 # Metrics shown in the table, per probe, in this order (the JSON has them all).
 _SHOWN = ("acc", "acc_norm", "answer_prob", "lang_share", "ppl", "bits_per_byte")
@@ -47,8 +48,7 @@ def check_out(refs: list[str], out: Path) -> None:
         f"--out {out} is a checkpoint folder: the scorecards of "
         + ("these models" if len(refs) > 1 else refs[0])
         + " would be written inside it",
-        "give --out a folder of scorecards (default: scorecards), or --out CHILD only when "
-        "scoring CHILD alone",
+        "give --out a folder for the scorecards, or --out CHILD only when scoring CHILD alone",
     )
 
 
@@ -69,18 +69,6 @@ def write_scorecards(cards: list[dict[str, Any]], refs: list[str], out: Path) ->
         text = json.dumps(card, indent=2, ensure_ascii=False) + "\n"
         written.append(write_text(folder / "scorecard.json", text))
     return written
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if abs(value) >= 100:
-            return f"{value:.1f}"
-        if 0 < abs(value) < 0.01:
-            return f"{value:.3g}"  # small probabilities keep three significant digits
-        return f"{value:.4f}"
-    return str(value)
 
 
 def comparison_table(cards: list[dict[str, Any]]):
@@ -120,9 +108,7 @@ def comparison_table(cards: list[dict[str, Any]]):
     for probe, metric, values, higher in rows:
         numbers = [v for v in values if isinstance(v, int | float)]
         best = (max(numbers) if higher else min(numbers)) if len(numbers) > 1 else None
-        cells = [
-            f"[bold]{_fmt(v)}[/]" if best is not None and v == best else _fmt(v) for v in values
-        ]
+        cells = [f"[bold]{fmt(v)}[/]" if best is not None and v == best else fmt(v) for v in values]
         table.add_row(probe, metric, *cells)
     table.add_row("seconds", "", *[f"{c['seconds']:.2f}" for c in cards])
     table.add_row("items/s", "", *[f"{c['items_per_second'] or 0:.1f}" for c in cards])
@@ -132,16 +118,17 @@ def comparison_table(cards: list[dict[str, Any]]):
 def score_models(
     models: list[str],
     suite: str,
-    out: Path,
+    out: Path | None,
     *,
     device: str = "auto",
     batch_size: int = 16,
     lm_eval: str | None = None,
     lm_eval_limit: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[Path]]:
-    """Score each model on ``suite``, write ``out/<model>/scorecard.json``, show the table.
+    """Score each model on ``suite``, show the table and, with ``out``, write
+    ``out/<model>/scorecard.json``; nothing is written without it.
 
-    Returns the scorecards and the files written, in the order of ``models``.
+    Returns the scorecards and the files written (in the order of ``models``, or none).
     """
     from transformers.utils import logging as hf_logging
 
@@ -150,7 +137,8 @@ def score_models(
     from eval.suites import load_suite
     from kruising.console import console, print_table
 
-    check_out(list(models), out)
+    if out is not None:
+        check_out(list(models), out)
     hf_logging.disable_progress_bar()  # our own progress bar says what is happening
     tasks = parse_tasks(lm_eval) if lm_eval is not None else None
     probes = load_suite(suite)
@@ -172,18 +160,14 @@ def score_models(
             lm_eval_limit=lm_eval_limit,
         )
         console.print(
-            f"{ref}: dutch_score {_g(card['dutch_score'])}, "
-            f"english_score {_g(card['english_score'])}; {card['seconds']:.1f} s, "
+            f"{ref}: dutch_score {fmt(card['dutch_score'])}, "
+            f"english_score {fmt(card['english_score'])}; {card['seconds']:.1f} s, "
             f"{card['items_per_second']:.0f} items/s on {card['device']}",
             soft_wrap=True,
         )
         cards.append(card)
-    written = write_scorecards(cards, list(models), out)
+    written = write_scorecards(cards, list(models), out) if out is not None else []
     print_table(comparison_table(cards))
     for path in written:
         console.print(f"wrote {path}")
     return cards, written
-
-
-def _g(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"

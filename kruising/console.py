@@ -6,11 +6,11 @@ for people (progress, tables, derived numbers) goes through ``console`` to stder
 
 from __future__ import annotations
 
-import atexit
+import math
 import os
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any
 
 from rich.console import Console
 from rich.text import Text
@@ -18,6 +18,23 @@ from rich.text import Text
 from kruising.errors import KruisingError
 
 console = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
+
+#: What a table shows for a value that is not there.
+MISSING = "–"
+
+
+def fmt(value: Any) -> str:
+    """A value as tables, cards and reports show it: four significant digits (``0.4667``,
+    ``8.25``, ``1``), one decimal from 1000 on (``35682.4``), ``–`` for None."""
+    if value is None:
+        return MISSING
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if math.isfinite(value) and abs(value) >= 1000:
+        return f"{value:.1f}"
+    return f"{value:.4g}"
 
 
 def print_table(table, out: Console | None = None) -> None:
@@ -60,26 +77,3 @@ def run_cli(app: Callable[[], object], verbose: Callable[[], bool]) -> None:
     except KeyboardInterrupt:
         console.print("[bold red]error:[/] interrupted; nothing half-written was kept")
         sys.exit(130)
-
-
-def entry(main: Callable[[], None]) -> NoReturn:
-    """The process entry of a CLI: run ``main``, then leave without tearing the interpreter
-    down. With torch loaded, module teardown takes ~0.4 s of every command for nothing: the
-    commands close and fsync what they write, and atexit handlers still run here."""
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    if "torch" not in sys.modules:
-        sys.exit(code)
-    if isinstance(code, str):
-        print(code, file=sys.stderr)
-        code = 1
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code or 0)

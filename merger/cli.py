@@ -237,8 +237,12 @@ def eval_command(
         str, typer.Option(help="nl, en, demo, all (nl + en), or a folder of *.jsonl probe files.")
     ] = "nl",
     out: Annotated[
-        Path, typer.Option(help="Folder for the scorecards: OUT/<model>/scorecard.json.")
-    ] = Path("scorecards"),
+        Path | None,
+        typer.Option(
+            help="Write OUT/<model>/scorecard.json (default: no files; the table on stderr, "
+            "--json on stdout)."
+        ),
+    ] = None,
     json_: Annotated[
         bool, typer.Option("--json", help="Print the scorecards as JSON on stdout.")
     ] = False,
@@ -255,7 +259,7 @@ def eval_command(
         int | None, typer.Option(help="Items per lm-eval task (default: all).")
     ] = None,
 ) -> None:
-    """Score MODELS on Dutch probes and write a scorecard per model.
+    """Score MODELS on Dutch probes; with --out, write a scorecard per model.
 
     Scores are log-likelihood multiple choice (acc, acc_norm), minimal pairs, greedy continuations
     checked by a language identifier, and held-out perplexity; dutch_score and english_score are
@@ -276,7 +280,7 @@ def eval_command(
         lm_eval=lm_eval,
         lm_eval_limit=lm_eval_limit,
     )
-    for ref, card, path in zip(models, cards, written, strict=True):
+    for ref, card, path in zip(models, cards, written, strict=True) if out is not None else ():
         readme = refresh_child_card(Path(ref), card, path)
         if readme is not None:
             console.print(f"refreshed the model card {readme} with these scores")
@@ -292,7 +296,7 @@ def main() -> None:
 
 
 def entry() -> None:
-    """The console script: `main`, then a fast exit (see `kruising.console.entry`).
+    """The console script: `main`, then the interpreter's normal exit.
 
     Large CPU tensors go on transparent huge pages: the torch reference path and the in-memory
     (sweep) merges allocate a fresh output per tensor, and faulting those in 4 KiB at a time
@@ -302,10 +306,8 @@ def entry() -> None:
     """
     import os
 
-    from kruising.console import entry as run_and_exit
-
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    run_and_exit(main)
+    main()
 
 
 if __name__ == "__main__":

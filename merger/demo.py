@@ -3,8 +3,9 @@
 1. build (or reuse) the tiny family: ``base``, ``nl`` (Dutch, like GEITje), ``instruct`` (chat);
 2. score the parents on the ``demo`` suite (the family's facts asked in held-out phrasings, in
    plain and in chat form, in Dutch and in English);
-3. run every recipe in ``recipes/demo/`` with the engine (``merge run``) and score each child;
-4. run the small in-memory sweeps ``recipes/sweeps/demo-*.yaml`` (slerp t per attention/MLP;
+3. run every demo recipe (``merger/demo_recipes/``, package data) with the engine
+   (``merge run``) and score each child;
+4. run the small in-memory sweeps ``demo_recipes/sweeps/demo-*.yaml`` (slerp t per attention/MLP;
    the Chat Vector's two task-vector weights) and rank them;
 5. write a report folder and state, in numbers, whether the best child beats both parents on
    Dutch questions asked in chat form (the Chat Vector result at toy scale).
@@ -18,18 +19,18 @@ resolved sweep spec) into the report, so every step can be rerun by hand with ``
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from kruising.console import console, print_table
+from kruising.console import console, fmt, print_table
+from kruising.env import cache_dir
 from kruising.errors import KruisingError
 
-REPO = Path(__file__).resolve().parent.parent
-DEMO_RECIPES = REPO / "recipes" / "demo"
-DEMO_SWEEPS = REPO / "recipes" / "sweeps"
+#: The demo's recipes and sweep specs: package data, there in a wheel install as in a checkout.
+DEMO_RECIPES = Path(__file__).resolve().with_name("demo_recipes")
+DEMO_SWEEPS = DEMO_RECIPES / "sweeps"
 PLACEHOLDER = "${family}"
 PARENTS = ("nl", "instruct")
 CHAT_PROBE = "demo_nl_chat"
@@ -37,9 +38,8 @@ PROBE_COLUMNS = ("demo_nl_chat", "demo_nl_plain", "demo_en_chat", "demo_en_plain
 
 
 def default_family_dir(size: str) -> Path:
-    """``~/.cache/kruising/family`` (``family-test`` for the test size); XDG_CACHE_HOME honoured."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kruising"
-    return cache / ("family" if size == "default" else f"family-{size}")
+    """``family`` (``family-test`` for the test size) in kruising's cache (`kruising.env`)."""
+    return cache_dir() / ("family" if size == "default" else f"family-{size}")
 
 
 def resolve_family(text: str, family: Path) -> str:
@@ -296,17 +296,13 @@ def chat_vector_verdict(rows: list[dict[str, Any]], metric: str | None = None) -
     }
 
 
-def _fmt(value: Any) -> str:
-    return "–" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
 def _markdown(rows: list[dict[str, Any]], verdict: dict[str, Any]) -> str:
     head = ["model", "kind", "method", "Dutch", "English", *PROBE_COLUMNS]
     lines = ["# kruising demo", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["model"], r["kind"], r["method"], _fmt(r["dutch_score"])]
-        cells.append(_fmt(r["english_score"]))
-        cells += [_fmt(r[p]) for p in PROBE_COLUMNS]
+        cells = [r["model"], r["kind"], r["method"], fmt(r["dutch_score"])]
+        cells.append(fmt(r["english_score"]))
+        cells += [fmt(r[p]) for p in PROBE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + verdict["text"] + "\n"
 
@@ -326,9 +322,9 @@ def _print_models(rows: list[dict[str, Any]]) -> None:
         table.add_row(
             r["model"],
             r["kind"],
-            _fmt(r["dutch_score"]),
-            _fmt(r["english_score"]),
-            *(_fmt(r[p]) for p in PROBE_COLUMNS),
+            fmt(r["dutch_score"]),
+            fmt(r["english_score"]),
+            *(fmt(r[p]) for p in PROBE_COLUMNS),
         )
     print_table(table)
     for r in rows:

@@ -98,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()  # no fast exit here: a (distributed) training run tears down normally
+    main()

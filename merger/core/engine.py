@@ -451,6 +451,7 @@ def _run_with_mergekit(
     max_shard: int,
 ) -> Path:
     """Hand the recipe to mergekit's Python API (for methods we do not implement)."""
+    import pydantic
     import yaml
 
     console.print("engine mergekit: importing mergekit (a few seconds)")
@@ -461,7 +462,7 @@ def _run_with_mergekit(
     sources = open_sources(recipe, allow_pickle=options.allow_pickle)
     try:
         config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
-    except Exception as exc:
+    except (yaml.YAMLError, pydantic.ValidationError, ValueError) as exc:
         raise KruisingError(f"mergekit rejected the recipe: {exc}", "fix the recipe") from None
     tmp = _prepare_out(out, options.overwrite)
     started = time.perf_counter()

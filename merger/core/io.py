@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import torch
 
+from kruising.env import switched_off
 from kruising.errors import KruisingError
 from kruising.hub import resolve_model
 
@@ -496,7 +497,7 @@ class ShardWriter:
         self.total_bytes = sum(e[4] - e[3] for s in self.shards for e in s.entries)
         item_sizes = {dtype.itemsize for _, dtype, _ in layout}
         if direct is None:
-            direct = os.environ.get("KRUISING_DIRECT_IO", "1").lower() not in ("0", "off", "no")
+            direct = not switched_off("KRUISING_DIRECT_IO")
         self.direct = direct and hasattr(os, "O_DIRECT") and len(item_sizes) <= 1
         self._maps: list[mmap.mmap | None] = []
         self._files: list[_DirectShard] = []

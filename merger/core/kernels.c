@@ -17,10 +17,15 @@
 enum { KR_F32 = 0, KR_BF16 = 1, KR_F16 = 2 };
 
 #define CHUNK 2048
-#define MAX_MODELS 16
-/* magnitude histograms use the top bits of |x| as float32: sign bit clear, 15 bits left */
-#define KEY_SHIFT 16
-#define N_BINS (1 << 15)
+
+/* The radix select's key layout is the torch reference's (methods.py: KEY_SHIFT, HIGH_BINS);
+ * kernels.py passes it in as -D defines, so it is written down once. Magnitude keys are |x|
+ * as float32 bits, sign bit clear: the high 31 - KR_KEY_SHIFT bits pick a bin. */
+#if !defined(KR_KEY_SHIFT) || !defined(KR_HIGH_BINS)
+#error "build kernels.c through merger/core/kernels.py, which passes -DKR_KEY_SHIFT and -DKR_HIGH_BINS"
+#endif
+_Static_assert(KR_HIGH_BINS == 1 << (31 - KR_KEY_SHIFT), "KR_HIGH_BINS covers the high key bits");
+#define KR_LOW_MASK ((1u << KR_KEY_SHIFT) - 1u)
 
 static void load_f32(float *dst, const void *src, int64_t off, int64_t m, int dtype)
 {
@@ -150,8 +155,9 @@ void kr_dots(int64_t n, const void *a, const void *b, int dtype, double *out)
 
 /* Radix-select histograms of the keys of |x_j - base| (magnitude_key), for the models with
  * count[j] != NULL:
- * edge[j] < 0: count the high 15 bits of each key (count[j] has 1 << 15 entries);
- * edge[j] >= 0: count the low 16 bits of the keys whose high bits equal edge[j] (1 << 16). */
+ * edge[j] < 0: count the high bits of each key (count[j] has KR_HIGH_BINS entries);
+ * edge[j] >= 0: count the low KR_KEY_SHIFT bits of the keys whose high bits equal edge[j]
+ * (count[j] has 1 << KR_KEY_SHIFT entries). */
 void kr_tv_histogram(int64_t n, int k, const void *base, const void *const *src, int dtype,
                      uint32_t *const *count, const int32_t *edge)
 {
@@ -169,12 +175,12 @@ void kr_tv_histogram(int64_t n, int k, const void *base, const void *const *src,
             uint32_t *c = count[j];
             if (edge[j] < 0) {
                 for (int64_t i = 0; i < m; i++)
-                    c[key[i] >> 16]++;
+                    c[key[i] >> KR_KEY_SHIFT]++;
             } else {
                 const uint32_t high = (uint32_t)edge[j];
                 for (int64_t i = 0; i < m; i++)
-                    if ((key[i] >> 16) == high)
-                        c[key[i] & 0xffffu]++;
+                    if ((key[i] >> KR_KEY_SHIFT) == high)
+                        c[key[i] & KR_LOW_MASK]++;
             }
         }
     }

@@ -16,9 +16,10 @@ It returns None when it does not apply — another method, a GPU tensor, an unsu
 (float64), inputs stored in different dtypes, or no C compiler — and the engine then runs the
 torch reference, which defines the semantics; tests hold the two to the same results.
 
-The library is compiled once per source, compiler and CPU into the user's cache
-(``$KRUISING_CACHE``, else ``$XDG_CACHE_HOME/kruising`` or ``~/.cache/kruising``), written
-under a temporary name and renamed, so concurrent first runs are safe.
+The library is compiled once per source, shared constants (`DEFINES`), compiler and CPU into
+kruising's cache (`kruising.env.cache_dir`: ``$KRUISING_CACHE``, else
+``$XDG_CACHE_HOME/kruising`` or ``~/.cache/kruising``), written under a temporary name and
+renamed, so concurrent first runs are safe. `merged_tensors` counts what the kernels merged.
 ``KRUISING_KERNELS=off`` forces the torch path.
 """
 
@@ -38,11 +39,17 @@ from typing import Any
 
 import torch
 
+from kruising.env import cache_dir, switched_off
 from merger.core import methods
 from merger.core.io import MemoryOutput, Output
 
 SOURCE = Path(__file__).with_name("kernels.c")
+#: At most this many task vectors (linear: this many + 1 models) go through a fused kernel;
+#: more run the torch reference.
 MAX_MODELS = 16
+#: The constants kernels.c shares with the torch reference, passed to the C build from here
+#: (kernels.c refuses to build without them): one definition of each.
+DEFINES = {"KR_KEY_SHIFT": methods.KEY_SHIFT, "KR_HIGH_BINS": methods.HIGH_BINS}
 #: the methods with a fused kernel (others, and DARE's rescale, run the torch reference)
 FUSED_METHODS = (
     "linear",
@@ -68,14 +75,11 @@ _lock = threading.Lock()
 _lib: Any = None
 _tried = False
 _why_not = ""
+_merged: dict[str, int] = {}  # method -> tensors merged by a fused kernel in this process
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("KRUISING_CACHE")
-    if not root:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(cache, "kruising")
-    return Path(root) / "kernels"
+    return cache_dir() / "kernels"
 
 
 def _cpu_signature() -> str:
@@ -90,6 +94,7 @@ def _cpu_signature() -> str:
 
 def _compile(compiler: str, target: Path) -> None:
     base = [compiler, "-O3", "-fno-strict-aliasing", "-shared", "-fPIC", "-std=c11"]
+    base += [f"-D{name}={value}" for name, value in DEFINES.items()]
     attempts = [
         ["-march=native", "-DKR_HAVE_F16"],
         ["-DKR_HAVE_F16"],
@@ -129,14 +134,15 @@ def _load() -> Any:
 
 
 def _build_and_open() -> Any:
-    if os.environ.get("KRUISING_KERNELS", "").lower() in ("0", "off", "torch", "no"):
+    if switched_off("KRUISING_KERNELS", "torch"):
         raise OSError("KRUISING_KERNELS=off")
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc/gcc) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    defines = repr(sorted(DEFINES.items())).encode()
     key = hashlib.sha256(
-        SOURCE.read_bytes() + version.encode() + _cpu_signature().encode()
+        SOURCE.read_bytes() + defines + version.encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"kruising-kernels-{key}.so"
     if not target.is_file():
@@ -184,6 +190,13 @@ def _build_and_open() -> Any:
 
 def available() -> bool:
     return _load() is not None
+
+
+def merged_tensors(method: str | None = None) -> int:
+    """How many tensors the fused kernels have merged in this process (of ``method``, or of
+    every method): how a caller (a test, a benchmark) knows the fused path really ran."""
+    with _lock:
+        return _merged.get(method, 0) if method is not None else sum(_merged.values())
 
 
 def why_not() -> str:
@@ -298,6 +311,8 @@ def fused_merge(
             out_code,
             generator,
         )
+    with _lock:
+        _merged[method] = _merged.get(method, 0) + 1
     result = out.in_memory()
     return (None if result is None else result.reshape(first.shape)), bad
 
@@ -524,15 +539,15 @@ def _task_vectors(
         selected = [j for j in range(k) if trim[j] and densities[j] > 0]
         if selected:
             keep = {j: max(1, int(densities[j] * n)) for j in selected}
-            high = _histograms(lib, base, inputs, in_code, selected, 1 << 15, [-1] * k)
+            high = _histograms(lib, base, inputs, in_code, selected, methods.HIGH_BINS, [-1] * k)
             edges = [-1] * k
             above = {}
             for j in selected:
                 edges[j], above[j] = methods.kth_from_top(high[j], keep[j])
-            low = _histograms(lib, base, inputs, in_code, selected, 1 << 16, edges)
+            low = _histograms(lib, base, inputs, in_code, selected, methods.LOW_BINS, edges)
             for j in selected:
                 value, strictly_above = methods.kth_from_top(low[j], keep[j] - above[j])
-                thresholds[j] = (edges[j] << 16) | value
+                thresholds[j] = (edges[j] << methods.KEY_SHIFT) | value
                 quotas[j] = keep[j] - above[j] - strictly_above
     dropped = [j for j in range(k) if densities[j] < 1] if method in RANDOM else []
     scales = [1.0] * k
@@ -657,7 +672,7 @@ def _rescales(lib, base, inputs, in_code, densities, dropped, generator):
         )
     scales = [1.0] * k
     for j in dropped:
-        if before[j] >= 1e-7 and after[j] >= 1e-7:
+        if before[j] >= methods.RESCALE_FLOOR and after[j] >= methods.RESCALE_FLOOR:
             scales[j] = before[j] / after[j]
     generator.set_state(state)
     return scales, masks

@@ -257,6 +257,18 @@ def kth_from_top(counts: Tensor, kth: int) -> tuple[int, int]:
     return bucket, int(from_top[position]) - int(counts[bucket])
 
 
+#: TIES trims with a radix select on the float32 bit pattern of |delta| (sign bit clear: 31
+#: bits): the high ``31 - KEY_SHIFT`` bits pick one of HIGH_BINS bins, the low KEY_SHIFT bits
+#: the key within it. The fused kernels are built with the same numbers (merger.core.kernels
+#: passes them to kernels.c as -D defines).
+KEY_SHIFT = 16
+HIGH_BINS = 1 << (31 - KEY_SHIFT)
+LOW_BINS = 1 << KEY_SHIFT
+#: Rescaling to the unpruned L1 norm is skipped when either norm is below this (mergekit's
+#: eps); the fused DARE rescale uses the same floor.
+RESCALE_FLOOR = 1e-7
+
+
 class _Magnitude:
     """TIES trim of one task vector: keep exactly ``k = max(1, int(density * n))`` entries.
 
@@ -283,7 +295,7 @@ class _Magnitude:
         return magnitude.view(torch.int32) if magnitude.dtype == torch.float32 else magnitude
 
     def count_high(self, delta: Tensor) -> None:
-        high = torch.bincount(self.keys(delta) >> 16, minlength=1 << 15)
+        high = torch.bincount(self.keys(delta) >> KEY_SHIFT, minlength=HIGH_BINS)
         self.high_counts = high if self.high_counts is None else self.high_counts + high
 
     def pick_bucket(self) -> None:
@@ -291,15 +303,15 @@ class _Magnitude:
 
     def collect_low(self, delta: Tensor) -> None:
         keys = self.keys(delta)
-        self.low_parts.append(keys[(keys >> 16) == self.bucket] & 0xFFFF)
+        self.low_parts.append(keys[(keys >> KEY_SHIFT) == self.bucket] & (LOW_BINS - 1))
 
     def pick_threshold(self, device: torch.device) -> None:
         lows = torch.cat(self.low_parts)
         low, above_in_bucket = kth_from_top(
-            torch.bincount(lows, minlength=1 << 16), self.k - self.above
+            torch.bincount(lows, minlength=LOW_BINS), self.k - self.above
         )
         strictly_above = self.above + above_in_bucket
-        value = (self.bucket << 16) | low
+        value = (self.bucket << KEY_SHIFT) | low
         self.threshold = torch.tensor(value, dtype=torch.int32, device=device)
         self.quota = self.k - strictly_above
         self.low_parts = []
@@ -433,7 +445,7 @@ def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor
     return (density - epsilon) + rank_norm * 2 * epsilon
 
 
-def della_ratio(before: Tensor, after: Tensor, work_dtype: torch.dtype, eps: float = 1e-7):
+def della_ratio(before: Tensor, after: Tensor, work_dtype: torch.dtype, eps: float = RESCALE_FLOOR):
     """DELLA's L1 rescale factor (before / after in the work dtype), or None where mergekit
     does not rescale (either norm below eps)."""
     before, after = before.to(work_dtype), after.to(work_dtype)
@@ -605,7 +617,7 @@ def task_vector_merge(
 
         sweep(norms)
         for i, (b_sum, a_sum) in enumerate(zip(before.tolist(), after.tolist(), strict=True)):
-            if active[i] and b_sum >= 1e-7 and a_sum >= 1e-7:
+            if active[i] and b_sum >= RESCALE_FLOOR and a_sum >= RESCALE_FLOOR:
                 scales[i] = b_sum / a_sum
 
     if mix == "sce":

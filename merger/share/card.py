@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from kruising.atomic import write_text
+from kruising.console import fmt
 from kruising.errors import KruisingError
 from kruising.hub import is_hub_id, strip_revision
 
@@ -212,15 +213,6 @@ def _eval_results(scorecard: Mapping[str, Any]) -> list[Any]:
     return results
 
 
-def _fmt(value: Any) -> str:
-    number = _number(value)
-    if number is None:
-        return "—" if value is None else str(value)
-    if number == int(number) and abs(number) < 1e9:
-        return str(int(number))
-    return f"{number:.4g}"
-
-
 def _model_md(ref: str) -> str:
     if is_hub_id(ref):
         bare = strip_revision(ref)
@@ -301,8 +293,8 @@ def _scores_md(scorecard: Mapping[str, Any] | None) -> list[str]:
     lines = [
         f"Scored with `merge eval --suite {suite}`{took}.",
         "",
-        f"- dutch_score: **{_fmt(scorecard.get('dutch_score'))}**",
-        f"- english_score: **{_fmt(scorecard.get('english_score'))}**",
+        f"- dutch_score: **{fmt(scorecard.get('dutch_score'))}**",
+        f"- english_score: **{fmt(scorecard.get('english_score'))}**",
         "",
         "| probe | metric | value | items |",
         "|---|---|---|---|",
@@ -310,10 +302,10 @@ def _scores_md(scorecard: Mapping[str, Any] | None) -> list[str]:
     for probe, metrics in (scorecard.get("probes") or {}).items():
         if not isinstance(metrics, Mapping):
             continue
-        count = _fmt(metrics.get("n"))
+        count = fmt(metrics.get("n"))
         for metric, value in metrics.items():
             if metric != "n":
-                lines.append(f"| {probe} | {metric} | {_fmt(value)} | {count} |")
+                lines.append(f"| {probe} | {metric} | {fmt(value)} | {count} |")
     return lines
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from kruising.console import console, print_table
+from kruising.console import console, fmt, print_table
 from kruising.errors import KruisingError
 from merger.study.paths import short
 
@@ -96,14 +96,6 @@ def leaderboard(study) -> dict[str, Any]:
     }
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def print_leaderboard(board: dict[str, Any], limit: int | None = None) -> None:
     """A rich table on stderr: rank, the variant's parameters, scores, Pareto mark, seconds."""
     from rich.table import Table
@@ -125,11 +117,11 @@ def print_leaderboard(board: dict[str, Any], limit: int | None = None) -> None:
     table.add_column("s", justify="right")
     for row in board["rows"][:limit]:
         cells = [str(row["rank"])]
-        cells += [_fmt(row["params"].get(p)) for p in params]
-        cells += [_fmt(row["dutch_score"]), _fmt(row["english_score"])]
+        cells += [fmt(row["params"].get(p)) for p in params]
+        cells += [fmt(row["dutch_score"]), fmt(row["english_score"])]
         if weighted:
-            cells.append(_fmt(row["values"][board["objectives"][0]]))
-        cells += ["★" if row["pareto"] else "", _fmt(row["seconds"])]
+            cells.append(fmt(row["values"][board["objectives"][0]]))
+        cells += ["★" if row["pareto"] else "", fmt(row["seconds"])]
         table.add_row(*cells)
     print_table(table)
     failed = [f for f in board["failed"] if not f["retried"]]
@@ -147,9 +139,9 @@ def markdown(board: dict[str, Any]) -> str:
     head = ["rank", *params, "Dutch", "English", "Pareto", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in board["rows"]:
-        cells = [str(row["rank"]), *(_fmt(row["params"].get(p)) for p in params)]
-        cells += [_fmt(row["dutch_score"]), _fmt(row["english_score"])]
-        cells += ["★" if row["pareto"] else "", _fmt(row["seconds"])]
+        cells = [str(row["rank"]), *(fmt(row["params"].get(p)) for p in params)]
+        cells += [fmt(row["dutch_score"]), fmt(row["english_score"])]
+        cells += ["★" if row["pareto"] else "", fmt(row["seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -251,7 +243,7 @@ def export(board: dict[str, Any], rank: int, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     header = (
         f"# study {board['study']}, rank {rank} (trial {row['trial']}): "
-        + ", ".join(f"{k}={_fmt(v)}" for k, v in row["values"].items())
+        + ", ".join(f"{k}={fmt(v)}" for k, v in row["values"].items())
         + "\n"
     )
     out.write_text(header + row["recipe"])

@@ -147,7 +147,10 @@ def parse_spec(text: str, source: str = "<sweep>") -> SweepSpec:
     if problems:
         raise KruisingError("; ".join(str(p) for p in problems), problems[0].hint)
     if not isinstance(data, dict):
-        raise KruisingError(f"{source}: a sweep spec is a mapping", "start from recipes/sweeps/")
+        raise KruisingError(
+            f"{source}: a sweep spec is a mapping",
+            "start from merger/demo_recipes/sweeps/demo-slerp.yaml",
+        )
     try:
         return SweepSpec.model_validate(data)
     except ValidationError as exc:
@@ -164,7 +167,7 @@ def parse_spec(text: str, source: str = "<sweep>") -> SweepSpec:
         raise KruisingError(
             "; ".join(messages),
             "fields: name, recipe, search, sampler, objectives, suite, trials, seed, storage, "
-            "mode, batch (see recipes/sweeps/)",
+            "mode, batch (an example: merger/demo_recipes/sweeps/demo-slerp.yaml)",
         ) from None
 
 
@@ -181,9 +184,7 @@ def spec_recipe(spec: SweepSpec, root: Path | None):
     from merger.core.recipe import load_recipe, parse_recipe
 
     if isinstance(spec.recipe, dict):
-        return parse_recipe(
-            yaml.safe_dump(spec.recipe, sort_keys=False), f"{spec.name}:recipe"
-        )
+        return parse_recipe(yaml.safe_dump(spec.recipe, sort_keys=False), f"{spec.name}:recipe")
     path = Path(spec.recipe).expanduser()
     if not path.is_absolute() and root is not None:
         path = root / path

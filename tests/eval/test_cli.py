@@ -62,6 +62,18 @@ def test_json_goes_to_stdout_and_a_scorecard_file_is_written(
     assert "dutch_score" in err and "wrote" in err  # people's output on stderr
 
 
+def test_without_out_nothing_is_written(monkeypatch, capsys, tmp_path, two_models, suite):
+    """Files go only where --out says: not into the current folder by default."""
+    a, _ = two_models
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_merge(
+        monkeypatch, capsys, "eval", str(a), "--suite", str(suite), "--json", "--device", "cpu"
+    )
+    assert code == 0, err
+    assert json.loads(out)["probes"]["kennis"]["n"] == 2 and "dutch_score" in err
+    assert list(tmp_path.iterdir()) == [] and "wrote" not in err
+
+
 def test_several_models_get_a_comparison_table(monkeypatch, capsys, tmp_path, two_models, suite):
     a, b = two_models
     code, out, err = run_merge(

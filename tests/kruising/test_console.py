@@ -1,4 +1,4 @@
-"""The CLI process entry: a fast exit that still flushes output and runs atexit handlers."""
+"""The CLI wrapper leaves through the normal interpreter exit: the code, all output, atexit."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 SCRIPT = textwrap.dedent(
     """
     import atexit, sys
-    import torch  # the case the fast exit is for
-    from kruising.console import entry
+    import torch  # loaded, as in every merge command
+    from kruising.console import run_cli
 
     atexit.register(lambda: print("atexit ran", file=sys.stderr))
 
@@ -20,13 +20,13 @@ SCRIPT = textwrap.dedent(
         print("result on stdout", end="")  # unflushed until exit
         raise SystemExit({code!r})
 
-    entry(main)
+    run_cli(main, lambda: False)
     """
 )
 
 
 @pytest.mark.parametrize(("code", "rc"), [(0, 0), (None, 0), (3, 3), ("fatal", 1)])
-def test_entry_exits_with_the_code_and_loses_no_output(code, rc):
+def test_the_cli_exits_with_the_code_and_loses_no_output(code, rc):
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT.format(code=code)], capture_output=True, text=True
     )

@@ -336,3 +336,46 @@ def test_della_kernel_draws_and_merges_as_the_reference(stored, compute, method,
         method, tensors, 0, params, edge, compute, torch.float32, seed=1
     )
     assert torch.equal(merged, reference)
+
+
+def _syntax_check(*defines: str):
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    return subprocess.run(
+        [compiler, "-fsyntax-only", "-std=c11", *defines, str(kernels.SOURCE)],
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_the_c_build_takes_the_shared_constants_from_python():
+    """kernels.c has no radix constants of its own: without kernels.py's -D defines it does not
+    build, with values that contradict each other it does not build, with methods.py's it does."""
+    from merger.core import methods
+
+    assert kernels.DEFINES == {"KR_KEY_SHIFT": methods.KEY_SHIFT, "KR_HIGH_BINS": methods.HIGH_BINS}
+    assert "build kernels.c through merger/core/kernels.py" in _syntax_check().stderr
+    ours = [f"-D{name}={value}" for name, value in kernels.DEFINES.items()]
+    assert _syntax_check(*ours).returncode == 0, _syntax_check(*ours).stderr
+    wrong = ["-DKR_KEY_SHIFT=16", f"-DKR_HIGH_BINS={2 * methods.HIGH_BINS}"]
+    assert "KR_HIGH_BINS covers the high key bits" in _syntax_check(*wrong).stderr
+
+
+@needs_kernels
+def test_the_fused_kernels_count_what_they_merge():
+    a, b = _models(1_000, torch.float32, k=2)
+    before = kernels.merged_tensors("linear"), kernels.merged_tensors()
+    weights = [{"weight": 1.0}, {"weight": 1.0}]
+    assert kernels.fused_merge("linear", [a, b], None, {"normalize": True}, weights, a.dtype)
+    assert (
+        kernels.fused_merge("ties", [a, b], 0, TV_PARAMS | {"rescale": True}, weights, a.dtype)
+        is None
+    )
+    assert (kernels.merged_tensors("linear"), kernels.merged_tensors()) == (
+        before[0] + 1,
+        before[1] + 1,
+    )

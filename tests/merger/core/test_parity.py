@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from merger.core import kernels
 from merger.core.engine import run_recipe
 from merger.core.options import MergeOptions
 from merger.core.recipe import parse_recipe
@@ -175,13 +176,18 @@ def test_tensors_match_mergekit(name, path, parents, mergekit_children, tmp_path
     """Both CPU code paths: the fused kernels and the torch reference (GPU, other dtypes)."""
     if path == "torch":
         monkeypatch.setattr("merger.core.engine.fused_merge", lambda *args, **kwargs: None)
+    elif not kernels.available():
+        pytest.skip(f"no fused kernels here: {kernels.why_not()}")
     text = RECIPES[name].format(**{k: str(v) for k, v in parents.items()})
-    ours = run_recipe(
-        parse_recipe(text), tmp_path / "ours", MergeOptions(device="cpu"), recipe_text=text
-    )
+    recipe = parse_recipe(text)
+    fused_before = kernels.merged_tensors()
+    ours = run_recipe(recipe, tmp_path / "ours", MergeOptions(device="cpu"), recipe_text=text)
     theirs = mergekit_children(name)
     mine, ref = load_tensors(ours), load_tensors(theirs)
     assert sorted(mine) == sorted(ref)
+    # the fused case ran the fused kernels for every tensor, the torch case for none
+    fused = kernels.merged_tensors() - fused_before
+    assert fused == (len(ref) if path == "fused" else 0)
     for tensor_name, expected in ref.items():
         got = mine[tensor_name]
         assert got.dtype == expected.dtype, tensor_name
