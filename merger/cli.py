@@ -71,6 +71,71 @@ def run_command(
     run_recipe_file(recipe, out, options)
 
 
+@app.command("moe", cls=Command)
+def moe_command(
+    recipe: Annotated[Path, typer.Argument(help="A mergekit-moe YAML recipe.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Child folder to write.")],
+    device: Annotated[
+        str, typer.Option(help="auto, cpu, cuda or cuda:N: where the hidden gate mode runs.")
+    ] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of random gates and noise_scale.")] = 0,
+    allow_all_same: Annotated[
+        bool, typer.Option(help="Allow every expert to be the same model (to train it further).")
+    ] = False,
+    out_shard_size: Annotated[str, typer.Option(help="Largest output shard.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing child folder.")] = False,
+) -> None:
+    """Build a Mixtral-style mixture of experts from Mistral fine-tunes (mergekit-moe's YAML).
+
+    The base model gives attention, embeddings and norms; each expert its MLPs; the router
+    comes from the gate mode (hidden, cheap_embed, random, ...), as mergekit-moe makes it.
+    """
+    from merger.core.moe import build_moe, load_moe_recipe
+
+    parsed, text = load_moe_recipe(recipe)
+    build_moe(
+        parsed,
+        out,
+        recipe_text=text,
+        device=device,
+        seed=seed,
+        allow_all_same=allow_all_same,
+        overwrite=overwrite,
+        out_shard_size=out_shard_size,
+    )
+
+
+@app.command("extract-lora", cls=Command)
+def extract_lora_command(
+    model: Annotated[str, typer.Option("--model", help="The fine-tuned model (folder or Hub id).")],
+    base: Annotated[str, typer.Option("--base", help="The model it was fine-tuned from.")],
+    rank: Annotated[int, typer.Option("--rank", help="Largest LoRA rank per module.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to write.")],
+    distribute_scale: Annotated[
+        bool, typer.Option(help="Split the singular values as sqrt(S) over A and B.")
+    ] = True,
+    sv_epsilon: Annotated[float, typer.Option(help="Drop singular values at or below this.")] = 0.0,
+    device: Annotated[
+        str, typer.Option(help="auto, cpu, cuda or cuda:N: where the SVDs run.")
+    ] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter folder.")] = False,
+) -> None:
+    """Extract MODEL's task vector over BASE as a PEFT LoRA adapter (truncated SVD per
+    linear module, as mergekit-extract-lora); embeddings, head and norms at full rank."""
+    from merger.core.lora import extract_lora
+
+    extract_lora(
+        model,
+        base,
+        rank,
+        out,
+        distribute_scale=distribute_scale,
+        sv_epsilon=sv_epsilon,
+        device=device,
+        overwrite=overwrite,
+    )
+
+
 @app.command("push", cls=Command)
 def push_command(
     child: Annotated[Path, typer.Argument(help="Child folder written by `merge run`.")],

@@ -156,16 +156,71 @@ def dump_recipe(recipe) -> dict[str, Any]:
 
 
 def variant_recipe(recipe, params: dict[str, Any]):
-    """The base recipe with the sampled ``params`` (path -> value) set, validated again."""
+    """The base recipe with the sampled ``params`` (path -> value) set, validated again.
+
+    When ``merge_method`` is searched and the variant's method is not the recipe's, the
+    variant keeps only the parameters that method declares (a ties recipe's weights and
+    densities are not model_stock's), and searched parameters it does not declare are left
+    out of that variant.
+    """
     from merger.core.recipe import MergeRecipe
 
     data = copy.deepcopy(dump_recipe(recipe))
-    if "merge_method" in params:  # the method first: the others are checked against it
-        data["merge_method"] = params["merge_method"]
+    method = params.get("merge_method", data.get("merge_method"))
+    switched = method != data.get("merge_method")
+    data["merge_method"] = method  # the method first: the others are checked against it
+    if switched:
+        keep_declared(data, method)
     for path, value in params.items():
-        if path != "merge_method":
-            set_path(data, path, value)
+        if path == "merge_method":
+            continue
+        if switched and not declares(method, path):
+            continue
+        set_path(data, path, value)
     return MergeRecipe.model_validate(data)
+
+
+def searched_parameter(path: str) -> tuple[str | None, bool]:
+    """The method parameter a path sets (``t`` for ``parameters.t[mlp].0``, None for another
+    recipe value) and whether it is set per model (under ``models`` or ``slices``)."""
+    parts = [p for p in parse_path(path) if isinstance(p, str) and not p.startswith("[")]
+    if "parameters" not in parts:
+        return None, False
+    after = parts[parts.index("parameters") + 1 :]
+    return (after[0] if after else None), parts[0] in ("models", "slices")
+
+
+def declares(method: str, path: str) -> bool:
+    """Whether ``path`` makes sense for ``method``: not a parameter, or one it declares."""
+    from merger.core.params import declared
+
+    name, _ = searched_parameter(path)
+    if name is None:
+        return True
+    return any(p.name == name for p in declared(method) or ())
+
+
+def keep_declared(data: dict[str, Any], method: str) -> None:
+    """Drop, at every level of the dumped recipe, the parameters ``method`` does not declare."""
+    from merger.core.params import declared
+
+    names = {p.name for p in declared(method) or ()}
+
+    def prune(node: Any) -> None:
+        if isinstance(node, dict):
+            params = node.get("parameters")
+            if isinstance(params, dict):
+                for name in [k for k in params if k not in names]:
+                    del params[name]
+                if not params:
+                    node.pop("parameters")
+            for key in ("models", "slices", "sources"):
+                for item in node.get(key) or []:
+                    prune(item)
+            for module in (node.get("modules") or {}).values():
+                prune(module)
+
+    prune(data)
 
 
 def recipe_yaml(recipe) -> str:

@@ -8,19 +8,18 @@ from typing import Any
 from pydantic import ValidationError
 
 from kruising.errors import KruisingError
-from merger.study.paths import dump_recipe, method_param, parse_path, set_path, variant_recipe
+from merger.study.paths import (
+    declares,
+    dump_recipe,
+    keep_declared,
+    method_param,
+    searched_parameter,
+    set_path,
+    variant_recipe,
+)
 from merger.study.spec import Categorical, FloatRange, IntRange, SweepSpec
 
 # --- validation before any merging -------------------------------------------------------------
-
-
-def _leaf_name(path: str) -> tuple[str | None, bool]:
-    """The method parameter a path sets (``t`` for ``parameters.t[mlp].0``) and its level."""
-    parts = [p for p in parse_path(path) if isinstance(p, str) and not p.startswith("[")]
-    if "parameters" not in parts:
-        return None, False
-    after = parts[parts.index("parameters") + 1 :]
-    return (after[0] if after else None), parts[0] in ("models", "slices")
 
 
 def validate(spec: SweepSpec, recipe) -> None:
@@ -50,7 +49,7 @@ def validate(spec: SweepSpec, recipe) -> None:
         if path == "merge_method":
             continue
         try:
-            name, per_model = _leaf_name(path)
+            name, per_model = searched_parameter(path)
         except ValueError as exc:
             problems.append(f"{path}: {exc}")
             continue
@@ -60,6 +59,9 @@ def validate(spec: SweepSpec, recipe) -> None:
                 continue
             if rng.log and rng.low <= 0:
                 problems.append(f"{path}: log scale needs low > 0, got {rng.low}")
+        if name is not None and not any(declares(m, path) for m in methods):
+            problems.append(f"{path}: no searched method declares {name}")
+            continue
         for method in methods:
             param = method_param(method, name, per_model) if name else None
             if param is None:
@@ -73,8 +75,10 @@ def validate(spec: SweepSpec, recipe) -> None:
         for value in rng.bounds()[:2] if not isinstance(rng, Categorical) else rng.choices:
             try:
                 data = copy.deepcopy(dump_recipe(recipe))
-                if methods != [recipe.merge_method]:
-                    data["merge_method"] = methods[0]
+                method = next((m for m in methods if declares(m, path)), methods[0])
+                if method != recipe.merge_method:
+                    data["merge_method"] = method
+                    keep_declared(data, method)
                 set_path(data, path, value)
             except (KeyError, ValueError) as exc:
                 message = exc.args[0] if exc.args else str(exc)

@@ -707,3 +707,104 @@ def test_a_variant_the_engine_cannot_merge_is_failed_with_its_reason(tiny_pair, 
     assert by_w[-1.0].state == TrialState.FAIL
     assert "sum to 0" in by_w[-1.0].user_attrs["fail_reason"]
     assert by_w[0.5].state == TrialState.COMPLETE
+
+
+# --- any native method: DELLA's epsilon, model_stock against ties (issue #12) ------------------
+
+
+DELLA = TIES.replace("merge_method: ties", "merge_method: della")
+
+
+def test_della_epsilon_is_searched_within_its_range():
+    search = "{models[0].parameters.epsilon: {type: float, low: 0.05, high: 0.3}}"
+    validate(parse_spec(_spec(search), "s.yaml"), _recipe(DELLA))
+    variant = variant_recipe(_recipe(DELLA), {"models[0].parameters.epsilon": 0.2})
+    assert _dump(variant)["models"][0]["parameters"] == {
+        "density": 0.5,
+        "weight": 1.0,
+        "epsilon": 0.2,
+    }
+    too_wide = "{models[0].parameters.epsilon: {type: float, low: 0.0, high: 1.0}}"
+    with pytest.raises(KruisingError, match=r"epsilon must be in \[0, 1\), got 1.0"):
+        validate(parse_spec(_spec(too_wide), "s.yaml"), _recipe(DELLA))
+
+
+def test_model_stock_or_ties_keeps_each_methods_own_parameters():
+    search = '{merge_method: {type: categorical, choices: [model_stock, ties]}, "models[0].parameters.density": {type: float, low: 0.3, high: 0.9}}'
+    spec = parse_spec("name: s\nrecipe: {}\nsearch: " + search + "\n", "s.yaml")
+    recipe = _recipe(
+        TIES.replace(
+            "      - model: /models/instruct",
+            "      - model: /models/math\n        parameters: {density: 0.5, weight: 0.5}\n      - model: /models/instruct",
+        )
+    )
+    validate(spec, recipe)
+    stock = variant_recipe(
+        recipe, {"merge_method": "model_stock", "models[0].parameters.density": 0.4}
+    )
+    assert stock.merge_method == "model_stock"
+    assert all(m.parameters is None for m in stock.models) and stock.parameters is None
+    ties = variant_recipe(recipe, {"merge_method": "ties", "models[0].parameters.density": 0.4})
+    assert _dump(ties)["models"][0]["parameters"] == {"density": 0.4, "weight": 1.0}
+
+
+def test_a_path_no_searched_method_declares_is_an_error():
+    search = '{merge_method: {type: categorical, choices: [model_stock, karcher]}, "parameters.normalize": {type: categorical, choices: [true, false]}}'
+    spec = parse_spec("name: s\nrecipe: {}\nsearch: " + search + "\n", "s.yaml")
+    with pytest.raises(
+        KruisingError, match="parameters.normalize: no searched method declares normalize"
+    ):
+        validate(spec, _recipe(TIES))
+
+
+def test_in_memory_sweeps_over_della_and_model_stock_or_ties(tiny_pair, tmp_path):
+    """Real merges and scores: a DELLA epsilon sweep and a method choice, every trial complete."""
+    from optuna.trial import TrialState
+
+    from merger.core.recipe import load_recipe
+
+    slerp, probes = tiny_pair
+    models = [m["model"] for m in load_recipe(slerp).model_dump(mode="json")["models"]]
+    third = tmp_path / "third"
+    import shutil
+
+    shutil.copytree(models[1], third)
+    recipe = tmp_path / "della.yaml"
+    recipe.write_text(
+        textwrap.dedent(
+            f"""\
+            merge_method: della
+            base_model: {models[0]}
+            models:
+              - model: {models[1]}
+                parameters: {{weight: 0.6, density: 0.5, epsilon: 0.1}}
+              - model: {third}
+                parameters: {{weight: 0.4, density: 0.5}}
+            dtype: float32
+            """
+        )
+    )
+    for name, search in (
+        (
+            "della-eps",
+            "models[0].parameters.epsilon: {type: float, low: 0.05, high: 0.3, step: 0.25}",
+        ),
+        ("stock-or-ties", "merge_method: {type: categorical, choices: [model_stock, ties]}"),
+    ):
+        spec = parse_spec(
+            f"name: {name}\nrecipe: {recipe}\nsearch:\n  {search}\nsampler: grid\n"
+            f"suite: {probes}\ntrials: 2\n",
+            "sweep.yaml",
+        )
+        study = run_sweep(
+            spec,
+            load_recipe(recipe),
+            storage=f"sqlite:///{tmp_path}/{name}.db",
+            device="cpu",
+            progress=False,
+        )
+        assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2, [
+            t.user_attrs.get("fail_reason") for t in study.trials
+        ]
+        values = {tuple(sorted(t.params.items())) for t in study.trials}
+        assert len(values) == 2
