@@ -59,7 +59,8 @@ def validate(spec: SweepSpec, recipe) -> None:
                 continue
             if rng.log and rng.low <= 0:
                 problems.append(f"{path}: log scale needs low > 0, got {rng.low}")
-        if name is not None and not any(declares(m, path) for m in methods):
+        searched = methods != [recipe.merge_method]
+        if searched and name is not None and not any(declares(m, path) for m in methods):
             problems.append(f"{path}: no searched method declares {name}")
             continue
         for method in methods:
