@@ -752,3 +752,111 @@ void kr_ram_counts(int64_t n, int k, const void *base, const void *const *src, i
     }
     free(nz);
 }
+
+/* SCE's selection variance of one element: torch.var(dim=0, unbiased=False) of the models'
+ * task vectors, as torch computes it (Welford in float64), rounded to the compute dtype
+ * (through float32, as torch casts a double); its float bits are the radix-select key. */
+static inline uint32_t sce_var_key(const float *const *d, int k, int64_t i, int cdt)
+{
+    double mean = 0.0, m2 = 0.0;
+    for (int j = 0; j < k; j++) {
+        double x = d[j][i];
+        double delta = x - mean;
+        mean += delta / (double)(j + 1);
+        m2 += delta * (x - mean);
+    }
+    float var = rnd((float)(m2 / (double)k), cdt);
+    uint32_t u;
+    memcpy(&u, &var, sizeof(u));
+    return u & 0x7fffffffu;
+}
+
+static int sce_load(float (*d)[CHUNK], const float **rows, float *b, const void *base,
+                    const void *const *src, int k, int64_t off, int64_t m, int in_dtype, int cdt)
+{
+    load_c(b, base, off, m, in_dtype, cdt);
+    for (int j = 0; j < k; j++) {
+        load_c(d[j], src[j], off, m, in_dtype, cdt);
+        for (int64_t i = 0; i < m; i++)
+            d[j][i] = rnd(d[j][i] - b[i], cdt);
+        rows[j] = d[j];
+    }
+    return 0;
+}
+
+/* SCE's radix-select counts over the variances: edge < 0: the number of non-zero variances
+ * (*nonzero) and the histogram of the keys' high bits (count has KR_HIGH_BINS entries);
+ * edge >= 0: the histogram of the low bits of the keys whose high bits are edge. */
+int kr_sce_counts(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
+                  int cdt, int32_t edge, uint32_t *count, int64_t *nonzero)
+{
+    float b[CHUNK];
+    const float *rows[64];
+    float (*d)[CHUNK] = malloc(sizeof(float[CHUNK]) * (size_t)(k > 0 ? k : 1));
+    if (d == NULL || k > 64) {
+        free(d);
+        return -1;
+    }
+    int64_t nz = 0;
+    for (int64_t off = 0; off < n; off += CHUNK) {
+        int64_t m = n - off < CHUNK ? n - off : CHUNK;
+        sce_load(d, rows, b, base, src, k, off, m, in_dtype, cdt);
+        for (int64_t i = 0; i < m; i++) {
+            uint32_t key = sce_var_key(rows, k, i, cdt);
+            if (edge < 0) {
+                nz += key != 0;
+                count[key >> KR_KEY_SHIFT]++;
+            } else if ((key >> KR_KEY_SHIFT) == (uint32_t)edge) {
+                count[key & KR_LOW_MASK]++;
+            }
+        }
+    }
+    if (nonzero != NULL)
+        *nonzero += nz;
+    free(d);
+    return 0;
+}
+
+/* SCE's selection mask (a byte per element into keep): select 0 keeps all, 1 keeps nothing,
+ * 2 keeps the variances above `threshold` and, of those equal to it, the first *quota in
+ * index order; and the sum over elements of (d * keep)^2 per model (float64, the squares
+ * rounded to the compute dtype) for the weights. */
+int kr_sce_mask(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
+                int cdt, int select, uint32_t threshold, int64_t *quota, uint8_t *keep,
+                double *squares)
+{
+    float b[CHUNK];
+    const float *rows[64];
+    float (*d)[CHUNK] = malloc(sizeof(float[CHUNK]) * (size_t)(k > 0 ? k : 1));
+    if (d == NULL || k > 64) {
+        free(d);
+        return -1;
+    }
+    for (int64_t off = 0; off < n; off += CHUNK) {
+        int64_t m = n - off < CHUNK ? n - off : CHUNK;
+        sce_load(d, rows, b, base, src, k, off, m, in_dtype, cdt);
+        uint8_t *kp = keep + off;
+        for (int64_t i = 0; i < m; i++) {
+            uint8_t on = select == 0;
+            if (select == 2) {
+                uint32_t key = sce_var_key(rows, k, i, cdt);
+                on = key > threshold;
+                if (key == threshold && *quota > 0) {
+                    on = 1;
+                    (*quota)--;
+                }
+            }
+            kp[i] = on;
+        }
+        for (int j = 0; j < k; j++) {
+            double s = 0.0;
+            for (int64_t i = 0; i < m; i++) {
+                float v = d[j][i] * (float)kp[i];
+                s += (double)rnd(v * v, cdt);
+            }
+            squares[j] += s;
+        }
+    }
+    free(d);
+    return 0;
+}

@@ -64,10 +64,11 @@ FUSED_METHODS = (
     "ramplus_tl",
     "della",
     "della_linear",
+    "sce",
 )
 #: exact-dtype methods (`methods.MethodSpec.exact_dtype`): their kernels compute in the
 #: compute dtype with mergekit's rounding, from the inputs as stored
-EXACT = ("passthrough", "nearswap", "ram", "ramplus_tl", "della", "della_linear")
+EXACT = ("passthrough", "nearswap", "ram", "ramplus_tl", "della", "della_linear", "sce")
 RANDOM = ("dare_ties", "dare_linear")
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -185,6 +186,10 @@ def _build_and_open() -> Any:
     lib.kr_della_probs.argtypes = [i64, i64, ptr, ptr, i32, i32, i32, f32, f32, ptr, ptr, ptr]
     lib.kr_masked_l1.restype = None
     lib.kr_masked_l1.argtypes = [i64, ptr, ptr, i32, i32, ptr, ptr]
+    lib.kr_sce_counts.restype = i32
+    lib.kr_sce_counts.argtypes = [i64, i32, ptr, ptr, i32, i32, ctypes.c_int32, ptr, ptr]
+    lib.kr_sce_mask.restype = i32
+    lib.kr_sce_mask.argtypes = [i64, i32, ptr, ptr, i32, i32, i32, ctypes.c_uint32, ptr, ptr, ptr]
     return lib
 
 
@@ -385,7 +390,60 @@ def _exact(
                 out_code,
             ),
         )
+    if method == "sce":
+        return _sce(lib, base, others, float(params["select_topk"]), codes, out)
     return _della(lib, method, tensors, flats, base_index, params, per_model, codes, out, generator)
+
+
+def _sce(lib, base, others, select_topk: float, codes, out: Output) -> int:
+    """SCE: the variance top-k (two counting passes of the radix select), the mask with its
+    squared sums (the weights), then the merge, each one pass over the inputs."""
+    in_code, c_code, out_code = codes
+    compute = next(d for d, c in _CODES.items() if c == c_code)
+    n, k = base.numel(), len(others)
+    pointers = _pointers(others)
+    select, threshold, quota = 0, 0, ctypes.c_int64(0)
+    if select_topk <= 0:
+        select = 1
+    elif select_topk < 1:
+        high = torch.zeros(methods.HIGH_BINS, dtype=torch.int32)
+        nonzero = ctypes.c_int64(0)
+        if lib.kr_sce_counts(
+            n, k, base.data_ptr(), pointers, in_code, c_code, -1, high.data_ptr(),
+            ctypes.byref(nonzero),
+        ):  # fmt: skip
+            raise MemoryError("fused SCE: out of memory for its chunk buffers")
+        keep = int(torch.tensor(nonzero.value) * select_topk)  # as mergekit: a float32 product
+        if keep == 0:
+            select = 1
+        else:
+            bucket, above = methods.kth_from_top(high, keep)
+            low = torch.zeros(methods.LOW_BINS, dtype=torch.int32)
+            lib.kr_sce_counts(
+                n, k, base.data_ptr(), pointers, in_code, c_code, bucket, low.data_ptr(), None
+            )
+            value, strictly = methods.kth_from_top(low, keep - above)
+            threshold = (bucket << methods.KEY_SHIFT) | value
+            quota = ctypes.c_int64(keep - above - strictly)
+            select = 2
+    mask = torch.empty(n, dtype=torch.uint8)
+    squares = (ctypes.c_double * k)()
+    if lib.kr_sce_mask(
+        n, k, base.data_ptr(), pointers, in_code, c_code, select, threshold,
+        ctypes.byref(quota), mask.data_ptr(), squares,
+    ):  # fmt: skip
+        raise MemoryError("fused SCE: out of memory for its chunk buffers")
+    sums = torch.tensor(list(squares), dtype=torch.float64)
+    w = _floats(methods.sce_weights_from_squares(sums, n, compute).tolist())
+    keep_all = mask.data_ptr() if select != 0 else None
+
+    def run(s, e, v):
+        return lib.kr_tv_exact(
+            e - s, k, base[s:e].data_ptr(), _at(others, s, e), in_code, w, None, keep_all, s,
+            0, None, 1, 1, 1, 1.0, 1.0, c_code, v, out_code,
+        )  # fmt: skip
+
+    return _spans(out, run)
 
 
 def _della(

@@ -727,13 +727,17 @@ def _sce_weights(sweep, sparsified, k_models: int, n: int, dtype, device) -> Ten
         sums.add_(d.square().sum(dim=1, dtype=torch.float64))
 
     sweep(squares)
+    return sce_weights_from_squares(sums, n, dtype).reshape(-1, 1)
+
+
+def sce_weights_from_squares(sums: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """SCE's model weights from each model's summed squared (selected) task vector (float64):
+    the means in the compute dtype, divided by their sum (uniform below 1e-6), as mergekit."""
     weights = (sums / n).to(dtype)
     weight_sum = torch.sum(weights).item()
     if abs(weight_sum) < 1e-6:
-        weights = torch.ones_like(weights) / weights.shape[0]
-    else:
-        weights = weights / weight_sum
-    return weights.reshape(-1, 1)
+        return torch.ones_like(weights) / weights.shape[0]
+    return weights / weight_sum
 
 
 def _ram_plus_lambdas(sweep, sparsified, k_models, epsilon, r, alpha, device) -> Tensor:

@@ -40,6 +40,28 @@ models:
     parameters: {{density: 0.6, weight: 0.5}}
 """,
 }
+# the methods of issue #12 that draw nothing (DELLA at density 1), on float32 parents
+_BASE_PLUS_TWO = "base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\n"
+_WEIGHTED = (
+    "base_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.6}}\n"
+    "  - model: {c}\n    parameters: {{weight: 0.4}}\n"
+)
+RECIPES |= {
+    "passthrough": "merge_method: passthrough\nslices:\n  - sources:\n      - model: {a}\n"
+    "        layer_range: [0, 2]\n  - sources:\n      - model: {b}\n        layer_range: [1, 4]\n"
+    "        parameters: {{scale: 0.5}}\n",
+    "model_stock": "merge_method: model_stock\n" + _BASE_PLUS_TWO,
+    "sce": "merge_method: sce\n" + _BASE_PLUS_TWO,
+    "ram": "merge_method: ram\n" + _BASE_PLUS_TWO,
+    "ramplus_tl": "merge_method: ramplus_tl\n" + _BASE_PLUS_TWO,
+    "karcher": "merge_method: karcher\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+    "nuslerp": "merge_method: nuslerp\n" + _WEIGHTED,
+    "multislerp": "merge_method: multislerp\n" + _WEIGHTED,
+    "della": "merge_method: della\n"
+    + _WEIGHTED.replace("weight: 0.6", "weight: 0.6, density: 1.0"),
+    "nearswap": "merge_method: nearswap\nbase_model: {a}\nmodels:\n  - model: {a}\n"
+    "  - model: {b}\nparameters:\n  t: 0.01\n",
+}
 
 
 @pytest.fixture(scope="module")

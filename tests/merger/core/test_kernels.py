@@ -379,3 +379,20 @@ def test_the_fused_kernels_count_what_they_merge():
         before[0] + 1,
         before[1] + 1,
     )
+
+
+@needs_kernels
+@pytest.mark.parametrize(("stored", "compute"), STORED_COMPUTE)
+@pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1, 1e-6])
+def test_sce_kernel_is_bit_identical(stored, compute, select_topk):
+    """The variance (Welford in float64, as torch.var), the top-k with ties in index order
+    across chunks, the weights and the merge: the reference's bits."""
+    if compute == torch.float16 and not kernels._load().kr_has_f16():
+        pytest.skip("no _Float16 in this compiler")
+    tensors = _tricky(30_011, stored, k=3, seed=4)
+    (merged, bad), reference = _exact_both(
+        "sce", tensors, 0, {"select_topk": select_topk, "int8_mask": False}, [{}] * 4,
+        compute, torch.bfloat16,
+    )  # fmt: skip
+    assert bad == 0
+    assert torch.equal(merged, reference)
