@@ -154,3 +154,17 @@ def test_prompts_are_needed_unless_random_and_experts_must_differ(experts, tmp_p
     with pytest.raises(KruisingError, match="every expert is the same model"):
         build_moe(parse_moe_recipe(same), tmp_path / "same", device="cpu")
     assert not (tmp_path / "same").exists()
+
+
+def test_the_example_recipe_parses_like_mergekit_moe():
+    import yaml
+    from mergekit.moe.config import MoEMergeConfig
+
+    from tests.merger.core.test_recipe import REPO
+
+    path = REPO / "recipes" / "moe" / "dutch-instruct-code.yml"
+    text = path.read_text()
+    ours = parse_moe_recipe(text, str(path))
+    theirs = MoEMergeConfig.model_validate(yaml.safe_load(text))
+    assert ours.gate_mode == theirs.gate_mode and len(ours.experts) == len(theirs.experts) == 3
+    assert ours.experts[2].negative_prompts == theirs.experts[2].negative_prompts
