@@ -168,3 +168,41 @@ def test_the_example_recipe_parses_like_mergekit_moe():
     theirs = MoEMergeConfig.model_validate(yaml.safe_load(text))
     assert ours.gate_mode == theirs.gate_mode and len(ours.experts) == len(theirs.experts) == 3
     assert ours.experts[2].negative_prompts == theirs.experts[2].negative_prompts
+
+
+def test_merge_moe_then_merge_eval_from_the_command_line(experts, tmp_path):
+    """`merge moe RECIPE --out DIR` writes the child; `merge eval DIR` scores it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import write_mini_suite
+
+    recipe = tmp_path / "moe.yaml"
+    recipe.write_text(_recipe(experts, "random"))
+    env = {**os.environ, "NO_COLOR": "1"}
+    run = [sys.executable, "-m", "merger.cli"]
+    done = subprocess.run(
+        [*run, "moe", str(recipe), "--out", str(tmp_path / "moe"), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    suite = write_mini_suite(tmp_path / "suite", "ppl_nl", "Bassie en Adriaan reizen samen.")
+    done = subprocess.run(
+        [*run, "eval", str(tmp_path / "moe"), "--suite", str(suite), "--device", "cpu", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["probes"]["kennis"]["n"] == 2  # one model: one scorecard
+    again = subprocess.run(
+        [*run, "moe", str(recipe), "--out", str(tmp_path / "moe"), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert again.returncode != 0
+    assert "error: output folder" in again.stderr and "hint:" in again.stderr
