@@ -236,8 +236,8 @@ def rank_command(
     board = leaderboard(load_study(study, storage))
     print_leaderboard(board, limit=top)
     if plots is not None:
-        for path in write_plots(board, plots):
-            console.print(f"wrote {path}")
+        for plot in write_plots(board, plots):
+            console.print(f"wrote {plot['path']}")
     if json_out:
         print(json.dumps(board, indent=2))
 

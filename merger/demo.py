@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from kruising.console import console, fmt, print_table
 from kruising.env import cache_dir
 from kruising.errors import KruisingError
@@ -67,8 +69,11 @@ def _row(name: str, kind: str, method: str, card: dict[str, Any]) -> dict:
         "kind": kind,
         "method": method,
         "dutch_score": card.get("dutch_score"),
+        "dutch_score_se": card.get("dutch_score_se"),
         "english_score": card.get("english_score"),
+        "english_score_se": card.get("english_score_se"),
         **{probe: _metric(card, probe, primary_metric()) for probe in PROBE_COLUMNS},
+        f"{CHAT_PROBE}_se": _metric(card, CHAT_PROBE, f"{primary_metric()}_se"),
         f"{CHAT_PROBE}_acc_norm": _metric(card, CHAT_PROBE, "acc_norm"),
         "items": {p: card.get("probes", {}).get(p, {}).get("n") for p in PROBE_COLUMNS},
         "seconds": card.get("seconds"),
@@ -88,6 +93,100 @@ def _prepare(out: Path, overwrite: bool) -> Path:
     return out
 
 
+# Wall seconds measured for `merge demo` on 2 CPU cores (README, "Sweeps and the demo"): the
+# family build (once; cached after) and the rest, quiet machine .. machine shared with other jobs.
+EXPECTED_SECONDS = {
+    "default": {"family": (80, 1200), "rest": (15, 60)},
+    "test": {"family": (10, 120), "rest": (10, 45)},
+}
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _span(lo: float, hi: float) -> str:
+    a, b = _minutes(lo), _minutes(hi)
+    if a.endswith(" min") and b.endswith(" min"):
+        return f"{a.removesuffix(' min')}–{b}"
+    if a.endswith(" s") and b.endswith(" s"):
+        return f"{a.removesuffix(' s')}–{b}"
+    return f"{a} – {b}"
+
+
+def family_state(folder: Path, size: str, seed: int) -> tuple[bool, float | None]:
+    """(is the family in ``folder`` current, seconds its last build here took, if recorded)."""
+    from pretrain.family import MARKER, fingerprint
+
+    try:
+        info = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return False, None
+    seconds = (info.get("seconds") or {}).get("total")
+    same_size = info.get("size") == size
+    return info.get("fingerprint") == fingerprint(size, seed), seconds if same_size else None
+
+
+def expected_duration(size: str, cached: bool, last_build: float | None) -> str:
+    """The line `merge demo` prints before it starts: how long, and the fast way."""
+    spans = EXPECTED_SECONDS.get(size, EXPECTED_SECONDS["default"])
+    rest = _span(*spans["rest"])
+    if cached:
+        text = f"expected: about {rest} on a 2-core CPU (the {size} family is cached)"
+    else:
+        build = _span(*spans["family"])
+        text = (
+            f"expected: the {size} family is built first, once (about {build} on a 2-core CPU, "
+            f"longer when the machine is busy"
+            + (f"; its last build here took {_minutes(last_build)}" if last_build else "")
+            + f"), then about {rest}"
+        )
+    if size != "test":
+        text += (
+            "; `--size test` runs the whole chain in about "
+            f"{_span(*EXPECTED_SECONDS['test']['rest'])} once its family is built "
+            "(too small to show the merge effect)"
+        )
+    return text + "."
+
+
+def shell_path(path: Path, relative: bool = True) -> str:
+    """A path as a user pastes it, quoted: relative to the current folder when inside it
+    (``relative``), else absolute."""
+    import shlex
+
+    path = Path(path).resolve()
+    shown = str(path)
+    if relative:
+        try:
+            shown = str(path.relative_to(Path.cwd().resolve()))
+        except ValueError:
+            pass
+    return shlex.quote(shown)
+
+
+def next_commands(
+    out: Path, storage: str, boards: list[dict], specs: list[Path], relative: bool = True
+) -> list[str]:
+    """Copy-pasteable follow-ups: rank and export each sweep's study, continue its sweep."""
+    import shlex
+
+    url = shlex.quote(storage)
+    lines: list[str] = []
+    for board, spec in zip(boards, specs, strict=True):
+        name = board["study"]
+        done = len(board["rows"]) + len(board["failed"])
+        more = min(done + 5, board.get("variants") or done + 5)
+        exported = shell_path(out / f"{name}-rank1.yaml", relative)
+        lines += [
+            f"merge rank {name} --storage {url}",
+            f"merge export {name} --rank 1 --out {exported} --storage {url}",
+            f"merge sweep {shell_path(spec, relative)} --trials {more}"
+            + (f"   # {more - done} more variants in the same study" if more > done else ""),
+        ]
+    return lines
+
+
 def run_demo(
     out: Path,
     *,
@@ -99,17 +198,18 @@ def run_demo(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the demo; returns the summary also written to ``out/summary.json``."""
+    import math
+
     import yaml
 
     from eval.api import score_path
     from merger.core.engine import run_recipe
     from merger.core.options import MergeOptions
     from merger.core.recipe import parse_recipe
-    from merger.study.paths import short
-    from merger.study.rank import export, leaderboard, markdown, print_leaderboard, write_plots
+    from merger.study.rank import export, label, leaderboard, print_leaderboard
     from merger.study.spec import load_spec, parse_spec
     from merger.study.sweep import run_sweep
-    from pretrain.family import build_family
+    from pretrain.family import SIZES, build_family
 
     started = time.perf_counter()
     recipe_files = sorted(DEMO_RECIPES.glob("*.yaml"))
@@ -118,9 +218,16 @@ def run_demo(
             f"the demo recipes are missing under {DEMO_RECIPES.parent}",
             "run the demo from a checkout of kruising (pip install -e .)",
         )
+    if size not in SIZES:
+        raise KruisingError(f"unknown family size {size!r}", f"use one of {', '.join(SIZES)}")
     out = _prepare(out, overwrite)
     family_dir = Path(family_dir) if family_dir else default_family_dir(size)
-    console.print(f"[bold]1/5[/] tiny family ({size}) in {family_dir}")
+    cached, last_build = family_state(family_dir, size, seed)
+    console.print(expected_duration(size, cached, last_build))
+    console.print(
+        f"[bold]1/5[/] tiny family ({size}) in {family_dir}"
+        + (" (cached)" if cached else ": building it")
+    )
     t0 = time.perf_counter()
     members = build_family(family_dir, size=size, seed=seed)
     timings: dict[str, float] = {"family": time.perf_counter() - t0}
@@ -160,11 +267,14 @@ def run_demo(
 
     sweeps = sorted(DEMO_SWEEPS.glob("demo-*.yaml"))
     sweeps = [p for p in sweeps if not p.name.endswith(".recipe.yaml")]
-    console.print(f"[bold]4/5[/] {len(sweeps)} sweeps: {', '.join(p.stem for p in sweeps)}")
-    t0 = time.perf_counter()
     (out / "sweeps").mkdir()
     storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    console.print(f"[bold]4/5[/] {len(sweeps)} sweeps: {', '.join(p.stem for p in sweeps)}")
+    console.print(f"  studies in {storage} (every spec in {out / 'sweeps'} names it)")
+    t0 = time.perf_counter()
     boards = []
+    spec_files: list[Path] = []
+    about: dict[str, str] = {}
     recipes_text = {
         r["model"]: (out / "recipes" / f"{r['model']}.yaml").read_text()
         for r in rows
@@ -178,80 +288,177 @@ def run_demo(
         sweep_recipe.write_text(base_text)
         spec_data = spec.model_dump(mode="json", exclude_none=True)
         spec_data["recipe"] = str(sweep_recipe.resolve())
+        spec_data["storage"] = storage  # `merge sweep` on this file continues the same study
         if trials is not None:
             spec_data["trials"] = trials
         spec_file = out / "sweeps" / path.name
-        spec_file.write_text(yaml.safe_dump(spec_data, sort_keys=False))
-        spec = parse_spec(spec_file.read_text(), str(spec_file))
-        study = run_sweep(
-            spec, parse_recipe(base_text, str(sweep_recipe)), storage=storage, device=device
+        spec_file.write_text(
+            f"# written by `merge demo`: rerun with `merge sweep {shell_path(spec_file, False)}`\n"
+            + yaml.safe_dump(spec_data, sort_keys=False)
         )
+        spec_files.append(spec_file)
+        spec = parse_spec(spec_file.read_text(), str(spec_file))
+        base_recipe = parse_recipe(base_text, str(sweep_recipe))
+        study = run_sweep(spec, base_recipe, storage=storage, device=device)
         board = leaderboard(study)
+        grids = [r.grid() for r in spec.search.values()]
+        if all(g is not None for g in grids):
+            board["variants"] = math.prod(len(g) for g in grids)
         if not board["rows"]:
             raise KruisingError(
                 f"every variant of sweep {spec.name} failed",
                 f"see `merge rank {spec.name} --storage {storage}`",
             )
-        print_leaderboard(board)
+        print_leaderboard(board, notes=False)  # run_sweep printed them before its first variant
         boards.append(board)
+        about[spec.name] = _about_sweep(spec, base_recipe, board)
         best = board["rows"][0]
         export(board, 1, out / "sweeps" / f"{spec.name}-best.yaml")
         card = {k: best[k] for k in ("dutch_score", "english_score", "probes", "seconds")}
-        params = ", ".join(f"{short(k)}={v:g}" for k, v in best["params"].items())
+        for k in ("dutch_score_se", "english_score_se"):
+            card[k] = best.get(k)
+        params = ", ".join(f"{label(board, k)}={v:g}" for k, v in best["params"].items())
         name = f"{spec.name.removeprefix('demo-')} #1"
-        rows.append(_row(name, "child", params, card))
+        row = _row(name, "child", params, card)
+        row["sweep"] = spec.name
+        rows.append(row)
         recipes_text[name] = best["recipe"]
     timings["sweeps"] = time.perf_counter() - t0
 
     console.print("[bold]5/5[/] report")
-    plots = []
-    for board in boards:
-        plots += write_plots(board, out / "plots" / board["study"])
-    plots.append(_bar_plot(rows, out / "plots" / "dutch_chat.png"))
     verdict = chat_vector_verdict(rows)
     winner = verdict["best_child"]
     (out / "best-recipe.yaml").write_text(
         f"# kruising demo: the best child by dutch_score ({winner})\n" + recipes_text[winner]
     )
+    commands = next_commands(out, storage, boards, spec_files)
+    anywhere = next_commands(out, storage, boards, spec_files, relative=False)
+    report = _write_report(out, size, rows, boards, verdict, about, anywhere, cards)
     timings["total"] = time.perf_counter() - started
     summary = {
         "family": {k: str(v) for k, v in members.items()},
         "size": size,
         "suite": "demo",
+        "storage": storage,
         "models": rows,
         "sweeps": [
             {
                 "study": b["study"],
                 "storage": storage,
+                "spec": str(spec.resolve()),
                 "trials": len(b["rows"]),
                 "failed": len(b["failed"]),
             }
-            for b in boards
+            for b, spec in zip(boards, spec_files, strict=True)
         ],
         "chat_vector": verdict,
+        "report": str(report),
+        "next": commands,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
-    _write_json(out / "leaderboard.json", {"models": rows, "sweeps": boards})
-    (out / "leaderboard.md").write_text(
-        _markdown(rows, verdict)
-        + "".join(f"\n## Sweep {b['study']}\n\n" + markdown(b) for b in boards)
-    )
     _write_json(out / "summary.json", summary)
     _print_models(rows)
-    console.print(verdict["text"])
+    console.print(f"[bold]Verdict.[/] {escape(verdict['text'])}")
+    for detail in verdict["details"]:
+        console.print(escape(f"  {detail}"))
     console.print(
-        f"report in {out} (leaderboard.md, leaderboard.json, plots/, scorecards/, sweeps/, "
-        f"best-recipe.yaml); {timings['total']:.0f} s in all "
+        f"report: {report} (open it in a browser), and leaderboard.md, plots/, scorecards/, "
+        f"children/, sweeps/ in {out}; {timings['total']:.0f} s in all "
         f"(family {timings['family']:.0f} s, sweeps {timings['sweeps']:.0f} s)"
     )
+    console.print("next (copy and paste):")
+    for line in commands:
+        console.print(escape(f"  {line}"), soft_wrap=True)
     return summary
+
+
+def _about_sweep(spec, recipe, board: dict[str, Any]) -> str:
+    """One sentence on what a sweep varies and how it ranks."""
+    from merger.study.notes import model_name
+
+    models = ", ".join(model_name(m) for m in recipe.referenced_models())
+    searched = ", ".join(board["labels"].get(p, p) for p in spec.search)
+    objectives = " and ".join(spec.objective_names())
+    ranked = (
+        "ranked by the Pareto front of " + objectives
+        if len(spec.objective_names()) > 1
+        else "ranked by " + objectives
+    )
+    done = len(board["rows"])
+    failed = len(board["failed"])
+    return (
+        f"{recipe.merge_method} of {models}; searched: {searched} ({spec.sampler} sampler, "
+        f"{done} variants scored" + (f", {failed} failed" if failed else "") + f"); {ranked}."
+    )
+
+
+def _write_report(out, size, rows, boards, verdict, about, commands, cards) -> Path:
+    """leaderboard.json, leaderboard.md, report.html and the plots they show."""
+    from eval.suites import WEIGHTS
+    from merger.demo_report import chat_plot, html_page, legend, markdown, sweep_table
+    from merger.study.rank import markdown as board_markdown
+    from merger.study.rank import write_plots
+
+    metric = primary_metric()
+    (out / "plots").mkdir(exist_ok=True)
+    vocab = _vocab_size(cards)
+    items = next((r["items"] for r in rows if r["items"].get(CHAT_PROBE)), {})
+    has_se = any(r.get(f"{CHAT_PROBE}_se") is not None for r in rows)
+    references = {
+        r["model"]: (r["english_score"], r["dutch_score"])
+        for r in rows
+        if r["kind"] in ("parent", "base") and r["dutch_score"] is not None
+    }
+    report: dict[str, Any] = {
+        "out": out,
+        "title": f"tiny family ({size}), suite demo, {len(rows)} models and "
+        f"{sum(len(b['rows']) for b in boards)} sweep variants",
+        "metric": metric,
+        "verdict": verdict,
+        "legend": legend(metric, items, vocab, has_se, WEIGHTS),
+        "rows": rows,
+        "plots": [chat_plot(rows, out / "plots" / "dutch_chat.png", metric, vocab)],
+        "sweeps": [],
+        "commands": commands,
+    }
+    for board in boards:
+        plots = write_plots(board, out / "plots" / board["study"], references=references)
+        head, cells, footer = sweep_table(board)
+        report["sweeps"].append(
+            {
+                "study": board["study"],
+                "about": about[board["study"]],
+                "fixed": board.get("fixed") or [],
+                "markdown": board_markdown(board),
+                "head": head,
+                "cells": cells,
+                "footer": footer,
+                "plots": plots,
+            }
+        )
+    _write_json(out / "leaderboard.json", {"models": rows, "sweeps": boards})
+    (out / "leaderboard.md").write_text(markdown(report))
+    page = out / "report.html"
+    page.write_text(html_page(report))
+    return page
+
+
+def _vocab_size(cards: dict[str, dict[str, Any]]) -> int:
+    for card in cards.values():
+        vocab = card.get("vocab_size")
+        if isinstance(vocab, int) and vocab > 0:
+            return vocab
+    return 32000  # the Mistral-7B-v0.1 tokenizer every family member carries
 
 
 def chat_vector_verdict(rows: list[dict[str, Any]], metric: str | None = None) -> dict[str, Any]:
     """Does the best child (by dutch_score) beat both parents on Dutch questions in chat form?
 
-    Judged on the demo probes' primary metric (eval's choice, ``answer_prob``); the 4-way
-    ``acc_norm`` is reported beside it, with the item count, so a reader sees the noise.
+    ``text`` is one sentence that answers it: yes, no, or (with a p-value from the probes'
+    paired tests, when the rows carry them) "above both, but not significantly". Judged on the
+    demo probes' primary metric (eval's choice, ``answer_prob``). ``details`` holds the rest:
+    the 4-way ``acc_norm`` beside it, and the child with the highest Dutch-chat score when it
+    is another one.
     """
     metric = metric or primary_metric()
     acc = f"{CHAT_PROBE}_acc_norm"
@@ -265,20 +472,47 @@ def chat_vector_verdict(rows: list[dict[str, Any]], metric: str | None = None) -
     if best.get(acc) is not None:
         beats_acc = all(best[acc] > r.get(acc, 1.0) for r in parents.values())
     n = best["items"].get(CHAT_PROBE)
-    text = (
-        f"Chat Vector check, {n} Dutch questions asked in chat form ({CHAT_PROBE}): the best "
-        f"child by dutch_score, {best['model']}, has {metric} {best[CHAT_PROBE]:.4f} against "
-        + ", ".join(f"{k} {v:.4f}" for k, v in parent_chat.items())
-        + f" -> it {'beats' if beats else 'does NOT beat'} both parents."
+    tests: dict[str, Any] = {}  # paired tests against each parent (the probes' statistics)
+    p = (tests.get("answer_prob") or {}).get("p")
+    numbers = (
+        f"{metric} {fmt(best[CHAT_PROBE])} against "
+        + " and ".join(f"{k} {fmt(v)}" for k, v in parent_chat.items())
+        + f", {n} questions"
+        + (f", p = {p:.2g}" if p is not None else "")
     )
+    subject = f"the best child by dutch_score, {best['model']},"
+    if not beats:
+        answer: bool | None = False
+        text = (
+            f"No: {subject} does not beat both parents on Dutch questions in chat form ({numbers})."
+        )
+    elif p is not None and p >= 0.05:
+        answer = None
+        text = (
+            f"Not shown: {subject} scores above both parents on Dutch questions in chat form, "
+            f"but not significantly at 5% ({numbers})."
+        )
+    else:
+        answer = True
+        qualifier = " (significant at 5%)" if p is not None else ""
+        text = (
+            f"Yes: {subject} beats both parents on Dutch questions in chat form{qualifier} "
+            f"({numbers})."
+        )
+    details = []
     if beats_acc is not None:
-        text += (
-            f" 4-way acc_norm: {best[acc]:.3f} against "
-            + ", ".join(f"{k} {r[acc]:.3f}" for k, r in parents.items())
-            + f" ({'beats' if beats_acc else 'does not beat'} both; one item is {1 / n:.3f})."
+        details.append(
+            f"By 4-way acc_norm (chance 0.25) it {'also beats' if beats_acc else 'does not beat'} "
+            f"both: {best[acc]:.3f} against "
+            + " and ".join(f"{k} {r[acc]:.3f}" for k, r in parents.items())
+            + (f"; one question is {1 / n:.3f}." if n else ".")
         )
     if top_chat is not best:
-        text += f" Highest Dutch-chat child: {top_chat['model']} at {top_chat[CHAT_PROBE]:.4f}."
+        details.append(
+            f"The child with the highest Dutch-chat {metric} is {top_chat['model']} "
+            f"({fmt(top_chat[CHAT_PROBE])}); it ranks lower by dutch_score, which also counts "
+            "plain-text questions."
+        )
     return {
         "probe": CHAT_PROBE,
         "metric": metric,
@@ -287,24 +521,15 @@ def chat_vector_verdict(rows: list[dict[str, Any]], metric: str | None = None) -
         "best_child_chat": best[CHAT_PROBE],
         "parents_chat": parent_chat,
         "beats_both_parents": beats,
+        "answer": answer,
         "best_child_chat_acc_norm": best.get(acc),
         "parents_chat_acc_norm": {k: r.get(acc) for k, r in parents.items()},
         "beats_both_parents_acc_norm": beats_acc,
         "top_chat_child": top_chat["model"],
         "top_chat_child_value": top_chat[CHAT_PROBE],
         "text": text,
+        "details": details,
     }
-
-
-def _markdown(rows: list[dict[str, Any]], verdict: dict[str, Any]) -> str:
-    head = ["model", "kind", "method", "Dutch", "English", *PROBE_COLUMNS]
-    lines = ["# kruising demo", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["model"], r["kind"], r["method"], fmt(r["dutch_score"])]
-        cells.append(fmt(r["english_score"]))
-        cells += [fmt(r[p]) for p in PROBE_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + verdict["text"] + "\n"
 
 
 def _print_models(rows: list[dict[str, Any]]) -> None:
@@ -330,26 +555,6 @@ def _print_models(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if r["kind"] == "child":
             console.print(escape(f"  {r['model']}: {r['method']}"))
-
-
-def _bar_plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = [r["model"] for r in rows]
-    values = [r[CHAT_PROBE] or 0 for r in rows]
-    colors = ["tab:blue" if r["kind"] == "parent" else "tab:orange" for r in rows]
-    ax.bar(range(len(rows)), values, color=colors)
-    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel(f"{CHAT_PROBE} {primary_metric()}")
-    ax.set_title("Dutch questions in chat form: parents (blue) and children")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -189,8 +189,10 @@ def _build(tmp: Path, size: str, seed: int, fp: str, progress: bool) -> None:
     }
     timings: dict[str, float] = {}
     losses: dict[str, float] = {}
-    for member in MEMBERS:
+    for k, member in enumerate(MEMBERS, start=1):
         t = time.perf_counter()
+        if progress:
+            console.print(_member_line(k, member, s["steps"], timings, t - t0))
         config = PretrainConfig(
             **plan[member],
             output_dir=str(tmp / "runs" / member),
@@ -214,6 +216,10 @@ def _build(tmp: Path, size: str, seed: int, fp: str, progress: bool) -> None:
         losses[member] = round(result.final_loss, 4)
     shutil.rmtree(tmp / "corpus")
 
+    if progress:
+        console.print(
+            f"family: measuring the {len(MEMBERS)} members on held-out text and questions"
+        )
     facts = measure(tmp)
     info = {
         "fingerprint": fp,
@@ -227,6 +233,28 @@ def _build(tmp: Path, size: str, seed: int, fp: str, progress: bool) -> None:
     if progress:
         _print_facts(console, info)
     (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+
+
+_ABOUT = {
+    "base": "from scratch on English text",
+    "nl": "base continued on Dutch text",
+    "instruct": "base fine-tuned on English chats",
+}
+
+
+def _member_line(
+    k: int, member: str, steps: dict[str, int], done: dict[str, float], so_far: float
+) -> str:
+    """``family: member 2/3, nl (...), 150 steps; 41 s so far, about 48 s left``: the rate of
+    the members already trained (same model, same tokens per step) times the steps to go."""
+    todo = sum(steps[m] for m in MEMBERS[k - 1 :])
+    line = f"family: member {k}/{len(MEMBERS)}, {member} ({_ABOUT[member]}), {steps[member]} steps"
+    if done:
+        per_step = sum(done.values()) / sum(steps[m] for m in done)
+        line += f"; {so_far:.0f} s so far, about {per_step * todo:.0f} s of training left"
+    else:
+        line += f" of {todo} for the family"
+    return line
 
 
 # ---- measured facts -----------------------------------------------------------------------------

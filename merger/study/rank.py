@@ -14,24 +14,140 @@ from rich.markup import escape
 
 from kruising.console import console, fmt, print_table
 from kruising.errors import KruisingError
+from merger.study.notes import describe, fixed_values, labels
 from merger.study.paths import short
 
 
 def load_study(name: str, storage: str | None):
-    """Load study ``name``; an unknown name lists the studies the storage holds."""
+    """Load study ``name`` for reading; never creates a database, a file or tables.
+
+    A storage that holds no studies, or lacks ``name``, is an error that lists the studies
+    found there and, when a study database near the current folder holds ``name``, the
+    ``--storage`` to pass.
+    """
     import optuna
 
+    from merger.study.spec import DEFAULT_STORAGE
     from merger.study.storage import open_storage
 
+    url = storage or DEFAULT_STORAGE
+    _require_existing(url, name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    store = open_storage(storage, heartbeat=False)
-    names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+    store = open_storage(url, heartbeat=False)
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(store))
     if name not in names:
         raise KruisingError(
-            f"no study {name!r} in {getattr(store, 'url', storage)}",
-            f"studies there: {', '.join(names)}" if names else "run `merge sweep SPEC` first",
+            f"no study {name!r} in {url}"
+            + (f" (it holds {', '.join(names)})" if names else " (it holds no studies)"),
+            _where_else(name, url),
         )
     return optuna.load_study(study_name=name, storage=store)
+
+
+def _sqlite_path(url: str) -> Path | None:
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        return Path(url.removeprefix("sqlite:///")).expanduser()
+    return None
+
+
+def _sqlite_studies(path: Path) -> list[str] | None:
+    """Study names of an optuna SQLite file, opened read-only; None if it is not one."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+        try:
+            return [row[0] for row in con.execute("SELECT study_name FROM studies")]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+
+
+def _require_existing(url: str, name: str) -> None:
+    """Refuse, before optuna opens it (which would create it), a storage that holds no studies."""
+    path = _sqlite_path(url)
+    if path is not None:
+        if not path.is_file():
+            raise KruisingError(
+                f"no study database at {url} ({path} does not exist; nothing was created)",
+                _where_else(name, url),
+            )
+        if _sqlite_studies(path) is None:
+            raise KruisingError(f"{path} is not an optuna study database", _where_else(name, url))
+        return
+    if url.startswith("journal://"):
+        journal = Path(url.removeprefix("journal://")).expanduser()
+        if not journal.is_file():
+            raise KruisingError(
+                f"no study journal at {url} ({journal} does not exist; nothing was created)",
+                _where_else(name, url),
+            )
+        return
+    if "://" not in url or url.startswith("sqlite"):
+        return  # open_storage words these errors
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url)
+        try:
+            has_studies = sqlalchemy.inspect(engine).has_table("studies")
+        finally:
+            engine.dispose()
+    except Exception:  # noqa: BLE001 - drivers raise many types; open_storage words them
+        return
+    if not has_studies:
+        raise KruisingError(
+            f"no optuna studies at {url} (the database has no study tables; nothing was created)",
+            _where_else(name, url),
+        )
+
+
+SEARCH_DEPTH = 3  # folders below the current one searched for study databases in hints
+
+
+def nearby_databases(root: Path | None = None) -> list[tuple[Path, list[str]]]:
+    """Optuna SQLite files (``*.db``) under ``root`` (default: the current folder), a few
+    levels deep, with their study names; hidden folders and virtualenvs are skipped."""
+    root = Path(root or Path.cwd())
+    found: list[tuple[Path, list[str]]] = []
+
+    def walk(folder: Path, depth: int) -> None:
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith(".") or entry.name in ("node_modules", "venv", "__pycache__"):
+                continue
+            if entry.is_file() and entry.suffix == ".db":
+                studies = _sqlite_studies(entry)
+                if studies is not None:
+                    found.append((entry, studies))
+            elif entry.is_dir() and not entry.is_symlink() and depth < SEARCH_DEPTH:
+                walk(entry, depth + 1)
+
+    walk(root, 0)
+    return found
+
+
+def _where_else(name: str, url: str) -> str:
+    """The hint of a missing study: where it is, if a database near here holds it."""
+    import shlex
+
+    here = _sqlite_path(url)
+    for path, studies in nearby_databases():
+        if name in studies and (here is None or path.resolve() != here.resolve()):
+            return f"study {name!r} is in {path}: add --storage {shlex.quote(sqlite_url(path))}"
+    return (
+        "pass the sweep's storage with --storage URL (the spec's storage:, or the URL "
+        "`merge demo` printed), or run `merge sweep SPEC` first"
+    )
+
+
+def sqlite_url(path: Path) -> str:
+    """``sqlite:///`` + the absolute path: the URL means the same file from any folder."""
+    return f"sqlite:///{Path(path).resolve()}"
 
 
 TIE = 1e-6  # scorecards round metrics to 6 decimals: closer values are a tie
@@ -85,10 +201,14 @@ def leaderboard(study) -> dict[str, Any]:
         for t in trials
         if t.state == TrialState.FAIL
     ]
+    search = study.user_attrs.get("search") or sorted({p for r in rows for p in r["params"]})
+    recipe = _recipe_data(study.user_attrs.get("recipe"))
     return {
         "study": study.study_name,
         "objectives": objectives,
-        "search": study.user_attrs.get("search") or sorted({p for r in rows for p in r["params"]}),
+        "search": search,
+        "labels": labels(search, recipe),
+        "fixed": study.user_attrs.get("fixed") or fixed_values(search, recipe),
         "suite": study.user_attrs.get("suite"),
         "rows": rows,
         "failed": failed,
@@ -96,15 +216,31 @@ def leaderboard(study) -> dict[str, Any]:
     }
 
 
-def print_leaderboard(board: dict[str, Any], limit: int | None = None) -> None:
-    """A rich table on stderr: rank, the variant's parameters, scores, Pareto mark, seconds."""
+def _recipe_data(text: str | None) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(text or "")
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def label(board: dict[str, Any], path: str) -> str:
+    """A search path's column label: the model's name, not its index (``weight of nl``)."""
+    return (board.get("labels") or {}).get(path) or short(path)
+
+
+def print_leaderboard(board: dict[str, Any], limit: int | None = None, notes: bool = True) -> None:
+    """A rich table on stderr: rank, the variant's parameters, scores, Pareto mark, seconds;
+    then (``notes``) the values the search left fixed."""
     from rich.table import Table
 
     table = Table(title=escape(f"study {board['study']} (suite {board['suite'] or '?'})"))
     table.add_column("rank", justify="right")
     params = board["search"]
     for name in params:
-        table.add_column(escape(short(name)), justify="right")
+        table.add_column(escape(label(board, name)), justify="right")
     table.add_column("Dutch", justify="right")
     table.add_column("English", justify="right")
     weighted = len(board["objectives"]) == 1 and board["objectives"][0] not in (
@@ -124,6 +260,8 @@ def print_leaderboard(board: dict[str, Any], limit: int | None = None) -> None:
         cells += ["★" if row["pareto"] else "", fmt(row["seconds"])]
         table.add_row(*cells)
     print_table(table)
+    for note in (board.get("fixed") or []) if notes else []:
+        console.print(escape(f"note: {describe(note)}"), style="yellow")
     failed = [f for f in board["failed"] if not f["retried"]]
     if failed:
         console.print(f"{len(failed)} failed variant(s):")
@@ -136,7 +274,7 @@ def print_leaderboard(board: dict[str, Any], limit: int | None = None) -> None:
 def markdown(board: dict[str, Any]) -> str:
     """The leaderboard as a Markdown table (the demo's report)."""
     params = board["search"]
-    head = ["rank", *params, "Dutch", "English", "Pareto", "seconds"]
+    head = ["rank", *(label(board, p) for p in params), "Dutch", "English", "Pareto", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in board["rows"]:
         cells = [str(row["rank"]), *(fmt(row["params"].get(p)) for p in params)]
@@ -146,8 +284,39 @@ def markdown(board: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_plots(board: dict[str, Any], folder: Path) -> list[Path]:
-    """PNGs: each score against each searched parameter, and Dutch vs English (Pareto front)."""
+SCORE_NAMES = {"dutch_score": "Dutch score", "english_score": "English score"}
+SCORE_COLOURS = {"dutch_score": "#333333", "english_score": "#333333"}  # references take colour
+REFERENCE_STYLES = {  # parents and base on the plots: marker, colour
+    "nl": ("s", "#1f77b4"),
+    "instruct": ("^", "#2ca02c"),
+    "base": ("D", "#7f7f7f"),
+}
+
+
+def _wrapped(text: str, width: int = 70) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def _log_axis(values: list[float]) -> bool:
+    """A log axis when the values span more than 20x (a tiny model's probabilities do)."""
+    positive = [v for v in values if v is not None and v > 0]
+    return len(positive) == len([v for v in values if v is not None]) and (
+        bool(positive) and max(positive) / min(positive) > 20
+    )
+
+
+def write_plots(
+    board: dict[str, Any],
+    folder: Path,
+    references: dict[str, tuple[float | None, float | None]] | None = None,
+) -> list[dict[str, Any]]:
+    """PNGs: each score against each searched parameter, and Dutch vs English (Pareto front).
+
+    ``references`` (name -> (english_score, dutch_score), e.g. the parents) are drawn as
+    labelled reference points and lines. Returns ``[{"path", "title"}, ...]``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,64 +324,102 @@ def write_plots(board: dict[str, Any], folder: Path) -> list[Path]:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    references = {k: v for k, v in (references or {}).items() if None not in v}
     rows = board["rows"]
-    written: list[Path] = []
+    written: list[dict[str, Any]] = []
     scores = [s for s in ("dutch_score", "english_score") if any(r[s] is not None for r in rows)]
+    study = board["study"]
     for param in board["search"]:
+        name = label(board, param)
+        title = f"{study}: {' and '.join(SCORE_NAMES[s] for s in scores)} against {name}"
+        fig, axes = plt.subplots(
+            len(scores), 1, figsize=(6.5, 2.4 * len(scores) + 0.9), sharex=True, squeeze=False
+        )
         xs = [r["params"].get(param) for r in rows]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for score in scores:
-            points = [(x, r[score]) for x, r in zip(xs, rows, strict=True) if x is not None]
-            if points and r_is_numeric([p[0] for p in points]):
-                points.sort(key=lambda p: p[0])
-                ax.plot(*zip(*points, strict=True), "o", label=score)
-            elif points:
-                labels = sorted({str(p[0]) for p in points})
-                ax.plot(
-                    [labels.index(str(p[0])) for p in points],
-                    [p[1] for p in points],
-                    "o",
-                    label=score,
+        numeric = r_is_numeric([x for x in xs if x is not None])
+        categories = sorted({str(x) for x in xs if x is not None})
+        for ax, score in zip(axes[:, 0], scores, strict=True):
+            points = [(x, r) for x, r in zip(xs, rows, strict=True) if x is not None]
+            px = [x if numeric else categories.index(str(x)) for x, _ in points]
+            py = [r[score] for _, r in points]
+            ses = [r.get(f"{score}_se") for _, r in points]
+            if any(isinstance(e, float) for e in ses):
+                ax.errorbar(
+                    px, py, yerr=[e or 0 for e in ses], fmt="none", ecolor="#bbb", lw=1, capsize=2
                 )
-                ax.set_xticks(range(len(labels)), labels)
-        ax.set_xlabel(param)
-        ax.set_ylabel("score")
-        ax.set_title(f"{board['study']}: score vs {param}")
-        ax.legend()
+            ax.plot(px, py, "o", color=SCORE_COLOURS[score], label="variants")
+            values = list(py)
+            for ref, (english, dutch) in references.items():
+                y = dutch if score == "dutch_score" else english
+                values.append(y)
+                marker, colour = REFERENCE_STYLES.get(ref, ("x", "#444"))
+                ax.axhline(y, color=colour, ls="--", lw=1, alpha=0.8, label=f"{ref} (reference)")
+            if _log_axis(values):
+                ax.set_yscale("log")
+            ax.set_ylabel(SCORE_NAMES[score])
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="best", framealpha=0.9)
+        if not numeric:
+            axes[-1, 0].set_xticks(range(len(categories)), categories)
+        axes[-1, 0].set_xlabel(f"{name} ({param})" if name != param else param)
+        fig.suptitle(_wrapped(title), fontsize=10)
         fig.tight_layout()
         path = folder / f"score_vs_{_slug(param)}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        written.append(path)
+        written.append({"path": path, "title": title})
     if len(scores) == 2:
-        fig, ax = plt.subplots(figsize=(5, 4))
+        title = (
+            f"{study}: Dutch against English score of every variant; the Pareto front "
+            "(no variant better on both) in red"
+            + (", the parents as reference points" if references else "")
+        )
+        fig, ax = plt.subplots(figsize=(6.5, 5))
         rest = [r for r in rows if not r["pareto"]]
         front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["english_score"])
         ax.plot(
             [r["english_score"] for r in rest],
             [r["dutch_score"] for r in rest],
             "o",
-            color="grey",
+            color="#999",
             label="variants",
         )
         ax.plot(
             [r["english_score"] for r in front],
             [r["dutch_score"] for r in front],
             "o-",
-            color="tab:red",
-            label="Pareto front",
+            color="#d62728",
+            label="Pareto front (rank)",
         )
         for r in front:
-            ax.annotate(str(r["rank"]), (r["english_score"], r["dutch_score"]), fontsize=8)
-        ax.set_xlabel("english_score")
-        ax.set_ylabel("dutch_score")
-        ax.set_title(f"{board['study']}: Dutch vs English")
-        ax.legend()
+            ax.annotate(
+                str(r["rank"]),
+                (r["english_score"], r["dutch_score"]),
+                xytext=(4, 4),
+                textcoords="offset points",
+                fontsize=8,
+            )
+        for ref, (english, dutch) in references.items():
+            marker, colour = REFERENCE_STYLES.get(ref, ("x", "#444"))
+            ax.plot(english, dutch, marker, color=colour, markersize=10, label=ref)
+            ax.annotate(ref, (english, dutch), xytext=(6, -10), textcoords="offset points")
+        xs = [r["english_score"] for r in rows] + [e for e, _ in references.values()]
+        ys = [r["dutch_score"] for r in rows] + [d for _, d in references.values()]
+        if _log_axis(xs):
+            ax.set_xscale("log")
+        if _log_axis(ys):
+            ax.set_yscale("log")
+        suite = board.get("suite") or "?"
+        ax.set_xlabel(f"English score (english_score, suite {suite}; higher is better)")
+        ax.set_ylabel(f"Dutch score (dutch_score, suite {suite}; higher is better)")
+        ax.set_title(_wrapped(title), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, framealpha=0.9)
         fig.tight_layout()
         path = folder / "pareto.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        written.append(path)
+        written.append({"path": path, "title": title})
     return written
 
 

@@ -33,7 +33,8 @@ from rich.markup import escape
 from kruising.console import console
 from kruising.errors import KruisingError
 from merger.study.evaluator import Evaluator, InMemoryEvaluator, VariantFailed
-from merger.study.paths import recipe_yaml, short, variant_recipe
+from merger.study.notes import describe, fixed_values, labels, tensor_names
+from merger.study.paths import dump_recipe, recipe_yaml, short, variant_recipe
 from merger.study.spec import SweepSpec, suggest
 from merger.study.storage import finished, open_storage, open_study, recover, store_result
 from merger.study.streaming import run_streaming
@@ -63,6 +64,8 @@ def run_sweep(
     requeued = recover(study, store)
     done = finished(study)
     remaining = max(0, target - done)
+    fixed = _fixed_values(spec, recipe, study)
+    names = labels(list(spec.search), dump_recipe(recipe))  # weight of nl, not models[0]...
     if progress:
         console.print(
             f"sweep [bold]{spec.name}[/]: {len(spec.search)} parameters, sampler {spec.sampler}, "
@@ -70,6 +73,8 @@ def run_sweep(
             f"{done} of {target} variants done"
             + (f", {len(requeued)} interrupted requeued" if requeued else "")
         )
+        for note in fixed:
+            console.print(escape(f"  note: {describe(note)}"), style="yellow")
     if remaining == 0:
         return study
     if evaluator is None:
@@ -113,7 +118,9 @@ def run_sweep(
             raise VariantFailed(reason) from exc
         store_result(trial, card, time.perf_counter() - start)
         if progress:
-            shown = escape(", ".join(f"{short(k)}={_show(v)}" for k, v in params.items()))
+            shown = escape(
+                ", ".join(f"{names.get(k, short(k))}={_show(v)}" for k, v in params.items())
+            )
             scores = "  ".join(
                 f"{n} {v:.4f}" for n, v in zip(spec.objective_names(), values, strict=True)
             )
@@ -127,6 +134,18 @@ def run_sweep(
         callbacks=[_stop_at(target)],
     )
     return study
+
+
+def _fixed_values(spec: SweepSpec, recipe, study) -> list[dict[str, Any]]:
+    """Entries of a filtered parameter the search leaves at the recipe's value (stored once in
+    the study, with the tensors they set, for `merge rank` and the demo report)."""
+    if "fixed" in study.user_attrs:
+        return study.user_attrs["fixed"]
+    refs = recipe.referenced_models()  # the base first
+    names = tensor_names(refs[0]) if refs else None
+    fixed = fixed_values(list(spec.search), dump_recipe(recipe), names)
+    study.set_user_attr("fixed", fixed)
+    return fixed
 
 
 def _twin(study, number: int, params: dict[str, Any]) -> int | None:

@@ -498,7 +498,8 @@ def test_rank_cli_json_and_plots(tmp_path):
     missing = CliRunner().invoke(app, ["rank", "nope", "--storage", storage])
     assert missing.exit_code != 0
     assert isinstance(missing.exception, KruisingError)
-    assert "studies there: test-sweep" in missing.exception.hint
+    assert "it holds test-sweep" in missing.exception.message
+    assert "--storage" in missing.exception.hint
 
 
 # --- the real engine and scorer ---------------------------------------------------------------
