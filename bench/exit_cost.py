@@ -3,11 +3,15 @@
     python bench/exit_cost.py [--repeat 7] [--workdir /tmp/kruising-exit]
 
 The `merge` console script ends with the interpreter's normal exit (module teardown, atexit
-handlers, buffers flushed). Until issue #10 it ended with ``atexit._run_exitfuncs()`` and
-``os._exit`` once torch was loaded, to skip the teardown. This script times both endings of
-the same command in one run, alternating, on `merge --help` and on `merge run` of a linear
-merge of two small random checkpoints, and prints the median wall seconds of each. Run it on
-a quiet machine (it prints the load average), or read the difference, not the totals.
+handlers, buffers flushed), after freezing the objects alive then out of the garbage
+collector (`gc.freeze`). Until issue #10 it ended with ``atexit._run_exitfuncs()`` and
+``os._exit`` once torch was loaded, to skip the teardown. This script runs the three endings
+(merge's, the plain normal exit, the former os._exit) of the same command in one run,
+alternating, on `merge --help` and on `merge run` of a linear
+merge of two small random checkpoints. Each run marks the moment the command is done; the
+script prints the median wall seconds of the whole process and of the part from that mark
+until the process is gone (the ending itself). Run it on a quiet
+machine (it prints the load average), or read the difference, not the totals.
 """
 
 from __future__ import annotations
@@ -23,31 +27,37 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-NORMAL = """
-import sys
-from merger.cli import entry
-sys.argv = ["merge", *{args!r}]
-entry()
-"""
-
-#: The former ending (kruising.console.entry before issue #10), for comparison.
-FAST = """
-import atexit, os, sys
+#: Every ending runs the command the same way and marks the moment it is done (on stderr); the
+#: parent notes when the process is gone. The gap is what the ending costs.
+COMMAND = """
+import os, sys, time
 from merger import cli
 sys.argv = ["merge", *{args!r}]
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 try:
-    cli.main()
+    {call}
     code = 0
 except SystemExit as exc:
     code = exc.code
+print(f"@@done {{time.time()!r}}", file=sys.stderr, flush=True)
+"""
+ENDINGS = {
+    # what `merge` does since issue #10: the normal exit, the import graph frozen out of the GC
+    "merge (gc.freeze)": COMMAND.replace("{call}", "cli.entry()") + "sys.exit(code)\n",
+    # the normal exit with its full final collections
+    "plain exit": COMMAND.replace("{call}", "cli.main()") + "sys.exit(code)\n",
+    # the former ending (kruising.console.entry before issue #10)
+    "os._exit": COMMAND.replace("{call}", "cli.main()")
+    + """
+import atexit
 if "torch" not in sys.modules:
     sys.exit(code)
 atexit._run_exitfuncs()
 for stream in (sys.stdout, sys.stderr):
     stream.flush()
 os._exit(code or 0)
-"""
+""",
+}
 
 
 def make_models(root: Path) -> list[Path]:
@@ -92,15 +102,18 @@ def make_models(root: Path) -> list[Path]:
     return folders
 
 
-def timed(code: str, cwd: Path) -> float:
+def timed(code: str, cwd: Path) -> tuple[float, float]:
+    """(wall seconds of the whole process, seconds from "command done" to process gone)."""
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=False
     )
+    gone = time.time()
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"command failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return seconds
+    mark = next(line for line in done.stderr.splitlines() if line.startswith("@@done "))
+    return seconds, gone - float(mark.split()[1])
 
 
 def main() -> None:
@@ -121,14 +134,19 @@ def main() -> None:
         "merge run": ["run", str(recipe), "--out", str(out), "--device", "cpu", "--overwrite"],
     }
     print(f"load average {os.getloadavg()[0]:.2f}, {args.repeat} runs of each, alternating")
-    print(f"{'command':<14} {'normal exit':>12} {'os._exit':>10} {'difference':>11}")
+    print("median seconds of the whole command, and (in brackets) from done to exited")
+    print(f"{'command':<14}" + "".join(f"{name:>22}" for name in ENDINGS))
     for label, argv in cases.items():
-        times: dict[str, list[float]] = {"normal": [], "fast": []}
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in ENDINGS}
         for _ in range(args.repeat):
-            for kind, template in (("normal", NORMAL), ("fast", FAST)):
-                times[kind].append(timed(template.format(args=argv), REPO))
-        normal, fast = (statistics.median(times[k]) for k in ("normal", "fast"))
-        print(f"{label:<14} {normal:>11.3f}s {fast:>9.3f}s {normal - fast:>+10.3f}s")
+            for name, template in ENDINGS.items():
+                times[name].append(timed(template.format(args=argv), REPO))
+        cells = []
+        for name in ENDINGS:
+            wall = statistics.median(t[0] for t in times[name])
+            tail = statistics.median(t[1] for t in times[name])
+            cells.append(f"{wall:>12.3f} ({tail:.3f})")
+        print(f"{label:<14}" + "".join(f"{c:>22}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -368,11 +368,20 @@ def entry() -> None:
     costs more kernel time than the merge math. torch reads the switch when it is first
     imported, so it is set here, in the process entry, before any command imports torch (a
     library user of the merger sets it, or not, in their own process).
+
+    When the command is done, the objects alive then (torch's and transformers' modules, most
+    of them) are frozen out of the garbage collector (`gc.freeze`): the exit still runs atexit
+    handlers, flushes and tears the modules down, but its final collections do not walk that
+    whole graph again, which was most of the exit's time (bench/exit_cost.py).
     """
+    import gc
     import os
 
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    main()
+    try:
+        main()
+    finally:
+        gc.freeze()
 
 
 if __name__ == "__main__":

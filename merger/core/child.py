@@ -16,17 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from kruising.errors import KruisingError
-from merger.core.io import ModelSource
+from merger.core.io import TOKENIZER_FILES, ModelSource
 from merger.core.plan import MergePlan
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 PROVENANCE_FILE = "kruising_provenance.json"
 
 

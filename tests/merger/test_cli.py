@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ("torch", "transformers", "mergekit", "optuna", "datasets", "accelerate")
 
 
@@ -63,3 +65,31 @@ def test_flags_still_parse_as_flags(tmp_path):
 
     result = CliRunner().invoke(app, ["rank", "nothing", "--json=yes"])
     assert result.exit_code != 0 and "does not take a value" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "rc", "stream", "text"),
+    [
+        (["--help"], 0, "stdout", "Usage: merge"),
+        (["run", "no-such-recipe.yaml", "--out", "child"], 1, "stderr", "error: recipe not found"),
+    ],
+)
+def test_the_console_script_exits_normally_with_its_code_and_all_output(
+    tmp_path, args, rc, stream, text
+):
+    """`merge` (merger.cli:entry) with torch loaded: the code, every byte of output (a pipe
+    buffers stdout until exit), and atexit handlers."""
+    code = (
+        "import atexit, sys\n"
+        "import torch\n"
+        "atexit.register(lambda: print('atexit ran', file=sys.stderr))\n"
+        f"sys.argv = ['merge', *{args!r}]\n"
+        "from merger.cli import entry\n"
+        "entry()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == rc, done.stderr
+    assert text in getattr(done, stream)
+    assert done.stderr.rstrip().endswith("atexit ran")
