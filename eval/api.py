@@ -6,17 +6,23 @@ calls it for every variant); ``score_path`` loads a checkpoint folder or Hub id 
 Scorecard::
 
     {"model": ..., "suite": ..., "kruising_version": ..., "device": ..., "dtype": ...,
-     "probes": {name: {metric: value, ..., "n": items}},
-     "dutch_score": float | None, "english_score": float | None, "weights": {...},
+     "probes": {name: {metric: value, metric_se: standard error, ..., "n": items}},
+     "subscores": {"cultuur_diep": {...}, "grammatica_dt": {...}, ...},  # by tag / phenomenon
+     "dutch_score": float | None, "dutch_score_se": ..., "dutch_score_ci": [lo, hi],
+     "english_score": ..., "english_score_se": ..., "english_score_ci": [lo, hi],
+     "weights": {...}, "items": int,
+     "per_item": {name: {"ids": [...], field: [one value per item], ...}},
      "seconds": float, "items_per_second": float}
 
-Metric values are rounded to 6 significant digits, so the same model and suite give the same scorecard
+Standard errors, intervals and paired comparisons come from ``per_item`` (eval/stats.py): a mean
+of per-item values has its analytic standard error, the rest (answer_prob, perplexity, the
+language scores' 95% intervals) a seeded bootstrap over items. Metric values are rounded to 6
+significant digits, so the same model and suite give the same scorecard
 (leave ``seconds`` and ``items_per_second`` out of any comparison).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +91,23 @@ def _choice_requests(tokenizer, item: ChoiceItem, model_name: str):
     ]
 
 
+# A chat-form generate item for a tokenizer without a chat template (a base model) is asked in
+# this plain form instead; the scorecard counts such items (``chat_fallback``).
+CHAT_FALLBACK = "Vraag: {prompt}\nAntwoord:"
+
+
+def _generate_prompt(tokenizer, item, model_name: str) -> str:
+    """The text a generate item continues: the prompt, or the chat-wrapped user message."""
+    if item.format != "chat":
+        return item.prompt
+    if not getattr(tokenizer, "chat_template", None):
+        return CHAT_FALLBACK.format(prompt=item.prompt)
+    text = _chat_context(tokenizer, item.prompt, model_name)
+    bos = tokenizer.bos_token or ""
+    # greedy_continuations puts BOS in front itself
+    return text[len(bos) :] if bos and text.startswith(bos) else text
+
+
 def _sentence_request(tokenizer, text: str):
     from eval.scoring import encode_context_continuation
 
@@ -98,25 +121,66 @@ def _languages(texts: list[str]) -> list[str]:
     return [py3langid.classify(t)[0] if t.strip() else "" for t in texts]
 
 
-def _aggregate(probes: list[Probe], metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    scores: dict[str, float | None] = {}
-    used: dict[str, dict[str, float]] = {"nl": {}, "en": {}}
-    for lang in ("nl", "en"):
-        total = weight_sum = 0.0
-        for probe in probes:
-            metric = probe.primary or PRIMARY_METRIC.get(probe.kind)
-            if probe.lang != lang or metric is None:
-                continue
-            weight = WEIGHTS.get(probe.name, DEFAULT_WEIGHT)
-            total += weight * metrics[probe.name][metric]
-            weight_sum += weight
-            used[lang][probe.name] = weight
-        scores[lang] = _r(total / weight_sum) if weight_sum else None
-    return {
-        "dutch_score": scores["nl"],
-        "english_score": scores["en"],
-        "weights": {"dutch": used["nl"], "english": used["en"]},
-    }
+def _probe_metrics(probe: Probe, items: dict[str, list]) -> dict[str, Any]:
+    from eval.stats import metrics
+
+    return metrics(probe.name, probe.kind, {k: v for k, v in items.items() if k != "ids"})
+
+
+def _subset(items: dict[str, list], keep: list[int]) -> dict[str, list]:
+    return {k: [v[i] for i in keep] for k, v in items.items()}
+
+
+def _subscores(probes: list[Probe], per_item: dict[str, dict[str, list]]) -> dict[str, Any]:
+    """``{probe}_{tag}`` (and ``{probe}_{phenomenon}`` for pairs): the probe's metrics on those items.
+
+    Reported beside the probes, never weighted into the language scores.
+    """
+    out: dict[str, Any] = {}
+    for probe in probes:
+        groups: dict[str, list[int]] = {}
+        for i, item in enumerate(probe.items):
+            labels = list(item.tags)
+            if isinstance(item, PairItem) and item.phenomenon:
+                labels.append(item.phenomenon)
+            for label in labels:
+                groups.setdefault(label, []).append(i)
+        for label, keep in sorted(groups.items()):
+            name = f"{probe.name}_{label}"
+            items = _subset(per_item[probe.name], keep)
+            sub = Probe(name, probe.kind, probe.lang, (), probe.source, probe.primary)
+            out[name] = _probe_metrics(sub, items)
+    return out
+
+
+def score_probes(probes: list[Probe], lang: str) -> list[tuple[str, str, str, float]]:
+    """(probe, kind, primary metric, weight) of every probe that enters ``lang``'s score."""
+    rows = []
+    for probe in probes:
+        metric = probe.primary or PRIMARY_METRIC.get(probe.kind)
+        if probe.lang != lang or metric is None:
+            continue
+        rows.append((probe.name, probe.kind, metric, WEIGHTS.get(probe.name, DEFAULT_WEIGHT)))
+    return rows
+
+
+def _aggregate(probes: list[Probe], per_item: dict[str, dict[str, list]]) -> dict[str, Any]:
+    from eval.stats import score_interval
+
+    out: dict[str, Any] = {}
+    used: dict[str, dict[str, float]] = {}
+    for lang, key in (("nl", "dutch"), ("en", "english")):
+        rows = score_probes(probes, lang)
+        used[key] = {name: weight for name, _, _, weight in rows}
+        if rows:
+            interval = score_interval(rows, per_item)
+            out[f"{key}_score"] = interval["value"]
+            out[f"{key}_score_se"] = interval["se"]
+            out[f"{key}_score_ci"] = interval["ci"]
+        else:
+            out[f"{key}_score"] = out[f"{key}_score_se"] = out[f"{key}_score_ci"] = None
+    out["weights"] = used
+    return out
 
 
 @dataclass
@@ -224,7 +288,7 @@ def score_model(
     """
     import torch
 
-    from eval.scoring import cpu_threads_for, greedy_continuations, perplexity_metrics, run_plan
+    from eval.scoring import cpu_threads_for, greedy_continuations, run_plan
 
     if batch_size < 1:
         raise EvalError(f"batch_size must be at least 1, got {batch_size}", "use --batch-size 16")
@@ -270,7 +334,7 @@ def score_model(
             # 2. Greedy continuations for the language-consistency probes.
             continuations: dict[str, list[str]] = {}
             for probe in gen_probes:
-                prompts = [item.prompt for item in probe.items]  # type: ignore[attr-defined]
+                prompts = [_generate_prompt(tokenizer, item, name) for item in probe.items]
                 continuations[probe.name] = greedy_continuations(
                     model,
                     tokenizer,
@@ -288,65 +352,64 @@ def score_model(
         if was_training:
             model.train()
 
-    # 3. Metrics per probe.
-    metrics: dict[str, dict[str, Any]] = {}
+    # 3. Per-item results, then each probe's metrics with standard errors (eval.stats).
+    per_item: dict[str, dict[str, list]] = {}
+    examples: dict[str, list[str]] = {}
     for probe in probes:
+        item_spans = spans.get(probe.name, [])
         if probe.kind == "choice":
-            acc = acc_norm = 0
-            answer_logprob = 0.0  # per token, summed over items
-            for item, (first, count) in zip(probe.items, spans[probe.name], strict=True):
-                lls = [r.logprob for r in results[first : first + count]]
+            rows: dict[str, list] = {"acc": [], "acc_norm": [], "answer_logprob": []}
+            for item, (first, count) in zip(probe.items, item_spans, strict=True):
                 assert isinstance(item, ChoiceItem)
+                lls = [r.logprob for r in results[first : first + count]]
                 right = results[first + item.answer]
-                answer_logprob += right.logprob / right.tokens
                 lengths = [len((item.delimiter + c).encode("utf-8")) for c in item.choices]
-                acc += _argmax(lls) == item.answer
-                acc_norm += _argmax([ll / n for ll, n in zip(lls, lengths, strict=True)]) == (
-                    item.answer
-                )
-            n = len(probe.items)
-            metrics[probe.name] = {
-                "acc": _r(acc / n),
-                "acc_norm": _r(acc_norm / n),
-                # 1 / perplexity of the correct answers (log loss, a proper scoring rule)
-                "answer_prob": _r(math.exp(answer_logprob / n)),
-                "n": n,
-            }
+                norm = [ll / n for ll, n in zip(lls, lengths, strict=True)]
+                rows["acc"].append(int(_argmax(lls) == item.answer))
+                rows["acc_norm"].append(int(_argmax(norm) == item.answer))
+                rows["answer_logprob"].append(right.logprob / right.tokens)
         elif probe.kind == "pair":
-            right = sum(
-                results[first].logprob > results[first + 1].logprob
-                for first, _ in spans[probe.name]
-            )
-            n = len(probe.items)
-            metrics[probe.name] = {"acc": _r(right / n), "n": n}
-        elif probe.kind == "text":
-            logprob = sum(
-                r.logprob for first, c in spans[probe.name] for r in results[first : first + c]
-            )
-            tokens = sum(
-                r.tokens for first, c in spans[probe.name] for r in results[first : first + c]
-            )
-            ppl = perplexity_metrics(logprob, tokens, sum(extra[probe.name]))
-            metrics[probe.name] = {
-                "ppl": _r(ppl["ppl"]),
-                "bits_per_byte": _r(ppl["bits_per_byte"]),
-                "tokens": tokens,
-                "n": len(probe.items),
+            rows = {
+                "acc": [
+                    int(results[first].logprob > results[first + 1].logprob)
+                    for first, _ in item_spans
+                ]
             }
+        elif probe.kind == "text":
+            rows = {"logprob": [], "tokens": [], "bytes": []}
+            for (first, count), n_bytes in zip(item_spans, extra[probe.name], strict=True):
+                chunk = results[first : first + count]
+                rows["logprob"].append(sum(r.logprob for r in chunk))
+                rows["tokens"].append(sum(r.tokens for r in chunk))
+                rows["bytes"].append(n_bytes)
         elif probe.kind == "generate":
-            langs = {item.lang for item in probe.items}  # type: ignore[attr-defined]
             texts = continuations[probe.name]
             found = _languages(texts)
-            right = sum(
-                f == item.lang  # type: ignore[attr-defined]
-                for item, f in zip(probe.items, found, strict=True)
-            )
-            metrics[probe.name] = {
-                "lang_share": _r(right / len(texts)),
-                "lang": ",".join(sorted(langs)),
-                "n": len(texts),
-                "examples": texts[:3],
+            rows = {
+                "lang_share": [
+                    int(f == item.lang)  # type: ignore[attr-defined]
+                    for item, f in zip(probe.items, found, strict=True)
+                ]
             }
+            examples[probe.name] = texts[:3]
+        else:  # pragma: no cover - the schema knows no other kind
+            continue
+        per_item[probe.name] = {"ids": [item.id for item in probe.items], **rows}
+    metrics = {p.name: _probe_metrics(p, per_item[p.name]) for p in probes}
+    for probe in probes:
+        if probe.kind == "text":
+            metrics[probe.name]["tokens"] = int(sum(per_item[probe.name]["tokens"]))
+        elif probe.kind == "generate":
+            langs = {item.lang for item in probe.items}  # type: ignore[attr-defined]
+            metrics[probe.name]["lang"] = ",".join(sorted(langs))
+            metrics[probe.name]["examples"] = examples[probe.name]
+            fallback = (
+                sum(getattr(item, "format", "plain") == "chat" for item in probe.items)
+                if not getattr(tokenizer, "chat_template", None)
+                else 0
+            )
+            if fallback:
+                metrics[probe.name]["chat_fallback"] = fallback
     seconds = time.perf_counter() - start
     param = next(model.parameters())
     return {
@@ -356,8 +419,10 @@ def score_model(
         "device": str(param.device),
         "dtype": str(param.dtype).removeprefix("torch."),
         "probes": metrics,
-        **_aggregate(probes, metrics),
+        "subscores": _subscores(probes, per_item),
+        **_aggregate(probes, per_item),
         "items": n_items,
+        "per_item": per_item,
         "seconds": round(seconds, 3),
         "items_per_second": round(n_items / seconds, 2) if seconds > 0 else None,
     }

@@ -28,6 +28,18 @@ class _Item(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(min_length=1)
+    # Labels for subscores: a tag ``t`` on items of probe ``p`` gives the scorecard a ``p_t`` entry
+    # (``cultuur`` items tagged ``diep`` make ``cultuur_diep``), scored like ``p`` on those items.
+    tags: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _tags_are_names(self):
+        for tag in self.tags:
+            if not tag or not all(c.isalnum() or c == "_" for c in tag):
+                raise ValueError(f"tags must be names of letters, digits and _, got {tag!r}")
+        if len(set(self.tags)) != len(self.tags):
+            raise ValueError("tags must be distinct")
+        return self
 
 
 class ChoiceItem(_Item):
@@ -72,6 +84,7 @@ class GenerateItem(_Item):
 
     prompt: str = Field(min_length=1)
     lang: str = Field(min_length=2, max_length=3)
+    format: Literal["plain", "chat"] = "plain"
 
 
 class TextItem(_Item):

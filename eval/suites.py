@@ -12,6 +12,7 @@ Adding a probe is adding a file: a new ``eval/probes/nl/foo.jsonl`` is part of t
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 from eval.errors import EvalError
@@ -76,13 +77,16 @@ def demo_probes() -> list[Probe]:
             for q in questions:
                 if q["lang"] != lang:
                     continue
-                choices = [q["answer"], *q["distractors"]]
+                # the answer's slot varies (fixed per question), so a position is no cue
+                slot = zlib.crc32(q["id"].encode()) % (len(q["distractors"]) + 1)
+                choices = list(q["distractors"])
+                choices.insert(slot, q["answer"])
                 items.append(
                     ChoiceItem(
                         id=f"{q['id']}-{form}",
                         context=q["prompt"] if form == "plain" else q["user"],
                         choices=choices,
-                        answer=0,
+                        answer=slot,
                         format=form,
                         delimiter="",  # answers and distractors start with a space
                     )
