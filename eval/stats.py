@@ -94,6 +94,8 @@ def metrics(name: str, kind: str, items: Mapping[str, Sequence[float]]) -> dict[
             if boot is None:
                 boot = _values(kind, items, resample_indices(name, n))
             se = float(np.std(boot[metric], ddof=1))
+        if se < 1e-12 * max(1.0, abs(float(value))):
+            se = 0.0  # all resamples agree: rounding noise, not uncertainty
         out[metric] = _r(value)
         out[f"{metric}_se"] = _r(se)
     out["n"] = n
@@ -199,3 +201,91 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
                 discordant += 1
     denom = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
     return (concordant - discordant) / denom if denom else float("nan")
+
+
+# --- scorecards -------------------------------------------------------------------------------
+
+
+def item_kind(items: Mapping[str, Sequence[float]]) -> str:
+    """The probe kind a per-item record belongs to, from its fields."""
+    for kind, fields in ITEM_FIELDS.items():
+        if set(fields) <= set(items) and (kind != "pair" or "acc_norm" not in items):
+            return kind
+    raise ValueError(f"unknown per-item fields {sorted(items)}")
+
+
+def _fields(items: Mapping[str, Sequence[float]]) -> dict[str, Sequence[float]]:
+    return {k: v for k, v in items.items() if k != "ids"}
+
+
+def card_rows(card: Mapping[str, Any], key: str, metric: str | None = None):
+    """What a scorecard number is made of: (probe, kind, metric, weight) rows.
+
+    ``key`` is ``dutch_score``/``english_score`` (the weighted probes) or a probe name (with
+    ``metric``, default the kind's primary one).
+    """
+    per_item = card.get("per_item") or {}
+    if key in ("dutch_score", "english_score"):
+        weights = (card.get("weights") or {}).get(key.removesuffix("_score"), {})
+        rows = []
+        for name, weight in weights.items():
+            if name not in per_item:
+                return None
+            kind = item_kind(per_item[name])
+            rows.append((name, kind, _primary(card, name, kind), weight))
+        return rows or None
+    if key not in per_item:
+        return None
+    kind = item_kind(per_item[key])
+    return [(key, kind, metric or _primary(card, key, kind), 1.0)]
+
+
+def _primary(card: Mapping[str, Any], name: str, kind: str) -> str:
+    from eval.suites import DEMO_PRIMARY, PRIMARY_METRIC
+
+    if kind == "choice" and name.startswith("demo_"):
+        return DEMO_PRIMARY
+    return PRIMARY_METRIC.get(kind, "ppl")
+
+
+def compare_cards(
+    a: Mapping[str, Any], b: Mapping[str, Any], key: str = "dutch_score", metric: str | None = None
+) -> dict[str, Any] | None:
+    """Paired bootstrap of scorecard ``a`` against ``b`` on the same items (None: not comparable).
+
+    Comparable means both keep per-item results for the same item ids of every probe involved.
+    """
+    rows = card_rows(a, key, metric)
+    if rows is None or card_rows(b, key, metric) is None:
+        return None
+    pa, pb = a["per_item"], b["per_item"]
+    for name, *_ in rows:
+        if pa[name].get("ids") != pb[name].get("ids"):
+            return None
+    items_a = {name: _fields(pa[name]) for name, *_ in rows}
+    items_b = {name: _fields(pb[name]) for name, *_ in rows}
+    return paired_score_test(rows, items_a, items_b)
+
+
+def split_halves(card: Mapping[str, Any], seed: int = 0) -> tuple[dict, dict]:
+    """Each probe's items split into two random halves (the same split for every card)."""
+    halves: tuple[dict, dict] = ({}, {})
+    for name, items in (card.get("per_item") or {}).items():
+        n = len(items.get("ids", []))
+        order = _rng(name, n, f"halves-{seed}").permutation(n)
+        for half, keep in zip(halves, (order[: n // 2], order[n // 2 :]), strict=True):
+            half[name] = {k: [v[i] for i in keep] for k, v in items.items()}
+    return halves
+
+
+def card_value(card: Mapping[str, Any], key: str, per_item=None, metric: str | None = None):
+    """A scorecard number recomputed from (a subset of) its per-item results."""
+    rows = card_rows(card, key, metric)
+    if rows is None:
+        return None
+    per_item = per_item if per_item is not None else card["per_item"]
+    total = sum(w for *_, w in rows)
+    return (
+        sum(w * float(_values(kind, _fields(per_item[name]))[m]) for name, kind, m, w in rows)
+        / total
+    )

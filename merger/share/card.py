@@ -197,7 +197,7 @@ def _eval_results(scorecard: Mapping[str, Any]) -> list[Any]:
             continue
         for metric, raw in metrics.items():
             value = _number(raw)
-            if metric == "n" or value is None:
+            if metric == "n" or metric.endswith("_se") or value is None:
                 continue
             results.append(
                 EvalResult(
@@ -211,6 +211,11 @@ def _eval_results(scorecard: Mapping[str, Any]) -> list[Any]:
                 )
             )
     return results
+
+
+def _interval(scorecard: Mapping[str, Any], key: str) -> str:
+    ci = scorecard.get(f"{key}_ci")
+    return f" (95% interval {fmt(ci[0])}–{fmt(ci[1])})" if ci else ""
 
 
 def _model_md(ref: str) -> str:
@@ -293,19 +298,21 @@ def _scores_md(scorecard: Mapping[str, Any] | None) -> list[str]:
     lines = [
         f"Scored with `merge eval --suite {suite}`{took}.",
         "",
-        f"- dutch_score: **{fmt(scorecard.get('dutch_score'))}**",
-        f"- english_score: **{fmt(scorecard.get('english_score'))}**",
+        f"- dutch_score: **{fmt(scorecard.get('dutch_score'))}**{_interval(scorecard, 'dutch_score')}",
+        f"- english_score: **{fmt(scorecard.get('english_score'))}**{_interval(scorecard, 'english_score')}",
         "",
-        "| probe | metric | value | items |",
-        "|---|---|---|---|",
+        "| probe | metric | value | ± standard error | items |",
+        "|---|---|---|---|---|",
     ]
     for probe, metrics in (scorecard.get("probes") or {}).items():
         if not isinstance(metrics, Mapping):
             continue
         count = fmt(metrics.get("n"))
         for metric, value in metrics.items():
-            if metric != "n":
-                lines.append(f"| {probe} | {metric} | {fmt(value)} | {count} |")
+            if metric != "n" and not metric.endswith("_se"):
+                se = metrics.get(f"{metric}_se")
+                spread = fmt(se) if se is not None else ""
+                lines.append(f"| {probe} | {metric} | {fmt(value)} | {spread} | {count} |")
     return lines
 
 

@@ -128,8 +128,16 @@ def test_model_index_and_probe_table_come_from_the_scorecard():
     }
     assert card.data.model_name == "geitje-ties"
     assert "model-index:" in str(card)
-    assert "| cultuur | acc_norm | 0.4667 | 150 |" in card.text
-    assert "| perplexiteit | ppl | 8.25 | 64 |" in card.text
+    assert "| cultuur | acc_norm | 0.4667 |  | 150 |" in card.text
+    assert "| perplexiteit | ppl | 8.25 |  | 64 |" in card.text
+    # with error bars: the standard error in its column, never a metric of its own
+    with_se = json.loads(json.dumps(SCORECARD))
+    with_se["probes"]["cultuur"]["acc_norm_se"] = 0.0407
+    with_se["dutch_score_ci"] = [0.55, 0.61]
+    card = card_for(TIES, scorecard=with_se, model_name="geitje-ties")
+    assert "| cultuur | acc_norm | 0.4667 | 0.0407 | 150 |" in card.text
+    assert "(95% interval 0.55–0.61)" in card.text
+    assert not any(r.metric_type.endswith("_se") for r in card.data.eval_results)
     assert "dutch_score: **0.583**" in card.text and "in 41.2 s" in card.text
 
 
@@ -262,7 +270,7 @@ def test_render_child_card_finds_the_scorecard_of_merge_eval(tmp_path):
     (child / "mergekit_config.yml").write_text(text)
     (child / "kind" / "scorecard.json").write_text(json.dumps(SCORECARD))
     card = render_child_card(child)
-    assert card.data.eval_results and "| cultuur | acc | 0.4 | 150 |" in card.text
+    assert card.data.eval_results and "| cultuur | acc | 0.4 |  | 150 |" in card.text
 
 
 def test_child_without_recipe_is_a_clear_error(tmp_path):
