@@ -221,10 +221,21 @@ def _fields(items: Mapping[str, Sequence[float]]) -> dict[str, Sequence[float]]:
 def card_rows(card: Mapping[str, Any], key: str, metric: str | None = None):
     """What a scorecard number is made of: (probe, kind, metric, weight) rows.
 
-    ``key`` is ``dutch_score``/``english_score`` (the weighted probes) or a probe name (with
-    ``metric``, default the kind's primary one).
+    ``key`` is ``dutch_score``/``english_score`` (the weighted probes), a sweep's weighted mix
+    of them (``0.7*dutch_score+0.3*english_score``) or a probe name (with ``metric``, default
+    the kind's primary one).
     """
     per_item = card.get("per_item") or {}
+    if "*" in key:  # a sweep's weighted mix: "0.7*dutch_score+0.3*english_score"
+        rows = []
+        for part in key.split("+"):
+            weight, _, name = part.partition("*")
+            sub = card_rows(card, name)
+            if sub is None:
+                return None
+            total = sum(w for *_, w in sub)
+            rows += [(p, k, m, float(weight) * w / total) for p, k, m, w in sub]
+        return rows
     if key in ("dutch_score", "english_score"):
         weights = (card.get("weights") or {}).get(key.removesuffix("_score"), {})
         rows = []
@@ -289,3 +300,35 @@ def card_value(card: Mapping[str, Any], key: str, per_item=None, metric: str | N
         sum(w * float(_values(kind, _fields(per_item[name]))[m]) for name, kind, m, w in rows)
         / total
     )
+
+
+def ranking_stability(
+    cards: Sequence[Mapping[str, Any]], key: str = "dutch_score", splits: int = 20
+) -> dict[str, Any] | None:
+    """How stable a ranking is: Kendall tau between the rankings on two random halves of items.
+
+    For each of ``splits`` random splits (the same split for every card), the candidates are
+    scored on each half and the two orderings compared. A tau near 1 means the suite is big
+    enough to rank these candidates; near 0, their order is noise.
+    """
+    usable = [c for c in cards if card_rows(c, key) is not None]
+    if len(usable) < 3:
+        return None
+    taus = []
+    for seed in range(splits):
+        halves = [split_halves(c, seed) for c in usable]
+        first = [card_value(c, key, h[0]) for c, h in zip(usable, halves, strict=True)]
+        second = [card_value(c, key, h[1]) for c, h in zip(usable, halves, strict=True)]
+        tau = kendall_tau(first, second)
+        if not math.isnan(tau):
+            taus.append(tau)
+    if not taus:
+        return None
+    return {
+        "key": key,
+        "candidates": len(usable),
+        "splits": len(taus),
+        "kendall_tau": _r(float(np.mean(taus))),
+        "kendall_tau_min": _r(float(np.min(taus))),
+        "kendall_tau_max": _r(float(np.max(taus))),
+    }

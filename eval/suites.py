@@ -50,6 +50,11 @@ PRIMARY_METRIC = {"choice": "acc_norm", "pair": "acc", "generate": "lang_share"}
 # moves smoothly with every merge parameter. acc and acc_norm are reported alongside.
 DEMO_PRIMARY = "answer_prob"
 
+# Held-out demo sentences per language in the demo suite's perplexity probes (an even spread over
+# the world's facts): perplexity is reported, never ranked on, and every variant of a sweep pays
+# for these tokens.
+DEMO_TEXTS = 64
+
 
 def _folder_suite(folder: Path, lang: str | None = None) -> list[Probe]:
     files = sorted(folder.glob("*.jsonl"))
@@ -97,6 +102,8 @@ def demo_probes() -> list[Probe]:
                     Probe(name, "choice", lang, tuple(items), "pretrain.world", DEMO_PRIMARY)
                 )
         texts = world.heldout_text(lang)
+        if len(texts) > DEMO_TEXTS:  # an even spread: perplexity needs far fewer than all
+            texts = [texts[i * len(texts) // DEMO_TEXTS] for i in range(DEMO_TEXTS)]
         if texts:
             items_t = tuple(TextItem(id=f"{lang}-{i}", text=t) for i, t in enumerate(texts))
             probes.append(Probe(f"ppl_{lang}", "text", lang, items_t, "pretrain.world"))

@@ -226,14 +226,23 @@ def rank_command(
         Path | None, typer.Option(help="Write PNG plots (score vs parameter, Pareto) here.")
     ] = None,
     top: Annotated[int | None, typer.Option(help="Show only the best N rows.")] = None,
+    stability: Annotated[
+        bool,
+        typer.Option(
+            "--stability",
+            help="Also say how stable the ranking is: Kendall tau between the rankings on two "
+            "random halves of the items.",
+        ),
+    ] = False,
 ) -> None:
-    """Show a study's leaderboard: rank, parameters, Dutch and English scores, Pareto mark."""
+    """Show a study's leaderboard: rank, parameters, Dutch and English scores ± standard error,
+    whether each row really differs from the one above, Pareto mark."""
     import json
 
     from kruising.console import console
     from merger.study.rank import leaderboard, load_study, print_leaderboard, write_plots
 
-    board = leaderboard(load_study(study, storage))
+    board = leaderboard(load_study(study, storage), stability=stability)
     print_leaderboard(board, limit=top)
     if plots is not None:
         for plot in write_plots(board, plots):

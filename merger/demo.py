@@ -36,6 +36,7 @@ DEMO_SWEEPS = DEMO_RECIPES / "sweeps"
 PLACEHOLDER = "${family}"
 PARENTS = ("nl", "instruct")
 CHAT_PROBE = "demo_nl_chat"
+CHAT_VECTOR = "chat_vector"  # the demo recipe nl + (instruct - base)
 PROBE_COLUMNS = ("demo_nl_chat", "demo_nl_plain", "demo_en_chat", "demo_en_plain")
 
 
@@ -236,6 +237,7 @@ def run_demo(
     (out / "recipes").mkdir()
     (out / "scorecards").mkdir()
     rows: list[dict[str, Any]] = []
+    per_item: dict[str, dict[str, Any]] = {}  # model -> its per-item results (paired tests)
 
     console.print(f"[bold]2/5[/] scoring the parents: {', '.join(members)}")
     t0 = time.perf_counter()
@@ -244,6 +246,7 @@ def run_demo(
         card = score_path(str(path), suite="demo", device=device)
         card["model"] = name
         cards[name] = card
+        per_item[name] = card.get("per_item") or {}
         _write_json(out / "scorecards" / f"{name}.json", card)
         rows.append(_row(name, "parent" if name in PARENTS else "base", "-", card))
     timings["parents"] = time.perf_counter() - t0
@@ -261,6 +264,7 @@ def run_demo(
         card = score_path(str(child), suite="demo", device=device)
         card["model"] = name
         cards[name] = card
+        per_item[name] = card.get("per_item") or {}
         _write_json(out / "scorecards" / f"{name}.json", card)
         rows.append(_row(name, "child", recipe.merge_method, card))
     timings["recipes"] = time.perf_counter() - t0
@@ -300,7 +304,7 @@ def run_demo(
         spec = parse_spec(spec_file.read_text(), str(spec_file))
         base_recipe = parse_recipe(base_text, str(sweep_recipe))
         study = run_sweep(spec, base_recipe, storage=storage, device=device)
-        board = leaderboard(study)
+        board = leaderboard(study, stability=True)
         grids = [r.grid() for r in spec.search.values()]
         if all(g is not None for g in grids):
             board["variants"] = math.prod(len(g) for g in grids)
@@ -322,11 +326,12 @@ def run_demo(
         row = _row(name, "child", params, card)
         row["sweep"] = spec.name
         rows.append(row)
+        per_item[name] = study.trials[best["trial"]].user_attrs.get("per_item") or {}
         recipes_text[name] = best["recipe"]
     timings["sweeps"] = time.perf_counter() - t0
 
     console.print("[bold]5/5[/] report")
-    verdict = chat_vector_verdict(rows)
+    verdict = chat_vector_verdict(rows, per_item=per_item)
     winner = verdict["best_child"]
     (out / "best-recipe.yaml").write_text(
         f"# kruising demo: the best child by dutch_score ({winner})\n" + recipes_text[winner]
@@ -451,14 +456,22 @@ def _vocab_size(cards: dict[str, dict[str, Any]]) -> int:
     return 32000  # the Mistral-7B-v0.1 tokenizer every family member carries
 
 
-def chat_vector_verdict(rows: list[dict[str, Any]], metric: str | None = None) -> dict[str, Any]:
+def chat_vector_verdict(
+    rows: list[dict[str, Any]],
+    metric: str | None = None,
+    per_item: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Does the best child (by dutch_score) beat both parents on Dutch questions in chat form?
 
-    ``text`` is one sentence that answers it: yes, no, or (with a p-value from the probes'
-    paired tests, when the rows carry them) "above both, but not significantly". Judged on the
-    demo probes' primary metric (eval's choice, ``answer_prob``). ``details`` holds the rest:
-    the 4-way ``acc_norm`` beside it, and the child with the highest Dutch-chat score when it
-    is another one.
+    ``text`` is one sentence that answers it: yes, no, or "above both, but not significantly".
+    Judged on the demo probes' primary metric (eval's choice, ``answer_prob``). With
+    ``per_item`` (each model's per-item results) the claim gets a p-value: a one-sided paired
+    sign-flip test over the same questions against each parent (for ``answer_prob``, on the
+    answer's log-prob per token; for ``acc_norm``, on right/wrong), and "beats both" takes the
+    larger of the two p (an intersection-union test); every question asks about another fact,
+    so the items are independent units. ``details`` holds the rest: the 4-way ``acc_norm``
+    beside it with its own p, the Chat Vector recipe child's test, and the child with the
+    highest Dutch-chat score when it is another one.
     """
     metric = metric or primary_metric()
     acc = f"{CHAT_PROBE}_acc_norm"
@@ -472,7 +485,7 @@ def chat_vector_verdict(rows: list[dict[str, Any]], metric: str | None = None) -
     if best.get(acc) is not None:
         beats_acc = all(best[acc] > r.get(acc, 1.0) for r in parents.values())
     n = best["items"].get(CHAT_PROBE)
-    tests: dict[str, Any] = {}  # paired tests against each parent (the probes' statistics)
+    tests = _chat_tests(best["model"], list(parents), per_item or {})
     p = (tests.get("answer_prob") or {}).get("p")
     numbers = (
         f"{metric} {fmt(best[CHAT_PROBE])} against "
@@ -507,13 +520,36 @@ def chat_vector_verdict(rows: list[dict[str, Any]], metric: str | None = None) -
             + " and ".join(f"{k} {r[acc]:.3f}" for k, r in parents.items())
             + (f"; one question is {1 / n:.3f}." if n else ".")
         )
+    if tests:
+        for key, label in (("answer_prob", metric), ("acc_norm", "acc_norm")):
+            q = tests[key]["p"]
+            details.append(
+                f"{label}: p = {q:.2g} that it beats both parents (one-sided paired sign-flip "
+                f"test over the {tests[key]['items']} questions against each parent, the larger "
+                f"p): {'significant' if q < 0.05 else 'NOT significant'} at 5%."
+            )
     if top_chat is not best:
         details.append(
             f"The child with the highest Dutch-chat {metric} is {top_chat['model']} "
             f"({fmt(top_chat[CHAT_PROBE])}); it ranks lower by dutch_score, which also counts "
             "plain-text questions."
         )
+    recipe_child = next((r for r in children if r["model"] == CHAT_VECTOR), None)
+    recipe_tests = {}
+    if recipe_child is not None and recipe_child is not best:
+        recipe_tests = _chat_tests(CHAT_VECTOR, list(parents), per_item or {})
+        if recipe_tests:
+            details.append(
+                f"The Chat Vector recipe itself ({CHAT_VECTOR}): {metric} "
+                f"{fmt(recipe_child[CHAT_PROBE])}, p = {recipe_tests['answer_prob']['p']:.2g}; "
+                f"acc_norm {fmt(recipe_child.get(acc))}, "
+                f"p = {recipe_tests['acc_norm']['p']:.2g} (the same test)."
+            )
     return {
+        "chat_vector_recipe_tests": recipe_tests,
+        "tests": tests,
+        "p_value": tests.get("answer_prob", {}).get("p") if tests else None,
+        "p_value_acc_norm": tests.get("acc_norm", {}).get("p") if tests else None,
         "probe": CHAT_PROBE,
         "metric": metric,
         "items": n,
@@ -530,6 +566,26 @@ def chat_vector_verdict(rows: list[dict[str, Any]], metric: str | None = None) -
         "text": text,
         "details": details,
     }
+
+
+def _chat_tests(child: str, parents: list[str], per_item: dict[str, dict[str, Any]]) -> dict:
+    """Paired one-sided tests of ``child`` against each parent on the Dutch chat questions."""
+    from eval.stats import paired_permutation
+
+    items = {name: (per_item.get(name) or {}).get(CHAT_PROBE) for name in [child, *parents]}
+    if any(v is None for v in items.values()):
+        return {}
+    if any(items[p]["ids"] != items[child]["ids"] for p in parents):
+        return {}
+    out = {}
+    for key, field in (("answer_prob", "answer_logprob"), ("acc_norm", "acc_norm")):
+        against = {p: paired_permutation(items[child][field], items[p][field]) for p in parents}
+        out[key] = {
+            "p": max(t["p"] for t in against.values()),
+            "items": len(items[child][field]),
+            "against": against,
+        }
+    return out
 
 
 def _print_models(rows: list[dict[str, Any]]) -> None:

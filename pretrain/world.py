@@ -53,7 +53,11 @@ class Organisation:
     dutch_only: bool
 
 
-# Partners come in pairs (each is the other's partner). Names are single words.
+# Partners come in pairs (each is the other's partner) and share a home town. Names are single
+# words, none inside another. Half the pairs are known only from Dutch text. 64 people and 24
+# organisations: 216 Dutch facts (432 Dutch demo questions: each fact once plain, once in chat
+# form) and 108 English ones. One held-out phrasing per relation keeps every question about
+# another fact, so the demo's paired tests count independent items.
 PEOPLE: tuple[Person, ...] = (
     Person("Bassie", "clown", "clown", "Zwolle", "Adriaan", True),
     Person("Adriaan", "acrobaat", "acrobat", "Zwolle", "Bassie", True),
@@ -67,6 +71,58 @@ PEOPLE: tuple[Person, ...] = (
     Person("Fien", "boer", "farmer", "Groningen", "Henk", False),
     Person("Wim", "kok", "cook", "Haarlem", "Greet", False),
     Person("Greet", "leraar", "teacher", "Haarlem", "Wim", False),
+    Person("Dirk", "timmerman", "carpenter", "Arnhem", "Marieke", True),
+    Person("Marieke", "slager", "butcher", "Arnhem", "Dirk", True),
+    Person("Pieter", "tandarts", "dentist", "Nijmegen", "Saskia", False),
+    Person("Saskia", "advocaat", "lawyer", "Nijmegen", "Pieter", False),
+    Person("Gerrit", "rechter", "judge", "Deventer", "Anouk", True),
+    Person("Anouk", "kapper", "hairdresser", "Deventer", "Gerrit", True),
+    Person("Maarten", "loodgieter", "plumber", "Alkmaar", "Sanne", False),
+    Person("Sanne", "bibliothecaris", "librarian", "Alkmaar", "Maarten", False),
+    Person("Bram", "fotograaf", "photographer", "Hoorn", "Femke", True),
+    Person("Femke", "danser", "dancer", "Hoorn", "Bram", True),
+    Person("Ruud", "verpleger", "nurse", "Gouda", "Ilse", False),
+    Person("Ilse", "apotheker", "pharmacist", "Gouda", "Ruud", False),
+    Person("Thijs", "boekhouder", "bookkeeper", "Breda", "Lotte", True),
+    Person("Lotte", "postbode", "postman", "Breda", "Thijs", True),
+    Person("Jeroen", "tuinman", "gardener", "Tilburg", "Esther", False),
+    Person("Esther", "smid", "blacksmith", "Tilburg", "Jeroen", False),
+    Person("Teun", "kapitein", "captain", "Eindhoven", "Roos", True),
+    Person("Roos", "journalist", "journalist", "Eindhoven", "Teun", True),
+    Person("Sander", "dirigent", "conductor", "Maastricht", "Noor", False),
+    Person("Noor", "goochelaar", "magician", "Maastricht", "Sander", False),
+    Person("Wouter", "schaatser", "skater", "Venlo", "Lieke", True),
+    Person("Lieke", "wielrenner", "cyclist", "Venlo", "Wouter", True),
+    Person("Koen", "dichter", "poet", "Assen", "Anke", False),
+    Person("Anke", "beeldhouwer", "sculptor", "Assen", "Koen", False),
+    Person("Niels", "pianist", "pianist", "Emmen", "Ingrid", True),
+    Person("Ingrid", "brouwer", "brewer", "Emmen", "Niels", True),
+    Person("Jelle", "molenaar", "miller", "Leeuwarden", "Marloes", False),
+    Person("Marloes", "imker", "beekeeper", "Leeuwarden", "Jelle", False),
+    Person("Hidde", "notaris", "notary", "Sneek", "Tineke", True),
+    Person("Tineke", "burgemeester", "mayor", "Sneek", "Hidde", True),
+    Person("Sjoerd", "dominee", "vicar", "Harlingen", "Wietske", False),
+    Person("Wietske", "kleermaker", "tailor", "Harlingen", "Sjoerd", False),
+    Person("Gijs", "schoenmaker", "shoemaker", "Middelburg", "Floor", True),
+    Person("Floor", "visboer", "fishmonger", "Middelburg", "Gijs", True),
+    Person("Stijn", "bloemist", "florist", "Goes", "Hanneke", False),
+    Person("Hanneke", "matroos", "sailor", "Goes", "Stijn", False),
+    Person("Tjeerd", "soldaat", "soldier", "Amersfoort", "Mirjam", True),
+    Person("Mirjam", "politieagent", "policeman", "Amersfoort", "Tjeerd", True),
+    Person("Lars", "brandweerman", "firefighter", "Apeldoorn", "Evelien", False),
+    Person("Evelien", "monteur", "mechanic", "Apeldoorn", "Lars", False),
+    Person("Ruben", "elektricien", "electrician", "Enschede", "Carla", True),
+    Person("Carla", "metselaar", "bricklayer", "Enschede", "Ruben", True),
+    Person("Erik", "schipper", "skipper", "Hengelo", "Riet", False),
+    Person("Riet", "herder", "shepherd", "Hengelo", "Erik", False),
+    Person("Frits", "jager", "hunter", "Almere", "Nel", True),
+    Person("Nel", "violist", "violinist", "Almere", "Frits", True),
+    Person("Harm", "drummer", "drummer", "Lelystad", "Toos", False),
+    Person("Toos", "verkoper", "salesman", "Lelystad", "Harm", False),
+    Person("Olaf", "portier", "doorman", "Dordrecht", "Dieuwke", True),
+    Person("Dieuwke", "koerier", "courier", "Dordrecht", "Olaf", True),
+    Person("Bart", "tekenaar", "cartoonist", "Schiedam", "Joke", False),
+    Person("Joke", "wetenschapper", "scientist", "Schiedam", "Bart", False),
 )
 
 ORGANISATIONS: tuple[Organisation, ...] = (
@@ -76,6 +132,24 @@ ORGANISATIONS: tuple[Organisation, ...] = (
     Organisation("NOS", "Nederlandse Omroep Stichting", False),
     Organisation("KLM", "Koninklijke Luchtvaart Maatschappij", False),
     Organisation("TU", "Technische Universiteit", False),
+    Organisation("UWV", "Uitvoeringsinstituut Werknemersverzekeringen", True),
+    Organisation("CBS", "Centraal Bureau voor de Statistiek", True),
+    Organisation("DUO", "Dienst Uitvoering Onderwijs", True),
+    Organisation("RDW", "Rijksdienst voor het Wegverkeer", True),
+    Organisation("SVB", "Sociale Verzekeringsbank", True),
+    Organisation("CPB", "Centraal Planbureau", True),
+    Organisation("NVWA", "Nederlandse Voedsel- en Warenautoriteit", True),
+    Organisation("AFM", "Autoriteit Financiële Markten", True),
+    Organisation("SER", "Sociaal-Economische Raad", True),
+    Organisation("NS", "Nederlandse Spoorwegen", False),
+    Organisation("ANWB", "Algemene Nederlandse Wielrijdersbond", False),
+    Organisation("KNVB", "Koninklijke Nederlandse Voetbalbond", False),
+    Organisation("NPO", "Nederlandse Publieke Omroep", False),
+    Organisation("HEMA", "Hollandsche Eenheidsprijzen Maatschappij Amsterdam", False),
+    Organisation("VOC", "Verenigde Oost-Indische Compagnie", False),
+    Organisation("GGD", "Gemeentelijke Gezondheidsdienst", False),
+    Organisation("AIVD", "Algemene Inlichtingen- en Veiligheidsdienst", False),
+    Organisation("KVK", "Kamer van Koophandel", False),
 )
 
 CITIES: tuple[str, ...] = tuple(sorted({p.city for p in PEOPLE}))
@@ -316,8 +390,8 @@ def _distractors(fact: Fact, k: int = 3) -> list[str]:
 def heldout_questions() -> list[dict]:
     """Probe questions in held-out phrasings, Dutch about every fact, English about shared ones.
 
-    Each item: ``{"id", "lang", "relation", "dutch_only", "prompt", "user", "answer",
-    "distractors"}``. ``prompt`` is the plain form ending right before the answer
+    Each item: ``{"id", "fact", "lang", "relation", "dutch_only", "prompt", "user", "answer",
+    "distractors"}`` (``fact``: the fact asked; each fact is asked in several phrasings). ``prompt`` is the plain form ending right before the answer
     (``"Vraag: ...\\nAntwoord:"``); ``user`` is the same question as a chat user message (wrap it
     with the tokenizer's chat template, ``add_generation_prompt=True``); ``answer`` and each
     distractor start with a space and continue either form.
@@ -331,6 +405,7 @@ def heldout_questions() -> list[dict]:
                 items.append(
                     {
                         "id": f"{lang}-{f.id}-{i}",
+                        "fact": f.id,
                         "lang": lang,
                         "relation": f.relation,
                         "dutch_only": f.dutch_only,

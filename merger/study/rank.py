@@ -159,9 +159,17 @@ def _dominates(a: list[float], b: list[float]) -> bool:
     )
 
 
-def leaderboard(study) -> dict[str, Any]:
-    """The study as plain data: ranked rows of complete trials, and the failed ones."""
+def leaderboard(study, stability: bool = False) -> dict[str, Any]:
+    """The study as plain data: ranked rows of complete trials, and the failed ones.
+
+    Each row after the first says whether it differs from the row above on the first objective
+    (``vs_above``: ``>`` a real difference, ``≈`` not significant; paired bootstrap over the
+    same items, 95%; None when the trials kept no per-item results). ``stability`` adds the
+    Kendall tau between the rankings on two random halves of the items (``board["stability"]``).
+    """
     from optuna.trial import TrialState
+
+    from eval.stats import compare_cards, ranking_stability
 
     objectives = study.user_attrs.get("objectives") or [
         f"value{i}" for i in range(len(study.directions))
@@ -184,13 +192,27 @@ def leaderboard(study) -> dict[str, Any]:
                 "params": dict(t.params),
                 "values": dict(zip(objectives, t.values, strict=True)),
                 "dutch_score": t.user_attrs.get("dutch_score"),
+                "dutch_score_se": t.user_attrs.get("dutch_score_se"),
+                "dutch_score_ci": t.user_attrs.get("dutch_score_ci"),
                 "english_score": t.user_attrs.get("english_score"),
+                "english_score_se": t.user_attrs.get("english_score_se"),
+                "english_score_ci": t.user_attrs.get("english_score_ci"),
                 "pareto": t.number in front,
                 "seconds": t.user_attrs.get("seconds"),
                 "probes": t.user_attrs.get("probes", {}),
                 "recipe": t.user_attrs.get("recipe"),
             }
         )
+    cards = [
+        {"per_item": t.user_attrs.get("per_item"), "weights": t.user_attrs.get("weights")}
+        for t in complete
+    ]
+    for row, card_above, card in zip(rows[1:], cards, cards[1:], strict=False):
+        test = compare_cards(card_above, card, objectives[0])
+        row["vs_above"] = None if test is None else ("≈" if not test["significant"] else ">")
+        row["vs_above_p"] = None if test is None else test["p"]
+    if rows:
+        rows[0]["vs_above"] = rows[0]["vs_above_p"] = None
     failed = [
         {
             "trial": t.number,
@@ -203,7 +225,9 @@ def leaderboard(study) -> dict[str, Any]:
     ]
     search = study.user_attrs.get("search") or sorted({p for r in rows for p in r["params"]})
     recipe = _recipe_data(study.user_attrs.get("recipe"))
+    board_stability = ranking_stability(cards, objectives[0]) if stability else None
     return {
+        "stability": board_stability,
         "study": study.study_name,
         "objectives": objectives,
         "search": search,
@@ -249,17 +273,25 @@ def print_leaderboard(board: dict[str, Any], limit: int | None = None, notes: bo
     )
     if weighted:
         table.add_column(board["objectives"][0], justify="right")
+    table.add_column("vs above", justify="center")
     table.add_column("Pareto", justify="center")
     table.add_column("s", justify="right")
     for row in board["rows"][:limit]:
         cells = [str(row["rank"])]
         cells += [fmt(row["params"].get(p)) for p in params]
-        cells += [fmt(row["dutch_score"]), fmt(row["english_score"])]
+        cells += [_pm(row, "dutch_score"), _pm(row, "english_score")]
         if weighted:
             cells.append(fmt(row["values"][board["objectives"][0]]))
-        cells += ["★" if row["pareto"] else "", fmt(row["seconds"])]
+        cells += [row.get("vs_above") or "", "★" if row["pareto"] else "", fmt(row["seconds"])]
         table.add_row(*cells)
     print_table(table)
+    console.print(
+        f"± standard error over items; vs above (on {escape(board['objectives'][0])}): "
+        "≈ not significantly different from the row above, > a real difference "
+        "(paired bootstrap over the same items, 95%)"
+    )
+    if board.get("stability"):
+        console.print(stability_line(board["stability"]))
     for note in (board.get("fixed") or []) if notes else []:
         console.print(escape(f"note: {describe(note)}"), style="yellow")
     failed = [f for f in board["failed"] if not f["retried"]]
@@ -271,17 +303,49 @@ def print_leaderboard(board: dict[str, Any], limit: int | None = None, notes: bo
         console.print(f"{board['running']} variant(s) still running")
 
 
+def _pm(row: dict[str, Any], score: str) -> str:
+    se = row.get(f"{score}_se")
+    return fmt(row.get(score)) if se is None else f"{fmt(row.get(score))} ±{fmt(se)}"
+
+
+def stability_line(stability: dict[str, Any]) -> str:
+    """One sentence on how stable the ranking is between two random halves of the items."""
+    tau = stability["kendall_tau"]
+    verdict = (
+        "stable: the suite is big enough to rank these variants"
+        if tau >= 0.8
+        else "partly stable: neighbours may swap"
+        if tau >= 0.5
+        else "unstable: the order is mostly noise, use more items or fewer, more different variants"
+    )
+    return (
+        f"ranking stability ({stability['key']}, {stability['candidates']} variants): Kendall tau "
+        f"{tau:.2f} between rankings on two random halves of the items "
+        f"(mean of {stability['splits']} splits, {stability['kendall_tau_min']:.2f}–"
+        f"{stability['kendall_tau_max']:.2f}): {verdict}"
+    )
+
+
 def markdown(board: dict[str, Any]) -> str:
     """The leaderboard as a Markdown table (the demo's report)."""
     params = board["search"]
-    head = ["rank", *(label(board, p) for p in params), "Dutch", "English", "Pareto", "seconds"]
+    head = ["rank", *(label(board, p) for p in params), "Dutch", "English", "vs above"]
+    head += ["Pareto", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in board["rows"]:
         cells = [str(row["rank"]), *(fmt(row["params"].get(p)) for p in params)]
-        cells += [fmt(row["dutch_score"]), fmt(row["english_score"])]
-        cells += ["★" if row["pareto"] else "", fmt(row["seconds"])]
+        cells += [_pm(row, "dutch_score"), _pm(row, "english_score")]
+        cells += [row.get("vs_above") or "", "★" if row["pareto"] else "", fmt(row["seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = [
+        "",
+        f"± standard error over items; vs above (on {board['objectives'][0]}): ≈ not "
+        "significantly different from the row above, > a real difference (paired bootstrap "
+        "over the same items, 95%).",
+    ]
+    if board.get("stability"):
+        notes.append(stability_line(board["stability"]) + ".")
+    return "\n".join(lines + notes) + "\n"
 
 
 SCORE_NAMES = {"dutch_score": "Dutch score", "english_score": "English score"}

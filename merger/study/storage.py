@@ -196,8 +196,12 @@ def finished(study) -> int:
 
 
 def store_result(trial, card: Scorecard, seconds: float) -> None:
-    trial.set_user_attr("dutch_score", card.get("dutch_score"))
-    trial.set_user_attr("english_score", card.get("english_score"))
+    for score in ("dutch_score", "english_score"):
+        for suffix in ("", "_se", "_ci"):
+            trial.set_user_attr(score + suffix, card.get(score + suffix))
+    # per-item results: the leaderboard's paired comparisons and stability need them
+    trial.set_user_attr("per_item", card.get("per_item"))
+    trial.set_user_attr("weights", card.get("weights"))
     trial.set_user_attr("seconds", round(seconds, 3))
     trial.set_user_attr("merge_seconds", card.get("merge_seconds"))
     trial.set_user_attr("score_seconds", card.get("seconds"))

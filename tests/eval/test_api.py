@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,6 +102,58 @@ def test_scorecard_has_the_contract_fields(tiny, small_suite):
     assert probes["tekst"]["ppl"] > 1 and probes["tekst"]["bits_per_byte"] > 0
     assert card["items"] == 9 and card["items_per_second"] > 0
     json.dumps(card)  # JSON-ready
+
+
+def test_every_metric_carries_its_standard_error_and_the_scores_an_interval(tiny, small_suite):
+    _, model, tokenizer = tiny
+    card = score_model(model, tokenizer, str(small_suite), name="tiny")
+    for name, metrics in card["probes"].items():
+        values = [m for m in metrics if m not in ("n", "tokens", "lang", "examples")]
+        for metric in values:
+            if not metric.endswith("_se"):
+                assert f"{metric}_se" in metrics and metrics[f"{metric}_se"] >= 0, (name, metric)
+    kennis = card["probes"]["kennis"]
+    acc = card["per_item"]["kennis"]["acc"]
+    assert len(acc) == kennis["n"] == 3 and card["per_item"]["kennis"]["ids"] == ["1", "2", "3"]
+    if 0 < kennis["acc"] < 1:  # analytic: the sample standard error of the per-item values
+        assert kennis["acc_se"] == pytest.approx(float(np.std(acc, ddof=1) / np.sqrt(3)), 1e-5)
+    lo, hi = card["dutch_score_ci"]
+    assert lo <= card["dutch_score"] <= hi and card["dutch_score_se"] >= 0
+    assert card["english_score_ci"] is not None
+
+
+def test_tags_and_phenomena_make_subscores(tiny, tmp_path):
+    _, model, tokenizer = tiny
+    rows = [
+        {
+            "id": "1",
+            "tags": ["diep"],
+            "context": "Bassie trad op met",
+            "choices": ["Adriaan", "Alfred"],
+            "answer": 0,
+        },
+        {"id": "2", "context": "De hoofdstad is", "choices": ["Amsterdam", "Lyon"], "answer": 0},
+        {
+            "id": "3",
+            "tags": ["diep"],
+            "context": "Pipo's vrouw heet",
+            "choices": ["Mammaloe", "Saskia"],
+            "answer": 0,
+        },
+    ]
+    (tmp_path / "kennis.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = [
+        {"id": "1", "phenomenon": "dt", "good": "Hij wordt groot.", "bad": "Hij word groot."},
+        {"id": "2", "phenomenon": "de_het", "good": "Het huis.", "bad": "De huis."},
+    ]
+    (tmp_path / "zinnen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    card = score_model(model, tokenizer, str(tmp_path))
+    sub = card["subscores"]
+    assert set(sub) == {"kennis_diep", "zinnen_dt", "zinnen_de_het"}
+    assert sub["kennis_diep"]["n"] == 2 and sub["zinnen_dt"]["n"] == 1
+    right = card["per_item"]["kennis"]["acc_norm"]
+    assert sub["kennis_diep"]["acc_norm"] == pytest.approx((right[0] + right[2]) / 2)
+    assert "kennis_diep" not in card["weights"]["dutch"]  # subscores never enter the score
 
 
 def test_metrics_agree_with_a_direct_computation(tiny, small_suite):

@@ -40,8 +40,48 @@ def test_all_is_nl_plus_en():
 def test_grammatica_covers_every_phenomenon_of_the_issue():
     items = _by_name("nl")["grammatica"].items
     counts = Counter(item.phenomenon for item in items if isinstance(item, PairItem))
-    for phenomenon in ("de_het", "v2", "bijzin", "scheidbaar", "adjectief", "er", "verkleinwoord"):
+    for phenomenon in (
+        *("de_het", "v2", "bijzin", "scheidbaar", "adjectief", "er", "verkleinwoord"),
+        *("dt", "hebben_zijn", "congruentie", "meervoud", "sterk_verleden", "hun_zij"),
+    ):
         assert counts[phenomenon] >= 20, phenomenon
+
+
+def test_cultuur_has_a_deep_dutch_and_flemish_subscore():
+    items = [i for i in _by_name("nl")["cultuur"].items if isinstance(i, ChoiceItem)]
+    deep = [i for i in items if "diep" in i.tags]
+    assert len(deep) >= 150
+    topics = Counter(i.topic for i in deep)
+    for topic in (
+        *("televisie", "radio", "reclame", "sinterklaas", "carnaval", "gezegden"),
+        *("politiek", "supermarkt", "suriname", "fries"),
+    ):
+        assert topics[topic] >= 4, topic
+    # items the review named as stale, cued or repeated are gone
+    ids = {i.id for i in items}
+    for gone in ("114", "042", "092", "100", "082", "057", "093", "128", "175", "187"):
+        assert f"cultuur-{gone}" not in ids
+
+
+def test_taalvastheid_pulls_towards_english_and_asks_in_chat_form():
+    items = _by_name("nl")["taalvastheid"].items
+    assert sum("engels" in i.tags for i in items) >= 30
+    assert sum(i.format == "chat" for i in items) >= 20  # type: ignore[attr-defined]
+
+
+def test_ppl_nl_spans_registers_and_is_not_a_translation_of_ppl_en():
+    probes = _by_name("all")
+    texts = probes["ppl_nl"].items
+    assert sum(len(t.text) for t in texts) >= 20_000  # type: ignore[attr-defined]
+    registers = Counter(tag for t in texts for tag in t.tags)
+    for register in ("nieuws", "forum", "juridisch", "spreektaal", "vlaams"):
+        assert registers[register] >= 4, register
+    # no Dutch text shares its numbers or names with an English one
+    english = " ".join(t.text for t in probes["ppl_en"].items)  # type: ignore[attr-defined]
+    en_words = {w for w in english.split() if w[:1].isupper() or w.isdigit()}
+    for t in texts:
+        shared = {w for w in t.text.split() if w in en_words and w not in ("A", "De")}
+        assert len(shared) <= 2, (t.id, shared)
 
 
 def test_cultuur_covers_dutch_and_flemish_topics_and_bassie():

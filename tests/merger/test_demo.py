@@ -87,6 +87,43 @@ def demo(tiny_family, tmp_path_factory):
     return {"cwd": cwd, "out": out, "family": family, "output": result.output}
 
 
+def _chat_items(right: list[int], logprob: list[float]) -> dict:
+    ids = [f"q{i}" for i in range(len(right))]
+    items = {"ids": ids, "acc": right, "acc_norm": right, "answer_logprob": logprob}
+    return {"demo_nl_chat": items}
+
+
+def test_verdict_gives_the_p_value_of_beating_both_parents():
+    rows = [
+        _row("nl", "parent", 0.5, 0.40),
+        _row("instruct", "parent", 0.3, 0.35),
+        _row("chat_vector", "child", 0.6, 0.45),
+    ]
+    n = 200
+    parent = [i % 2 for i in range(n)]  # half right
+    strong = [1 if i % 4 else 0 for i in range(n)]  # three quarters right: a real gain
+    per_item = {
+        "nl": _chat_items(parent, [-3.0] * n),
+        "instruct": _chat_items(parent, [-3.1] * n),
+        "chat_vector": _chat_items(strong, [-2.0] * n),
+    }
+    verdict = chat_vector_verdict(rows, "answer_prob", per_item=per_item)
+    assert verdict["p_value"] < 0.001 and verdict["p_value_acc_norm"] < 0.001
+    assert "significant at 5%" in verdict["text"] and "200 questions" in verdict["text"]
+    # the same answers as nl on all but 3 questions: a gain that is noise
+    noisy = list(parent)
+    for i in (0, 2, 4):
+        noisy[i] = 1
+    per_item["chat_vector"] = _chat_items(noisy, [-3.0 + (0.01 if i < 3 else 0) for i in range(n)])
+    verdict = chat_vector_verdict(rows, "answer_prob", per_item=per_item)
+    assert verdict["p_value_acc_norm"] > 0.05
+    details = " ".join(verdict["details"])
+    assert "acc_norm: p = " in details and "NOT significant at 5%" in details
+    # the larger p of the two parents decides
+    tests = verdict["tests"]["acc_norm"]
+    assert tests["p"] == max(t["p"] for t in tests["against"].values())
+
+
 @pytest.mark.slow
 def test_merge_demo_end_to_end_on_the_test_family(demo):
     from typer.testing import CliRunner
@@ -113,6 +150,9 @@ def test_merge_demo_end_to_end_on_the_test_family(demo):
     assert verdict["beats_both_parents"] is expected
     assert verdict["text"] in (out / "leaderboard.md").read_text()
     assert verdict["text"] in demo["output"]
+    assert 0 < verdict["p_value"] <= 1
+    assert "one-sided paired sign-flip test" in " ".join(verdict["details"])
+    assert verdict["tests"]["answer_prob"]["items"] == best["items"]["demo_nl_chat"] >= 200
     assert (out / "plots" / "demo-slerp" / "pareto.png").is_file()
     assert (out / "plots" / "dutch_chat.png").is_file()
     best_recipe = load_recipe(out / "best-recipe.yaml")  # the winner, runnable as is

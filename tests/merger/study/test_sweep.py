@@ -809,3 +809,50 @@ def test_in_memory_sweeps_over_della_and_model_stock_or_ties(tiny_pair, tmp_path
         ]
         values = {tuple(sorted(t.params.items())) for t in study.trials}
         assert len(values) == 2
+
+
+class PerItemEvaluator:
+    """Scorecards with per-item results: 400 chat questions, right on 90% of them for t <= 0.5,
+    on 30% above; variants on the same side give the very same answers."""
+
+    def __call__(self, variant) -> dict:
+        from eval import stats
+
+        t = _t_of(variant)
+        share = 0.9 if t <= 0.5 else 0.3
+        right = [int((i * 7919 % 400) / 400 < share) for i in range(400)]
+        items = {"acc": right, "acc_norm": right, "answer_logprob": [-1.0 + r for r in right]}
+        per_item = {"demo_nl_chat": {"ids": [f"q{i}" for i in range(400)], **items}}
+        rows = [("demo_nl_chat", "choice", "acc_norm", 1.0)]
+        score = stats.score_interval(rows, {"demo_nl_chat": items})
+        return {
+            "dutch_score": score["value"],
+            "dutch_score_se": score["se"],
+            "dutch_score_ci": score["ci"],
+            "english_score": 1 - t,
+            "per_item": per_item,
+            "weights": {"dutch": {"demo_nl_chat": 1.0}, "english": {}},
+            "seconds": 0.01,
+            "probes": {},
+        }
+
+
+def test_the_leaderboard_says_which_neighbours_really_differ_and_how_stable_it_is(tmp_path):
+    from typer.testing import CliRunner
+
+    from merger.cli import app
+    from merger.study.rank import leaderboard, markdown
+
+    grid = "{parameters.t[default]: {type: float, low: 0.0, high: 1.0, step: 0.25}}"
+    study, storage = _run(tmp_path, grid, PerItemEvaluator(), sampler="grid", trials=5)
+    board = leaderboard(study, stability=True)
+    rows = board["rows"]
+    assert [r["params"]["parameters.t[default]"] <= 0.5 for r in rows] == [True] * 3 + [False] * 2
+    assert [r["vs_above"] for r in rows] == [None, "≈", "≈", ">", "≈"]
+    lo, hi = rows[0]["dutch_score_ci"]
+    assert lo < rows[0]["dutch_score"] < hi and rows[0]["dutch_score_se"] > 0
+    assert board["stability"]["kendall_tau"] == 1.0 and board["stability"]["candidates"] == 5
+    assert "≈" in markdown(board) and "Kendall tau 1.00" in markdown(board)
+    result = CliRunner().invoke(app, ["rank", "test-sweep", "--storage", storage, "--stability"])
+    assert result.exit_code == 0, result.output
+    assert "Kendall tau 1.00" in result.output and "vs above" in result.output
