@@ -109,7 +109,8 @@ def test_verdict_gives_the_p_value_of_beating_both_parents():
     }
     verdict = chat_vector_verdict(rows, "answer_prob", per_item=per_item)
     assert verdict["p_value"] < 0.001 and verdict["p_value_acc_norm"] < 0.001
-    assert "significant at 5%" in verdict["text"] and "200 questions" in verdict["text"]
+    assert verdict["text"].startswith("Yes:") and "significant at 5%" in verdict["text"]
+    assert "over the 200 questions" in " ".join(verdict["details"])
     # the same answers as nl on all but 3 questions: a gain that is noise
     noisy = list(parent)
     for i in (0, 2, 4):
