@@ -24,6 +24,13 @@ from pydantic import BaseModel, ConfigDict
 Loc = tuple[str | int, ...]
 
 _MAX_DEPTH = 64
+#: The most characters a config file may have: recipes, cards' recipes, sweep specs and pretrain
+#: configs are a few KB; a larger file is refused before it is parsed.
+MAX_CHARS = 1 << 20
+#: The most values (keys, items, scalars) a config may expand to, aliases counted each time they
+#: are used: a YAML alias bomb (anchors nested a few levels) is refused instead of grown.
+MAX_NODES = 100_000
+_PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 
 
 class Strict(BaseModel):
@@ -57,28 +64,70 @@ def compose_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int], list[Prob
 
     Problems (invalid YAML, a duplicate key, a key that is not a plain name) are returned, not
     raised, so the caller reports them together with its own. On invalid YAML the data is None.
+
+    Hostile input is refused, not expanded: a text longer than `MAX_CHARS`, aliases that expand
+    to more than `MAX_NODES` values (an alias bomb), and tags that construct objects
+    (``!!python/object``, ``!!set`` on a mapping; PyYAML's safe loader refuses them on scalars).
     """
     lines: dict[Loc, int] = {(): 1}
     problems: list[Problem] = []
+    if len(text) > MAX_CHARS:
+        problems.append(
+            Problem(
+                source=source,
+                line=1,
+                path="",
+                message=f"{len(text)} characters, more than the {MAX_CHARS} a config may have",
+                hint="is this the right file? recipes and configs are a few KB of YAML",
+            )
+        )
+        return None, lines, problems
     loader = yaml.SafeLoader(text)
+    built = 0
 
     def build(node: yaml.Node, loc: Loc, depth: int) -> Any:
+        nonlocal built
+        built += 1
+        if built > MAX_NODES:
+            raise yaml.MarkedYAMLError(
+                problem=f"expands to more than {MAX_NODES} values (an alias bomb?)",
+                problem_mark=node.start_mark,
+            )
         if depth > _MAX_DEPTH:
-            raise yaml.YAMLError(f"nested deeper than {_MAX_DEPTH} levels (recursive alias?)")
+            raise yaml.MarkedYAMLError(
+                problem=f"nested deeper than {_MAX_DEPTH} levels (recursive alias?)",
+                problem_mark=node.start_mark,
+            )
+        if not isinstance(node, yaml.ScalarNode) and node.tag not in _PLAIN_TAGS:
+            raise yaml.MarkedYAMLError(
+                problem=f"tag {node.tag!r} is not allowed (a config holds plain values only)",
+                problem_mark=node.start_mark,
+            )
         if isinstance(node, yaml.MappingNode):
             first_line: dict[Any, int] = {}
             for key_node, _ in node.value:  # duplicates among the keys written here
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue  # `<<: *anchor` keys may be overridden, as YAML intends
-                key = loader.construct_object(key_node, deep=True)
                 line = key_node.start_mark.line + 1
+                if not isinstance(key_node, yaml.ScalarNode):
+                    kind = "mapping" if isinstance(key_node, yaml.MappingNode) else "list"
+                    problems.append(
+                        Problem(
+                            source=source,
+                            line=line,
+                            path=format_loc(loc),
+                            message=f"a key must be a plain name, got a {kind}",
+                        )
+                    )
+                    continue
+                key = loader.construct_object(key_node, deep=True)
                 if not isinstance(key, (str, int, float, bool)):
                     problems.append(
                         Problem(
                             source=source,
                             line=line,
                             path=format_loc(loc),
-                            message=f"a key must be a plain name, got {key!r}",
+                            message=f"a key must be a plain name, got {key!r:.60}",
                         )
                     )
                 elif key in first_line:
@@ -93,9 +142,11 @@ def compose_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int], list[Prob
                     )
                 else:
                     first_line[key] = line
-            loader.flatten_mapping(node)
+            _flatten_merges(node, depth)
             out: dict[Any, Any] = {}
             for key_node, value_node in node.value:  # merged keys first, then the written ones
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
                 key = loader.construct_object(key_node, deep=True)
                 if not isinstance(key, (str, int, float, bool)):
                     continue
@@ -140,6 +191,47 @@ def compose_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int], list[Prob
         return None, lines, problems
     finally:
         loader.dispose()
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _flatten_merges(node: yaml.MappingNode, depth: int) -> None:
+    """Resolve ``<<: *anchor`` merge keys in place, as PyYAML's ``flatten_mapping`` does (keys
+    written here win, then the first merged mapping), but keep each key once: PyYAML keeps every
+    copy, so merges of merges grow exponentially (a merge-key bomb)."""
+    if depth > _MAX_DEPTH:
+        raise yaml.MarkedYAMLError(
+            problem=f"merge keys nested deeper than {_MAX_DEPTH} levels (recursive alias?)",
+            problem_mark=node.start_mark,
+        )
+    if not any(key.tag == _MERGE_TAG for key, _ in node.value):
+        return
+    entries: list[tuple[yaml.Node, yaml.Node]] = []
+    own: list[tuple[yaml.Node, yaml.Node]] = []
+    for key_node, value_node in node.value:
+        if key_node.tag != _MERGE_TAG:
+            own.append((key_node, value_node))
+            continue
+        sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+        for sub in reversed(sources):
+            if not isinstance(sub, yaml.MappingNode):
+                raise yaml.MarkedYAMLError(
+                    problem=f"a merge key (<<) takes mappings, found a {sub.id}",
+                    problem_mark=sub.start_mark,
+                )
+            _flatten_merges(sub, depth + 1)
+            entries.extend(sub.value)
+    entries.extend(own)
+    last: dict[tuple[str, str], int] = {}
+    for i, (key_node, _) in enumerate(entries):
+        if isinstance(key_node, yaml.ScalarNode):
+            last[(key_node.tag, key_node.value)] = i
+    node.value = [
+        entry
+        for i, entry in enumerate(entries)
+        if not isinstance(entry[0], yaml.ScalarNode) or last[(entry[0].tag, entry[0].value)] == i
+    ]
 
 
 def format_loc(loc: Loc) -> str:

@@ -25,9 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from kruising.atomic import write_text
+from kruising.config import compose_yaml
 from kruising.console import fmt
 from kruising.errors import KruisingError
 from kruising.hub import is_hub_id, strip_revision
@@ -322,7 +321,10 @@ def _scores_md(scorecard: Mapping[str, Any] | None) -> list[str]:
 
 
 def read_front_matter(readme: Path) -> dict[str, Any]:
-    """The YAML front-matter of a card as a dict (``{}`` when there is none or it is broken)."""
+    """The YAML front-matter of a card as a dict (``{}`` when there is none or it is broken).
+
+    A parent's card is a stranger's text: it is read with the limits of `compose_yaml` (size,
+    alias expansion, no object tags), so an alias bomb there is a broken card, not a hang."""
     try:
         text = readme.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
@@ -330,10 +332,7 @@ def read_front_matter(readme: Path) -> dict[str, Any]:
     match = re.match(r"\A\s*---\r?\n(.*?)\r?\n---[ \t]*(\r?\n|\Z)", text, re.DOTALL)
     if not match:
         return {}
-    try:
-        data = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
-        return {}
+    data, _, _ = compose_yaml(match.group(1), str(readme))  # None when broken or refused
     return data if isinstance(data, dict) else {}
 
 

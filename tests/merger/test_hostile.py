@@ -1,0 +1,163 @@
+"""Hostile input and faults (issue #15): what a stranger's recipe, card or checkpoint, a signal,
+a full disk or a second run at once can do, each tried on tiny files.
+
+Every test here reproduces an attack or a fault that once passed silently, hung, ran code or
+lost data; together they run in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kruising.config import MAX_CHARS, MAX_NODES, compose_yaml
+from merger.core.recipe import RecipeError, parse_recipe
+
+# --------------------------------------------------------------------------------------------
+# tiny checkpoints written directly (no transformers): config.json + one safetensors shard
+# --------------------------------------------------------------------------------------------
+
+LAYERS = 2
+
+
+def tiny_tensors(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    names = {"model.embed_tokens.weight": (16, 8), "model.norm.weight": (8,)}
+    for i in range(LAYERS):
+        names[f"model.layers.{i}.mlp.up_proj.weight"] = (12, 8)
+        names[f"model.layers.{i}.input_layernorm.weight"] = (8,)
+    names["lm_head.weight"] = (16, 8)
+    return {n: torch.randn(s, generator=g).to(dtype) for n, s in names.items()}
+
+
+def tiny_config() -> dict:
+    return {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "hidden_size": 8,
+        "intermediate_size": 12,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": 16,
+    }
+
+
+def tiny_model(folder, seed: int = 0, dtype: torch.dtype = torch.float32):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(tiny_config()))
+    save_file(tiny_tensors(seed, dtype), str(folder / "model.safetensors"))
+    return folder
+
+
+def linear_recipe(*models, normalize: bool = True, weights=None) -> str:
+    weights = weights or [0.5] * len(models)
+    lines = ["merge_method: linear", "dtype: float32", "models:"]
+    for model, weight in zip(models, weights, strict=True):
+        lines += [f"  - model: {model}", f"    parameters: {{weight: {weight}}}"]
+    if not normalize:
+        lines += ["parameters: {normalize: false}"]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# (a) recipes and cards: alias bombs, size, tags
+# --------------------------------------------------------------------------------------------
+
+
+def alias_bomb(levels: int = 9) -> str:
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i in range(1, levels):
+        refs = ",".join([f"*a{i - 1}"] * 9)
+        lines.append(f"a{i}: &a{i} [{refs}]")
+    return "merge_method: linear\n" + "\n".join(lines) + "\nmodels: *a8\n"
+
+
+def merge_key_bomb(levels: int = 12) -> str:
+    lines = ["m0: &m0 {x: 1, y: 2}"]
+    for i in range(1, levels):
+        refs = ", ".join([f"*m{i - 1}"] * 9)
+        lines.append(f"m{i}: &m{i} {{<<: [{refs}], k{i}: 1}}")
+    return "merge_method: linear\n" + "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_with_file_and_line():
+    with pytest.raises(RecipeError, match=rf"bomb\.yaml:\d+: .*more than {MAX_NODES} values"):
+        parse_recipe(alias_bomb(), source="bomb.yaml")
+
+
+def test_a_merge_key_bomb_is_not_expanded():
+    # PyYAML's flatten_mapping keeps every merged copy: 9**11 entries. Each key is kept once.
+    data, _, problems = compose_yaml(merge_key_bomb(), "merge.yaml")
+    assert problems == []
+    assert data["m11"]["x"] == 1 and data["m11"]["k3"] == 1
+    assert len(data["m11"]) == 13
+
+
+def test_merge_keys_keep_yaml_precedence():
+    text = "a: &a {x: 1, y: 1}\nb: &b {x: 2, z: 2}\nc: {<<: [*a, *b], y: 3}\n"
+    data, _, problems = compose_yaml(text, "m.yaml")
+    assert problems == []
+    assert data["c"] == {"x": 1, "y": 3, "z": 2}  # written keys win, then the first merged
+
+
+def test_a_recursive_alias_is_refused():
+    data, _, problems = compose_yaml("a: &a [*a]\n", "r.yaml")
+    assert data is None and "deeper than" in problems[0].message
+    data, _, problems = compose_yaml("a: &a {<<: *a}\n", "r.yaml")
+    assert data is None and "deeper than" in problems[0].message
+
+
+def test_an_oversized_recipe_is_refused_before_parsing(tmp_path):
+    from merger.core.recipe import load_recipe
+
+    big = tmp_path / "big.yaml"
+    big.write_text("merge_method: linear\n" + "# padding\n" * (MAX_CHARS // 10 + 1))
+    with pytest.raises(RecipeError, match=r"big\.yaml:1: .*more than .* a config may have"):
+        load_recipe(big)
+
+
+def test_an_alias_bomb_in_a_card_is_refused_by_pull(tmp_path):
+    from merger.share.hub import pull
+
+    child = tmp_path / "child"
+    child.mkdir()
+    (child / "README.md").write_text("# card\n\n```yaml\n" + alias_bomb() + "```\n")
+    with pytest.raises(RecipeError, match=r"README\.md:\d+: .*alias bomb"):
+        pull(str(child), tmp_path / "recipe.yaml")
+    assert not (tmp_path / "recipe.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    "tagged",
+    [
+        "parameters: !!python/object:os.system {weight: 1}",
+        "parameters: !!python/object/apply:os.system [echo hi]",
+        "parameters: !!set {weight: null}",
+        "parameters: !!python/name:os.system",
+    ],
+)
+def test_a_python_tag_is_refused_not_dropped(tagged):
+    text = f"merge_method: linear\nmodels:\n  - model: a\n    {tagged}\n  - model: b\n"
+    with pytest.raises(RecipeError, match=r"t\.yaml:4: .*tag"):
+        parse_recipe(text, source="t.yaml")
+
+
+def test_a_key_that_is_a_huge_alias_is_refused_without_printing_it():
+    text = alias_bomb(5).replace("models: *a8", "? *a4\n: 1")
+    data, _, problems = compose_yaml(text, "k.yaml")
+    assert any("a key must be a plain name, got a list" in p.message for p in problems)
+    assert all(len(str(p)) < 200 for p in problems)
+
+
+def test_an_alias_bomb_in_a_parents_card_front_matter_is_a_broken_card(tmp_path):
+    from merger.share.card import parent_declarations
+
+    parent = tiny_model(tmp_path / "parent")
+    bomb = alias_bomb().replace("models: *a8", "tags: *a8").replace("merge_method: linear\n", "")
+    (parent / "README.md").write_text(f"---\nlicense: mit\n{bomb}---\n\n# card\n")
+    # safe_load built it (shared lists) and str() of each tag then walked 9**8 strings
+    assert parent_declarations([str(parent)]) == ([], [])
