@@ -93,7 +93,13 @@ class TensorInfo:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header and check that every byte range lies inside the file."""
+    """Parse a safetensors header and check it as the safetensors library does, and more.
+
+    Every tensor's byte range must match its dtype and shape, lie in the data section (never
+    in the header), and the ranges must tile the data section: no overlaps, no gaps, nothing
+    after the last tensor. A damaged or hostile header is one `KruisingError` naming the file
+    and the tensor, before any byte is merged.
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -104,6 +110,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             if header_len > min(size - 8, 100_000_000):
                 raise ValueError(f"header length {header_len} exceeds the file")
             header = json.loads(f.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
     except (OSError, ValueError) as exc:
         raise KruisingError(
             f"corrupt safetensors shard {path}: {exc}",
@@ -116,15 +124,24 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             continue
         try:
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            begin, end = (int(x) for x in entry["data_offsets"])
-            shape = tuple(int(x) for x in entry["shape"])
+            begin, end = (_exact_int(x) for x in entry["data_offsets"])
+            shape = tuple(_exact_int(x) for x in entry["shape"])
+            if begin < 0 or end < begin or any(d < 0 for d in shape):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise KruisingError(
-                f"corrupt safetensors shard {path}: bad header entry for {name}",
+                f"corrupt safetensors shard {path}: bad header entry for {name}: "
+                f"{json.dumps(entry)[:120]}",
                 "re-download or re-save this checkpoint",
             ) from None
         expected = _numel(shape) * dtype.itemsize
-        if end - begin != expected or data_start + end > size:
+        if end - begin != expected:
+            raise KruisingError(
+                f"corrupt safetensors shard {path}: tensor {name} is {entry['dtype']} "
+                f"{list(shape)} ({expected} bytes) but its data_offsets span {end - begin} bytes",
+                "the header does not match the data; re-download or re-save this checkpoint",
+            )
+        if data_start + end > size:
             raise KruisingError(
                 f"truncated or corrupt safetensors shard {path}: tensor {name} "
                 f"needs bytes {begin}..{end} of the data section, the file has "
@@ -132,7 +149,41 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                 "the download or copy was cut short; fetch the shard again",
             )
         infos[name] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
+    _check_tiling(path, infos, data_start, size)
     return infos
+
+
+def _exact_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(value)
+    return value
+
+
+def _check_tiling(path: Path, infos: dict[str, TensorInfo], data_start: int, size: int) -> None:
+    """The byte ranges tile the data section: each tensor starts where the one before ends."""
+    at, previous = data_start, None
+    for name, info in sorted(infos.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if info.begin != at:
+            what = (
+                f"overlaps {previous}"
+                if info.begin < at
+                else f"starts {info.begin - at} bytes after the end of "
+                + (previous or "the header")
+            )
+            raise KruisingError(
+                f"corrupt safetensors shard {path}: tensor {name} {what} "
+                f"(data_offsets {info.begin - data_start}..{info.end - data_start})",
+                "a damaged or hand-edited header; re-download or re-save this checkpoint "
+                "(the safetensors library refuses this file too)",
+            )
+        at, previous = info.end, name
+    if at != size:
+        raise KruisingError(
+            f"corrupt safetensors shard {path}: {size - at} bytes after the last tensor "
+            f"({previous or 'the header'})",
+            "a damaged or hand-edited file; re-download or re-save this checkpoint "
+            "(the safetensors library refuses this file too)",
+        )
 
 
 def _numel(shape: Iterable[int]) -> int:
@@ -240,10 +291,7 @@ def open_model(ref: str, *, allow_pickle: bool = False) -> ModelSource:
             f"model {ref} has no config.json in {path}",
             "a checkpoint folder is what save_pretrained writes: config.json + shards",
         )
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise KruisingError(f"{config_file}: invalid JSON ({exc})", "fix or re-save it") from None
+    config = read_config(config_file)
     shards = sorted(path.glob("*.safetensors"))
     if shards:
         tensors: dict[str, TensorInfo] = {}
@@ -268,10 +316,50 @@ def open_model(ref: str, *, allow_pickle: bool = False) -> ModelSource:
     return _open_pickled(ref, path, config, pickles)
 
 
+#: config.json fields the merger reads as sizes: whole numbers when present
+CONFIG_SIZES = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+
+
+def read_config(config_file: Path) -> dict[str, Any]:
+    """A checkpoint's config.json as a dict: UTF-8 JSON, an object, its sizes whole numbers."""
+    hint = "fix or re-save it (save_pretrained writes a UTF-8 JSON object)"
+    try:
+        config = json.loads(config_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise KruisingError(f"{config_file}: not UTF-8 text ({exc.reason})", hint) from None
+    except json.JSONDecodeError as exc:
+        raise KruisingError(f"{config_file}: invalid JSON ({exc})", hint) from None
+    except OSError as exc:
+        raise KruisingError(f"cannot read {config_file}: {exc.strerror or exc}", hint) from None
+    if not isinstance(config, dict):
+        raise KruisingError(
+            f"{config_file}: a JSON {type(config).__name__}, not an object of settings", hint
+        )
+    for key in CONFIG_SIZES:
+        value = config.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
+            raise KruisingError(
+                f"{config_file}: {key} must be a whole number, got {json.dumps(value)[:60]}",
+                hint,
+            )
+    return config
+
+
 def _check_index(index: Path, tensors: dict[str, TensorInfo], folder: Path) -> None:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as exc:
+        weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError(f"weight_map is a {type(weight_map).__name__}")
+    except (ValueError, KeyError, TypeError) as exc:
         raise KruisingError(f"{index}: not a safetensors index ({exc})", "re-save") from None
     missing = sorted(set(weight_map) - set(tensors))
     if missing:

@@ -1196,6 +1196,15 @@ def _arcee_fusion_method(
 # --- registry -------------------------------------------------------------------------------
 
 
+def _linear_check(params: dict[str, Any], per_model: Sequence[dict[str, Any]]) -> str | None:
+    """mergekit divides by the summed weights (a child of inf/NaN); we refuse at planning."""
+    weights = [p.get("weight") for p in per_model]
+    if params.get("normalize") and all(isinstance(w, int | float) for w in weights):
+        if float(sum(weights)) == 0:
+            return "linear weights sum to 0 with normalize: true"
+    return None
+
+
 def _della_check(params: dict[str, Any], per_model: Sequence[dict[str, Any]]) -> str | None:
     """mergekit raises mid-merge when density +/- epsilon leaves (0, 1); we say so up front."""
     for p in per_model:
@@ -1255,6 +1264,7 @@ METHODS: dict[str, MethodSpec] = {
             fn=_linear_method,
             parameters=PARAMETERS["linear"],
             uses_base=False,
+            check=_linear_check,
         ),
         MethodSpec(
             name="slerp",

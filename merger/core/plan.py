@@ -277,13 +277,23 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
         refs = [src.model for src in s.sources]
         base = s.base_model or recipe.base_model
         base_index = refs.index(base) if base is not None and base in refs else None
-        shapes = []
+        shapes, infos = [], []
         for ref, name in zip(refs, in_names, strict=True):
             info = sources[ref].tensors.get(name)
             if info is None:
                 errors.setdefault(name, f"tensor {name} is missing in model {ref}")
                 return
             shapes.append(info.shape)
+            infos.append(info)
+        kinds = [info.dtype.is_floating_point for info in infos]
+        if len(set(kinds)) > 1:  # e.g. bf16 bytes relabelled I16: the values would be garbage
+            odd = infos[kinds.index(not kinds[0])] if kinds[0] else infos[0]
+            errors.setdefault(
+                out_name,
+                f"dtype mismatch in {odd.file}: tensor {in_names[infos.index(odd)]} is stored as "
+                f"{str(odd.dtype).removeprefix('torch.')}, the other models store floats",
+            )
+            return
         if len(set(shapes)) > 1:
             errors.setdefault(out_name, _shape_problem(out_name, refs, shapes))
             return
@@ -307,7 +317,9 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
                 }
             )
         if method.check is not None:
-            non_base = [row for i, row in enumerate(per_model) if i != base_index]
+            non_base = [
+                row for i, row in enumerate(per_model) if i != base_index or not method.uses_base
+            ]
             problem = method.check(params, non_base)
             if problem:
                 errors.setdefault(problem, f"{problem} (first at {where})")
@@ -404,6 +416,10 @@ def _hint_for(problem: str) -> str:
         )
     if problem.startswith("shape mismatch"):
         return "the models are not the same architecture/size; merge only same-shaped models"
+    if "sum to 0" in problem:
+        return "give the models weights that do not cancel out, or set normalize: false"
+    if problem.startswith("dtype mismatch"):
+        return "a damaged or relabelled shard: re-download or re-save that checkpoint"
     if "missing in model" in problem:
         return "the models do not share an architecture; check the model list"
     if "must be" in problem:

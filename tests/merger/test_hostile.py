@@ -8,12 +8,14 @@ lost data; together they run in seconds.
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from kruising.config import MAX_CHARS, MAX_NODES, compose_yaml
+from kruising.errors import KruisingError
 from merger.core.recipe import RecipeError, parse_recipe
 
 # --------------------------------------------------------------------------------------------
@@ -161,3 +163,152 @@ def test_an_alias_bomb_in_a_parents_card_front_matter_is_a_broken_card(tmp_path)
     (parent / "README.md").write_text(f"---\nlicense: mit\n{bomb}---\n\n# card\n")
     # safe_load built it (shared lists) and str() of each tag then walked 9**8 strings
     assert parent_declarations([str(parent)]) == ([], [])
+
+
+# --------------------------------------------------------------------------------------------
+# (b) damaged checkpoints: safetensors headers, config.json; weights found bad at planning
+# --------------------------------------------------------------------------------------------
+
+
+def write_raw_safetensors(path, header, data: bytes) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def two_tensors(**changes) -> dict:
+    header = {
+        "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]},
+    }
+    for name, entry in changes.items():
+        header[name] = entry
+    return header
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "match"),
+    [
+        ([1, 2, 3], b"", r"header is a JSON list"),
+        (
+            two_tensors(b={"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}),
+            bytes(32),
+            r"tensor b overlaps a",
+        ),
+        (
+            two_tensors(a={"dtype": "F32", "shape": [4], "data_offsets": [-8, 8]}),
+            bytes(32),
+            r"bad header entry for a",
+        ),
+        (
+            two_tensors(b={"dtype": "F32", "shape": [4], "data_offsets": [20, 36]}),
+            bytes(36),
+            r"tensor b starts 4 bytes after the end of a",
+        ),
+        (two_tensors(), bytes(40), r"8 bytes after the last tensor \(b\)"),
+        (
+            two_tensors(a={"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 16]}),
+            bytes(32),
+            r"tensor a is F32 \[2, 4\] \(32 bytes\) but its data_offsets span 16",
+        ),
+        (
+            two_tensors(a={"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}),
+            bytes(32),
+            r"bad header entry for a",
+        ),
+        (
+            two_tensors(a={"dtype": "F32", "shape": [4], "data_offsets": [0.0, 16]}),
+            bytes(32),
+            r"bad header entry for a",
+        ),
+        (two_tensors(a=[0, 16]), bytes(32), r"bad header entry for a"),
+    ],
+    ids=["list", "overlap", "negative", "gap", "trailing", "size", "neg-shape", "float", "entry"],
+)
+def test_a_damaged_safetensors_header_is_one_error_naming_file_and_tensor(
+    tmp_path, header, data, match
+):
+    from merger.core.io import read_safetensors_header
+
+    shard = tmp_path / "model.safetensors"
+    write_raw_safetensors(shard, header, data)
+    with pytest.raises(KruisingError, match=match) as info:
+        read_safetensors_header(shard)
+    assert str(shard) in info.value.message and "\n" not in info.value.message
+
+
+def test_the_header_check_accepts_what_safetensors_writes(tmp_path):
+    from merger.core.io import read_safetensors_header
+
+    tensors = {"z": torch.zeros(0), "a": torch.ones(3, dtype=torch.bfloat16), "b": torch.ones(2)}
+    save_file(tensors, str(tmp_path / "ok.safetensors"))
+    infos = read_safetensors_header(tmp_path / "ok.safetensors")
+    assert {n: i.shape for n, i in infos.items()} == {"z": (0,), "a": (3,), "b": (2,)}
+
+
+def test_a_bf16_tensor_relabelled_i16_is_refused_at_planning(tmp_path):
+    from merger.core.engine import open_sources
+    from merger.core.plan import build_plan
+
+    a, b = (
+        tiny_model(tmp_path / "a", 0, torch.bfloat16),
+        tiny_model(tmp_path / "b", 1, torch.bfloat16),
+    )
+    shard = b / "model.safetensors"
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    text = raw[8 : 8 + n].decode()
+    at = text.index('"model.layers.1.mlp.up_proj.weight"')
+    dtype_at = text.index('"BF16"', at)
+    text = text[:dtype_at] + '"I16" ' + text[dtype_at + 6 :]  # same size, other meaning
+    shard.write_bytes(raw[:8] + text.encode() + raw[8 + n :])
+    recipe = parse_recipe(linear_recipe(a, b))
+    sources = open_sources(recipe)
+    with pytest.raises(
+        KruisingError,
+        match=r"dtype mismatch in .*b/model\.safetensors: tensor "
+        r"model\.layers\.1\.mlp\.up_proj\.weight is stored as int16",
+    ):
+        build_plan(recipe, sources)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"\xff\xfe{}", r"config\.json: not UTF-8"),
+        (b"[1, 2]", r"config\.json: a JSON list, not an object"),
+        (b'{"num_hidden_layers": "four"}', r'num_hidden_layers must be a whole number, got "four"'),
+        (b'{"vocab_size": true}', r"vocab_size must be a whole number, got true"),
+    ],
+    ids=["not-utf8", "list", "string-layers", "bool-vocab"],
+)
+def test_a_bad_config_json_is_one_error(tmp_path, content, match):
+    from merger.core.io import open_model
+
+    folder = tiny_model(tmp_path / "m")
+    (folder / "config.json").write_bytes(content)
+    with pytest.raises(KruisingError, match=match):
+        open_model(str(folder))
+
+
+def test_a_bad_safetensors_index_is_one_error(tmp_path):
+    from merger.core.io import open_model
+
+    folder = tiny_model(tmp_path / "m")
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": [1]}')
+    with pytest.raises(KruisingError, match=r"not a safetensors index"):
+        open_model(str(folder))
+
+
+def test_linear_weights_summing_to_zero_are_found_at_planning(tmp_path):
+    from merger.core.engine import open_sources
+    from merger.core.plan import build_plan
+
+    a, b = tiny_model(tmp_path / "a", 0), tiny_model(tmp_path / "b", 1)
+    recipe = parse_recipe(linear_recipe(a, b, weights=[1.0, -1.0]))
+    with pytest.raises(KruisingError, match=r"linear weights sum to 0") as info:
+        build_plan(recipe, open_sources(recipe))
+    assert "normalize: false" in info.value.hint
+    build_plan(
+        parse_recipe(linear_recipe(a, b, weights=[1.0, -1.0], normalize=False)),
+        open_sources(recipe),
+    )
