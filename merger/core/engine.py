@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from kruising.atomic import replace_folder, temp_sibling
 from kruising.console import console
 from kruising.device import resolve_device
 from kruising.errors import KruisingError
+from merger.core import output
 from merger.core.child import check_chat_template
 from merger.core.io import (
     ModelSource,
@@ -301,35 +301,6 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def _check_disk(folder: Path, needed: int) -> None:
-    free = shutil.disk_usage(folder).free
-    margin = 64 * 2**20
-    if free < needed + margin:
-        raise KruisingError(
-            f"not enough disk for the child in {folder}: it needs {_gb(needed)}, "
-            f"{_gb(free)} is free",
-            "free some space or choose another --out",
-        )
-
-
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    out = out.expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise KruisingError(
-            f"output folder {out} already exists", "choose another --out, or pass --overwrite"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(out, "kruising-tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    replace_folder(tmp, out.expanduser().resolve(), old_tag="kruising-old")
-
-
 def run_recipe_file(recipe_path: Path, out: Path, options: MergeOptions | None = None) -> Path:
     """`merge run RECIPE --out DIR`: merge the recipe file into a child folder."""
     recipe_path = Path(recipe_path)
@@ -363,14 +334,10 @@ def run_recipe(
     plan = build_plan(recipe, sources)
     check_chat_template(recipe.chat_template)
     out = Path(out)
-    if out.expanduser().resolve().exists() and not options.overwrite:
-        raise KruisingError(
-            f"output folder {out} already exists", "choose another --out, or pass --overwrite"
-        )
+    inputs = [source.path for source in sources.values()]
+    output.check_not_an_input(out, inputs)
     console.print(_describe(plan, torch_device))
-    out.expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-    _check_disk(out.expanduser().resolve().parent, plan.write_bytes)
-    tmp = _prepare_out(out, options.overwrite)
+    tmp = output.prepare(out, overwrite=options.overwrite, inputs=inputs, needed=plan.write_bytes)
     started = time.perf_counter()
     try:
         layout = [(t.name, t.out_dtype, t.shape) for t in plan.tasks]
@@ -394,7 +361,7 @@ def run_recipe(
             engine="native",
             seed=options.seed,
         )
-        _commit(tmp, out)
+        output.commit(tmp, out, overwrite=options.overwrite)
     except OSError as exc:  # the disk: full, gone read-only, an I/O error
         shutil.rmtree(tmp, ignore_errors=True)
         raise KruisingError(
@@ -464,7 +431,9 @@ def _run_with_mergekit(
         config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
     except (yaml.YAMLError, pydantic.ValidationError, ValueError) as exc:
         raise KruisingError(f"mergekit rejected the recipe: {exc}", "fix the recipe") from None
-    tmp = _prepare_out(out, options.overwrite)
+    tmp = output.prepare(
+        out, overwrite=options.overwrite, inputs=[s.path for s in sources.values()]
+    )
     started = time.perf_counter()
     try:
         mergekit_options = MergekitOptions(
@@ -488,7 +457,7 @@ def _run_with_mergekit(
             engine="mergekit",
             seed=options.seed,
         )
-        _commit(tmp, out)
+        output.commit(tmp, out, overwrite=options.overwrite)
     except KruisingError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -22,6 +22,7 @@ is a tensor in memory (one span, nothing to write).
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -534,6 +535,22 @@ class _DirectShard:
         return complete
 
 
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes for a file that will be written through a memory map.
+
+    A store into a mapped page the disk has no room for kills the process with SIGBUS (no
+    message, the temp folder left behind); reserved up front, a full disk is an `OSError`
+    (ENOSPC) before any byte is written. File systems without fallocate go unreserved.
+    """
+    if size <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+
+
 class ShardWriter:
     """Output shards laid out up front (names, dtypes, shapes from the plan).
 
@@ -622,6 +639,7 @@ class ShardWriter:
         for shard, header in zip(self.shards, headers, strict=True):
             size = shard.file_size(header)
             with open(self.folder / shard.file_name, "wb+") as f:
+                _preallocate(f.fileno(), size)  # a full disk: ENOSPC here, not SIGBUS later
                 f.write(header)
                 f.truncate(size)
                 f.flush()

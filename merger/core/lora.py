@@ -17,9 +17,9 @@ import json
 import shutil
 from pathlib import Path
 
-from kruising.atomic import replace_folder, temp_sibling
 from kruising.console import console
 from kruising.errors import KruisingError
+from merger.core import output
 
 
 def decompose(task_vector, max_rank: int, distribute_scale: bool = True, sv_epsilon: float = 0.0):
@@ -159,15 +159,14 @@ def extract_lora(
             "fan_in_fan_out": False,
             "inference_mode": True,
         }
-        tmp = temp_sibling(out)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        tmp = output.prepare(
+            out, overwrite=overwrite, inputs=[tuned.path, original.path], what="adapter"
+        )
         try:
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=4) + "\n")
             (tmp / "README.md").write_text(_card(model, base, top, modules_to_save))
-            replace_folder(tmp, out)
+            output.commit(tmp, out, overwrite=overwrite, what="adapter")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -34,10 +34,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BeforeValidator, Field, ValidationError
 
-from kruising.atomic import replace_folder, temp_sibling
 from kruising.config import Problem, Strict, compose_yaml, format_loc, line_of
 from kruising.console import console
 from kruising.errors import KruisingError
+from merger.core import output
 
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
 #: the source MLP weights of an expert, in mergekit's order (w1, w2, w3 of Mixtral)
@@ -382,10 +382,9 @@ def build_moe(
             )
             layout.append(gate)
         layout.sort(key=lambda entry: entry[0])
-        tmp = temp_sibling(out)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        tmp = output.prepare(
+            out, overwrite=overwrite, inputs=[s.path for s in sources.values()], what="MoE child"
+        )
         try:
             writer = ShardWriter(tmp, layout, parse_size(out_shard_size))
             try:
@@ -434,7 +433,7 @@ def build_moe(
             )
             (tmp / "mergekit_moe_config.yml").write_text(text)
             (tmp / "README.md").write_text(_card(recipe, text))
-            replace_folder(tmp, out)
+            output.commit(tmp, out, overwrite=overwrite, what="MoE child")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -312,3 +312,177 @@ def test_linear_weights_summing_to_zero_are_found_at_planning(tmp_path):
         parse_recipe(linear_recipe(a, b, weights=[1.0, -1.0], normalize=False)),
         open_sources(recipe),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# (c) the output folder: never an input, only our own replaced, atomic, no leftovers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """Two tiny models under tmp_path/models and a linear recipe over them."""
+    a = tiny_model(tmp_path / "models" / "a", 0)
+    b = tiny_model(tmp_path / "models" / "b", 1)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(linear_recipe(a, b))
+    return a, b, recipe
+
+
+def merge(recipe, out, **options):
+    from merger.core.engine import run_recipe_file
+    from merger.core.options import MergeOptions
+
+    return run_recipe_file(recipe, out, MergeOptions(device="cpu", progress=False, **options))
+
+
+def hidden(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("where", ["is", "contains", "inside"])
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_out_that_is_holds_or_lies_in_an_input_is_refused(pair, where, overwrite):
+    a, b, recipe = pair
+    out = {"is": a, "contains": a.parent, "inside": a / "child"}[where]
+    before = sorted(p.name for p in a.iterdir())
+    word = {"is": "is", "contains": "contains", "inside": "lies inside"}[where]
+    with pytest.raises(KruisingError, match=rf"--out .* {word} the input model folder"):
+        merge(recipe, out, overwrite=overwrite)
+    assert sorted(p.name for p in a.iterdir()) == before and (b / "model.safetensors").is_file()
+
+
+def test_overwrite_replaces_only_a_kruising_child_or_an_empty_folder(pair, tmp_path):
+    _, _, recipe = pair
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(KruisingError, match="--overwrite refuses to replace .*mine"):
+        merge(recipe, mine, overwrite=True)
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    file = tmp_path / "notes.txt"
+    file.write_text("keep")
+    with pytest.raises(KruisingError, match="it is not a folder"):
+        merge(recipe, file, overwrite=True)
+    assert file.read_text() == "keep" and hidden(tmp_path) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    merge(recipe, empty, overwrite=True)
+    merge(recipe, empty, overwrite=True)  # a kruising child is replaced
+    assert (empty / "kruising_provenance.json").is_file() and hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "plain-rename"])
+def test_a_child_that_appears_meanwhile_is_not_replaced(pair, tmp_path, monkeypatch, renameat2):
+    from kruising import atomic
+    from merger.core import engine
+
+    _, _, recipe = pair
+    out = tmp_path / "child"
+    real = engine._write_child_files
+    if not renameat2:
+        monkeypatch.setattr(atomic, "_renameat2", lambda *args: False)
+
+    def other_run_finishes_first(folder, *args, **kwargs):
+        real(folder, *args, **kwargs)
+        out.mkdir()  # the other run's complete child, renamed into place just now
+        (out / "config.json").write_text('{"theirs": 1}')
+
+    monkeypatch.setattr(engine, "_write_child_files", other_run_finishes_first)
+    with pytest.raises(KruisingError, match=r"appeared while this child was being written"):
+        merge(recipe, out)
+    assert json.loads((out / "config.json").read_text()) == {"theirs": 1}
+    assert hidden(tmp_path) == []
+
+
+def test_replace_folder_onto_a_file_leaves_nothing_aside(tmp_path, monkeypatch):
+    from kruising import atomic
+
+    for exchange in (True, False):
+        if not exchange:
+            monkeypatch.setattr(atomic, "_renameat2", lambda *args: False)
+        final = tmp_path / f"final-{exchange}"
+        final.write_text("old")
+        tmp = atomic.temp_sibling(final)
+        tmp.mkdir()
+        (tmp / "new").write_text("new")
+        atomic.replace_folder(tmp, final, old_tag="kruising-old")
+        assert (final / "new").read_text() == "new"
+    assert hidden(tmp_path) == []
+
+
+def test_leftovers_of_dead_runs_are_removed_and_live_ones_reported(pair, tmp_path, capsys):
+    from kruising.atomic import host_tag
+
+    _, _, recipe = pair
+    pid = dead_pid()
+    stale = [
+        tmp_path / f".child.kruising-tmp-{pid}",  # before the host was in the name
+        tmp_path / f".child.{host_tag('kruising-tmp')}-{pid}",
+        tmp_path / f".other.{host_tag('kruising-old')}-{pid}",
+    ]
+    for folder in stale:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(bytes(300_000))
+    import os
+
+    live = tmp_path / f".child.{host_tag('kruising-tmp')}-{os.getppid()}"
+    live.mkdir()
+    (live / "model.safetensors").write_bytes(bytes(200_000))
+    elsewhere = tmp_path / f".child.kruising-tmp-gpu_node_7-{pid}"
+    elsewhere.mkdir()
+    merge(recipe, tmp_path / "child")
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps at 80 columns
+    assert hidden(tmp_path) == sorted([live.name, elsewhere.name])
+    assert err.count("left by a stopped run") == 3 and "0.3 MB" in err
+    assert f"belongs to another run (pid {os.getppid()})" in err
+    assert f"(pid {pid} on gpu_node_7)" in err
+
+
+def test_leftovers_of_live_runs_are_named_when_the_disk_is_short(pair, tmp_path, monkeypatch):
+    import os
+    import shutil
+    from collections import namedtuple
+
+    from kruising.atomic import host_tag
+
+    _, _, recipe = pair
+    live = tmp_path / f".child.{host_tag('kruising-tmp')}-{os.getppid()}"
+    live.mkdir()
+    (live / "model.safetensors").write_bytes(bytes(200_000))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    with pytest.raises(KruisingError, match=r"1 temporary folder of other runs hold 0\.2 MB"):
+        merge(recipe, tmp_path / "child")
+
+
+def test_a_full_disk_on_the_mapped_path_is_an_error_before_any_byte(pair, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from merger.core import io
+
+    _, _, recipe = pair
+    written = []
+    real_write = io.mmap.mmap
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setenv("KRUISING_DIRECT_IO", "0")
+    monkeypatch.setattr(io.os, "posix_fallocate", no_space)
+    monkeypatch.setattr(io.mmap, "mmap", lambda *a, **k: written.append(a) or real_write(*a, **k))
+    with pytest.raises(KruisingError, match="No space left on device") as info:
+        merge(recipe, tmp_path / "child")
+    assert "nothing was kept" in info.value.hint
+    assert not (tmp_path / "child").exists() and hidden(tmp_path) == []
+    assert not [a for a in written if a[0] != -1]  # no output file was ever mapped

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from kruising.errors import KruisingError
 from merger.core.engine import run_recipe, run_recipe_file
 from merger.core.options import MergeOptions
 from tests.helpers import load_tensors
@@ -374,8 +375,15 @@ def test_existing_output_is_kept_unless_overwrite(models, tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     code, err = merge_cli(["run", str(recipe), "--out", str(out), "--device", "cpu"], capsys)
     assert code == 1 and "already exists" in err and (out / "keep.txt").is_file()
+    with pytest.raises(KruisingError, match="--overwrite refuses to replace"):  # not a child
+        run_recipe_file(recipe, out, MergeOptions(device="cpu", overwrite=True))
+    assert (out / "keep.txt").is_file()
+    (out / "keep.txt").unlink()  # an empty folder, then a child: both are replaced
     run_recipe_file(recipe, out, MergeOptions(device="cpu", overwrite=True))
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    (out / "extra.txt").write_text("child's")
+    run_recipe_file(recipe, out, MergeOptions(device="cpu", overwrite=True))
+    assert not (out / "extra.txt").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_a_failure_mid_merge_leaves_no_child(models, tmp_path, monkeypatch):
