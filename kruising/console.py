@@ -62,8 +62,30 @@ def print_table(table, out: Console | None = None) -> None:
         out._width = saved
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT, raised in the main thread: every ``except BaseException`` clean-up
+    runs (temp folders removed) as for any failure. Not a KeyboardInterrupt, so typer and
+    click let it through to `run_cli` instead of exiting 130 with nothing said."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
 def run_cli(app: Callable[[], object], verbose: Callable[[], bool]) -> None:
-    """Call a typer app; print expected failures as one line + hint and exit 1."""
+    """Call a typer app; print expected failures as one line + hint and exit 1.
+
+    SIGTERM (``timeout``, Slurm, ``docker stop``) and SIGINT (Ctrl-C) stop the command like a
+    failure: its clean-ups run, one line says so, and the exit code is 128 + the signal.
+    """
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _raise_interrupted)
     try:
         app()
     except KruisingError as exc:
@@ -74,6 +96,15 @@ def run_cli(app: Callable[[], object], verbose: Callable[[], bool]) -> None:
             console.print()
             console.print(Text.assemble(("hint: ", "bold"), exc.hint), soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("[bold red]error:[/] interrupted; nothing half-written was kept")
-        sys.exit(130)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        for each in (signal.SIGTERM, signal.SIGINT):  # a second signal now ends it at once
+            signal.signal(each, signal.SIG_DFL)
+        name = signal.Signals(signum).name
+        console.print(
+            Text.assemble(
+                ("error: ", "bold red"), f"stopped by {name}; nothing half-written was kept"
+            ),
+            soft_wrap=True,
+        )
+        sys.exit(128 + signum)

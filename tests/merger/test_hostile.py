@@ -486,3 +486,64 @@ def test_a_full_disk_on_the_mapped_path_is_an_error_before_any_byte(pair, tmp_pa
     assert "nothing was kept" in info.value.hint
     assert not (tmp_path / "child").exists() and hidden(tmp_path) == []
     assert not [a for a in written if a[0] != -1]  # no output file was ever mapped
+
+
+# --------------------------------------------------------------------------------------------
+# (d) SIGTERM and SIGINT mid-merge: clean up like any failure, one line, 128 + signal
+# --------------------------------------------------------------------------------------------
+
+STOPPED_MID_MERGE = """
+import sys, time
+from pathlib import Path
+from merger.core import engine
+
+ready, go = Path(sys.argv[3]), Path(sys.argv[4])
+real = engine.compute_task
+
+def slow(*args, **kwargs):  # a tensor that takes long: the signal comes while it is merged
+    ready.touch()
+    for _ in range(600):
+        if go.exists():
+            break
+        time.sleep(0.05)
+    return real(*args, **kwargs)
+
+engine.compute_task = slow
+sys.argv = ["merge", "run", sys.argv[1], "--out", sys.argv[2], "--device", "cpu"]
+from merger.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_mid_merge_cleans_up_and_says_so_in_one_line(pair, tmp_path, signame):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, _, recipe = pair
+    out, ready, go = tmp_path / "child", tmp_path / "ready", tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_MID_MERGE, str(recipe), str(out), str(ready), str(go)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    for _ in range(1200):  # until the merge is under way (or the process died)
+        if ready.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert ready.exists(), proc.communicate()[1]
+    proc.send_signal(getattr(signal, signame))
+    go.touch()
+    _, err = proc.communicate(timeout=120)
+    number = getattr(signal, signame).value
+    assert proc.returncode == 128 + number, err
+    assert err.strip().splitlines()[-1] == (
+        f"error: stopped by {signame}; nothing half-written was kept"
+    )
+    assert "Traceback" not in err and "Aborted" not in err
+    assert not out.exists() and hidden(tmp_path) == []
