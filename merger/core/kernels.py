@@ -21,6 +21,13 @@ kruising's cache (`kruising.env.cache_dir`: ``$KRUISING_CACHE``, else
 ``$XDG_CACHE_HOME/kruising`` or ``~/.cache/kruising``), written under a temporary name and
 renamed, so concurrent first runs are safe. `merged_tensors` counts what the kernels merged.
 ``KRUISING_KERNELS=off`` forces the torch path.
+
+A library in the cache is code this process runs, and its name is predictable, so it is
+trusted only when the file is owned by the current user, is not group- or world-writable, sits
+in a folder owned by that user that others cannot write, and its SHA-256 is the one recorded
+(``<name>.so.sha256``) when this code built it. Otherwise it is built again, with a note; one
+without the expected functions is built again too. It is loaded through the file descriptor
+that was checked (``/proc/self/fd``), so it cannot be swapped between check and load.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -39,6 +47,7 @@ from typing import Any
 
 import torch
 
+from kruising.atomic import write_text
 from kruising.env import cache_dir, switched_off
 from merger.core import methods
 from merger.core.io import MemoryOutput, Output
@@ -101,20 +110,129 @@ def _compile(compiler: str, target: Path) -> None:
         ["-DKR_HAVE_F16"],
         [],
     ]
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     errors = []
     for extra in attempts:
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # mode 0600
         os.close(fd)
-        result = subprocess.run(
-            [*base, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True
-        )
-        if result.returncode == 0:
-            os.replace(tmp, target)
+        error = _run_compiler([*base, *extra, str(SOURCE), "-o", tmp])
+        if error is None:
+            os.chmod(tmp, 0o600)  # the linker may have recreated it with the umask
+            digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+            write_text(_digest_file(target), digest + "\n")
+            os.replace(tmp, target)  # a new file: a loaded library is never changed in place
             return
         os.unlink(tmp)
-        errors.append(result.stderr.strip().splitlines()[-1:] or ["?"])
-    raise OSError(f"{compiler} failed: {errors[-1][0]}")
+        errors.append(error)
+    raise OSError(f"{compiler} failed: {errors[-1]}")
+
+
+def _run_compiler(command: list[str]) -> str | None:
+    """Run the compiler; None on success, else the last line it printed."""
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode == 0:
+        return None
+    return (result.stderr.strip().splitlines() or ["?"])[-1]
+
+
+def _digest_file(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _not_ours(st: os.stat_result) -> str | None:
+    if st.st_uid != os.getuid():
+        return f"owned by uid {st.st_uid}, not {os.getuid()}"
+    if st.st_mode & 0o022:
+        return f"mode {stat.filemode(st.st_mode)}: others can write it"
+    return None
+
+
+def _distrust(target: Path, fd: int) -> str | None:
+    """Why the library open at ``fd`` must not be loaded (None: it is ours, as we built it)."""
+    if not hasattr(os, "getuid"):
+        return None
+    why = _not_ours(os.fstat(fd))
+    if why:
+        return why
+    try:
+        digest_fd = os.open(_digest_file(target), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return "no recorded SHA-256 (built by another program or an older kruising)"
+    try:
+        why = _not_ours(os.fstat(digest_fd))
+        if why:
+            return f"its recorded SHA-256 is {why}"
+        recorded = os.read(digest_fd, 200).decode("ascii", "replace").strip()
+    finally:
+        os.close(digest_fd)
+    digest = hashlib.sha256()
+    with os.fdopen(os.dup(fd), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != recorded:
+        return "its SHA-256 is not the one recorded when it was built"
+    return None
+
+
+def _unsafe_dir() -> Path | None:
+    """The cache folder when it is not safe for code (someone else owns it or may write into
+    it), else None."""
+    folder = _cache_dir()
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o002):
+        return folder
+    return None
+
+
+def _open_trusted(compiler: str, target: Path) -> Any:
+    """Build ``target`` if it is missing or not trusted, then load the checked file.
+
+    It is loaded as ``/proc/self/fd/N`` of the descriptor that was checked, and that
+    descriptor stays open: the dynamic loader hands back an already loaded library by name,
+    so each load needs a name no earlier load had (a rebuilt library at the same path would
+    otherwise come back as the old one).
+    """
+    for _ in range(2):
+        try:
+            fd = os.open(target, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            _compile(compiler, target)
+            continue
+        except OSError as exc:  # e.g. a symlink planted under the name
+            _note(target, f"cannot be opened safely ({exc.strerror})")
+            target.unlink(missing_ok=True)
+            _compile(compiler, target)
+            continue
+        why = _distrust(target, fd)
+        if why is not None:
+            os.close(fd)
+            _note(target, why)
+            _compile(compiler, target)
+            continue
+        proc = Path(f"/proc/self/fd/{fd}")
+        try:
+            lib = ctypes.CDLL(str(proc) if proc.exists() else str(target))
+        except OSError:  # a damaged cache entry (e.g. a disk that filled up): build again
+            os.close(fd)
+            _compile(compiler, target)
+            continue
+        try:
+            _declare(lib)
+        except AttributeError as exc:
+            _note(target, f"lacks {str(exc).split(':')[-1].strip()}")
+            _compile(compiler, target)
+            continue
+        return lib
+    raise OSError(f"the kernel library {target} could not be built and checked")
+
+
+def _note(target: Path, why: str) -> None:
+    from kruising.console import console
+
+    console.print(f"note: not loading the cached kernel library {target}: {why}; rebuilt it")
 
 
 def _load() -> Any:
@@ -134,26 +252,41 @@ def _load() -> Any:
     return _lib
 
 
+def _library_name(compiler: str) -> str:
+    """``kruising-kernels-<key>.so``: one build per source, constants, compiler and CPU."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    defines = repr(sorted(DEFINES.items())).encode()
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + defines + version.encode() + _cpu_signature().encode()
+    ).hexdigest()[:16]
+    return f"kruising-kernels-{key}.so"
+
+
 def _build_and_open() -> Any:
     if switched_off("KRUISING_KERNELS", "torch"):
         raise OSError("KRUISING_KERNELS=off")
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc/gcc) on PATH")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    defines = repr(sorted(DEFINES.items())).encode()
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + defines + version.encode() + _cpu_signature().encode()
-    ).hexdigest()[:16]
-    target = _cache_dir() / f"kruising-kernels-{key}.so"
-    if not target.is_file():
-        _compile(compiler, target)
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError:  # a damaged cache entry (e.g. a disk that filled up): build it again
-        target.unlink(missing_ok=True)
-        _compile(compiler, target)
-        lib = ctypes.CDLL(str(target))
+    name = _library_name(compiler)
+    shared = _unsafe_dir()
+    if shared is None:
+        return _open_trusted(compiler, _cache_dir() / name)
+    from kruising.console import console
+
+    console.print(
+        f"note: the kernel cache {shared} is writable by others or not yours; "
+        "building the kernels for this run only"
+    )
+    private = Path(tempfile.mkdtemp(prefix="kruising-kernels-"))
+    try:  # once loaded, the file may go
+        return _open_trusted(compiler, private / name)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _declare(lib: Any) -> None:
+    """The functions' signatures; AttributeError when the library lacks one."""
     i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     lib.kr_has_f16.restype = i32
     lib.kr_linear.restype = i64
@@ -190,7 +323,6 @@ def _build_and_open() -> Any:
     lib.kr_sce_counts.argtypes = [i64, i32, ptr, ptr, i32, i32, ctypes.c_int32, ptr, ptr]
     lib.kr_sce_mask.restype = i32
     lib.kr_sce_mask.argtypes = [i64, i32, ptr, ptr, i32, i32, i32, ctypes.c_uint32, ptr, ptr, ptr]
-    return lib
 
 
 def available() -> bool:

@@ -8,7 +8,9 @@ lost data; together they run in seconds.
 from __future__ import annotations
 
 import json
+import os
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -547,3 +549,156 @@ def test_a_signal_mid_merge_cleans_up_and_says_so_in_one_line(pair, tmp_path, si
     )
     assert "Traceback" not in err and "Aborted" not in err
     assert not out.exists() and hidden(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# (e) the kernel cache: a planted, loosened or swapped library is never loaded
+# --------------------------------------------------------------------------------------------
+
+EVIL_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void planted(void) {
+    const char *mark = getenv("KRUISING_TEST_PLANTED");
+    if (mark) { FILE *f = fopen(mark, "w"); if (f) fclose(f); }
+}
+int kr_unrelated(void) { return 1; }
+"""
+
+
+@pytest.fixture(scope="module")
+def prebuilt_kernels(tmp_path_factory):
+    """Our kernel library, built once (or taken from this machine's cache): (path, compiler)."""
+    import shutil
+
+    from merger.core import kernels
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler: the kernels are not built here")
+    copy = tmp_path_factory.mktemp("kernels") / "ours.so"
+    cached = kernels._cache_dir() / kernels._library_name(compiler)
+    trusted = False
+    if cached.is_file():
+        fd = os.open(cached, os.O_RDONLY)
+        trusted = kernels._distrust(cached, fd) is None
+        os.close(fd)
+    if trusted:
+        shutil.copyfile(cached, copy)
+    else:
+        kernels._compile(compiler, copy)
+    return copy, compiler
+
+
+@pytest.fixture
+def kernel_cache(tmp_path, monkeypatch, prebuilt_kernels):
+    """A fresh kernel cache holding our build: (the .so path, a planted library's path).
+
+    "Compiling" copies the prebuilt library (the real compiler runs in test_kernels.py), so
+    every rebuild here is cheap; the trust checks and the loading are the real ones.
+    """
+    import shutil
+    import subprocess
+
+    from merger.core import kernels
+
+    ours, compiler = prebuilt_kernels
+
+    def copy_instead(command):
+        shutil.copyfile(ours, command[command.index("-o") + 1])
+        return None
+
+    monkeypatch.setattr(kernels, "_run_compiler", copy_instead)
+    monkeypatch.setenv("KRUISING_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KRUISING_TEST_PLANTED", str(tmp_path / "planted-ran"))
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    assert kernels.available(), kernels.why_not()
+    (built,) = (tmp_path / "cache" / "kernels").glob("*.so")
+    (tmp_path / "evil.c").write_text(EVIL_C)
+    evil = tmp_path / "evil.so"
+    subprocess.run(
+        [compiler, "-shared", "-fPIC", str(tmp_path / "evil.c"), "-o", str(evil)], check=True
+    )
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    return built, evil
+
+
+def plant(library, at) -> None:
+    """Put ``library`` at ``at`` as a new file (overwriting the loaded one in place would
+    change this process's mapped code under it)."""
+    import os
+    import shutil
+
+    shutil.copyfile(library, at.with_name("planting"))
+    os.replace(at.with_name("planting"), at)
+
+
+def reload_kernels(capsys) -> str:
+    from merger.core import kernels
+
+    assert kernels.available(), kernels.why_not()
+    return " ".join(capsys.readouterr().err.split())
+
+
+def test_a_planted_kernel_library_is_not_run(kernel_cache, tmp_path, capsys):
+    import hashlib
+
+    built, evil = kernel_cache
+    plant(evil, built)  # our name, our owner, mode 0644: only the content differs
+    err = reload_kernels(capsys)
+    assert not (tmp_path / "planted-ran").exists()
+    assert "not loading the cached kernel library" in err and "SHA-256" in err
+    digest = built.with_name(built.name + ".sha256").read_text().strip()
+    assert hashlib.sha256(built.read_bytes()).hexdigest() == digest  # ours again
+
+
+def test_a_kernel_library_others_can_write_is_rebuilt(kernel_cache, capsys):
+    import stat
+
+    built, _ = kernel_cache
+    built.chmod(0o666)
+    err = reload_kernels(capsys)
+    assert "others can write it" in err
+    assert stat.S_IMODE(built.stat().st_mode) & 0o022 == 0
+
+
+def test_a_kernel_library_owned_by_someone_else_is_rebuilt(kernel_cache, capsys):
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("planting a file owned by another user needs root")
+    built, _ = kernel_cache
+    os.chown(built, 12345, -1)
+    err = reload_kernels(capsys)
+    assert f"owned by uid 12345, not {os.getuid()}" in err
+    assert built.stat().st_uid == os.getuid()
+
+
+def test_a_kernel_cache_others_can_write_into_is_not_used(kernel_cache, tmp_path, capsys):
+    import tempfile
+
+    built, evil = kernel_cache
+    built.parent.chmod(0o777)
+    plant(evil, built)
+    before = set(Path(tempfile.gettempdir()).glob("kruising-kernels-*"))
+    err = reload_kernels(capsys)
+    assert "is writable by others or not yours; building the kernels for this run only" in err
+    assert not (tmp_path / "planted-ran").exists()
+    assert set(Path(tempfile.gettempdir()).glob("kruising-kernels-*")) == before  # removed
+
+
+def test_a_kernel_library_without_the_functions_is_rebuilt_without_a_traceback(
+    kernel_cache, tmp_path, capsys
+):
+    import hashlib
+
+    built, evil = kernel_cache
+    plant(evil, built)
+    built.with_name(built.name + ".sha256").write_text(
+        hashlib.sha256(evil.read_bytes()).hexdigest()
+    )
+    err = reload_kernels(capsys)  # trusted by its hash, but not our library: rebuilt
+    assert "lacks kr_" in err and "Traceback" not in err
+    assert (
+        tmp_path / "planted-ran"
+    ).exists()  # it was ours to run (our hash): loaded, then refused

@@ -161,8 +161,8 @@ def test_built_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("KRUISING_CACHE", str(tmp_path))
     _forget_the_build(monkeypatch)
     assert kernels.available()
-    built = list((tmp_path / "kernels").iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so"
+    built = list((tmp_path / "kernels").glob("*.so"))
+    assert len(built) == 1 and built[0].with_name(built[0].name + ".sha256").is_file()
     stamp = built[0].stat().st_mtime_ns
     _forget_the_build(monkeypatch)
     assert kernels.available()
@@ -229,7 +229,7 @@ def test_a_damaged_cached_build_is_rebuilt(monkeypatch, tmp_path):
     monkeypatch.setenv("KRUISING_CACHE", str(tmp_path / "first"))
     _forget_the_build(monkeypatch)
     assert kernels.available()
-    (built,) = (tmp_path / "first" / "kernels").iterdir()
+    (built,) = (tmp_path / "first" / "kernels").glob("*.so")
     # the same build name in another cache (a path this process has not loaded), damaged
     damaged = tmp_path / "second" / "kernels" / built.name
     damaged.parent.mkdir(parents=True)
