@@ -1,14 +1,15 @@
-"""End-to-end parity with mergekit 0.1.5 for the methods added in issue #12, on bf16-stored
-tiny checkpoints: `merge run` and mergekit's `run_merge` on the same recipe give the same
-child (every tensor, its dtype, the config).
+"""End-to-end parity with mergekit 0.1.5 for the methods added in issue #12 (and DARE's and
+Breadcrumbs' cases that test_parity.py leaves out), on bf16-stored tiny checkpoints: `merge run`
+and mergekit's `run_merge` on the same recipe give the same child (every tensor, its dtype, the
+config).
 
 The family: a bf16 base and fine-tunes of it (sparse bf16 perturbations, so task vectors look
 like real ones: small, some entries untouched) plus an unrelated model. Recipes without a
 `dtype` compute in bf16 (as mergekit does), the others in float32. Exact methods must match bit
 for bit; where a whole-tensor reduction (SCE's weights, a norm) is summed in another order, or
 ties at a top-k threshold are broken differently, the test says so and bounds the difference.
-Random methods (DELLA, arcee_fusion's quantile sample) are compared on their deterministic cases
-exactly and on per-tensor statistics otherwise.
+Random methods (DARE, DELLA, arcee_fusion's quantile sample) are compared on their deterministic
+cases exactly and on per-tensor statistics otherwise.
 """
 
 from __future__ import annotations
@@ -256,6 +257,50 @@ modules:
       density: 0.6
 dtype: float32
 """,
+    # the original task-vector methods, in float32 (their compute dtype before issue 13):
+    # DARE's deterministic case (density 1: nothing dropped, nothing rescaled) and Breadcrumbs
+    "dare_linear_density_1_f32": """
+merge_method: dare_linear
+base_model: {base}
+models:
+  - model: {b}
+    parameters: {{weight: 0.7, density: 1.0}}
+  - model: {c}
+    parameters: {{weight: [0.2, 0.6], density: 1.0}}
+dtype: float32
+""",
+    "dare_ties_density_1_f32": """
+merge_method: dare_ties
+base_model: {base}
+models:
+  - model: {b}
+    parameters: {{weight: 0.5, density: 1.0}}
+  - model: {c}
+    parameters: {{weight: 0.5, density: 1.0}}
+  - model: {d}
+    parameters: {{weight: 0.3, density: 1.0}}
+dtype: float32
+""",
+    "breadcrumbs_f32": """
+merge_method: breadcrumbs
+base_model: {base}
+models:
+  - model: {b}
+    parameters: {{weight: 0.6, density: 0.9, gamma: 0.05}}
+  - model: {c}
+    parameters: {{weight: 0.4, density: 0.8, gamma: 0.1}}
+dtype: float32
+""",
+    "breadcrumbs_ties_f32": """
+merge_method: breadcrumbs_ties
+base_model: {base}
+models:
+  - model: {b}
+    parameters: {{weight: 0.6, density: 0.9, gamma: 0.05}}
+  - model: {d}
+    parameters: {{weight: 0.4, density: 0.7, gamma: 0.02}}
+dtype: float32
+""",
     "residual_weight_slerp": """
 merge_method: slerp
 base_model: {base}
@@ -344,21 +389,32 @@ def _kept(child: torch.Tensor, base: torch.Tensor) -> float:
     return float((child != base).float().mean())
 
 
-def test_della_linear_drops_like_mergekit(family, mergekit_run, tmp_path):
-    """One model, weight 1: the child's task vector is DELLA's sparsified, rescaled one. Per
+@pytest.mark.parametrize(
+    ("method", "epsilon"),
+    [("della_linear", 0.2), ("della", 0.2), ("dare_linear", None), ("dare_ties", None)],
+)
+def test_random_drops_are_distributed_like_mergekits(
+    method, epsilon, family, mergekit_run, tmp_path
+):
+    """One model, weight 1: the child's task vector is the sparsified, rescaled one (DELLA's
+    magnitude-ranked drop, DARE's uniform drop; one model's signs elect themselves). Per
     tensor (1000+ entries) the kept fraction and the L1 norm of the task vector agree with
-    mergekit's (different draws, the same distribution)."""
-    text = """
-merge_method: della_linear
-base_model: {base}
+    mergekit's (different draws, the same distribution), and the kept fraction is the one
+    the method promises: density for DARE, between density -/+ epsilon for DELLA."""
+    density = 0.4
+    extra = f", epsilon: {epsilon}" if epsilon is not None else ""
+    text = f"""
+merge_method: {method}
+base_model: {{base}}
 models:
-  - model: {d}
-    parameters: {{weight: 1.0, density: 0.4, epsilon: 0.2}}
+  - model: {{d}}
+    parameters: {{{{weight: 1.0, density: {density}{extra}}}}}
 """
     mine, ref, ours, theirs = _both(text, family, mergekit_run, tmp_path)
     _same_layout(mine, ref, ours, theirs)
     base = load_tensors(Path(family["base"]))
     finetune = load_tensors(Path(family["d"]))
+    spread = epsilon or 0.0
     checked = 0
     for n, expected in ref.items():
         b = base[n]
@@ -366,11 +422,13 @@ models:
             continue
         touched = _kept(finetune[n], b)
         ours_kept, theirs_kept = _kept(mine[n], b), _kept(expected, b)
-        tolerance = 5 * (0.4 * 0.6 * touched / b.numel()) ** 0.5 + 0.002
-        assert abs(ours_kept - theirs_kept) < tolerance, (n, ours_kept, theirs_kept)
-        # unchanged entries rank lowest (kept or not, they stay the base's): the visible keep
-        # rate of the changed ones lies between density -/+ epsilon
-        assert 0.2 * touched < ours_kept < 0.6 * touched, (n, ours_kept, touched)
+        sigma = (density * (1 - density) * touched / b.numel()) ** 0.5
+        assert abs(ours_kept - theirs_kept) < 5 * sigma + 0.002, (n, ours_kept, theirs_kept)
+        # unchanged entries stay the base's, kept or not: the visible keep rate is the changed
+        # entries' (DELLA ranks them above the unchanged ones, whose delta is 0)
+        low, high = (density - spread) * touched, (density + spread) * touched
+        assert low - 5 * sigma < ours_kept < high + 5 * sigma, (n, ours_kept, touched)
+        # rescaled by 1/p: the L1 norm of the task vector is kept, as mergekit keeps it
         l1_ours = float((mine[n].float() - b.float()).abs().sum())
         l1_theirs = float((expected.float() - b.float()).abs().sum())
         l1_full = float((finetune[n].float() - b.float()).abs().sum())
