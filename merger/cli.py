@@ -185,28 +185,58 @@ def sweep_command(
         int | None, typer.Option(help="Variants the study should hold (overrides the spec).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Start this many worker processes on the study (one GPU each when there are "
+            "GPUs, round-robin). Workers on other machines join with the same command and "
+            "--storage."
+        ),
+    ] = 1,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the leaderboard as JSON on stdout.")
     ] = False,
 ) -> None:
     """Merge variants of a recipe in memory, score each, and rank them in an optuna study.
 
-    Rerunning a killed sweep continues it; completed variants are kept.
+    Rerunning a killed sweep continues it; completed variants are kept. Any number of these
+    commands may run at once on one study (--storage): each variant is merged once, and a
+    dead worker's variant is taken over by another after the heartbeat's grace period.
     """
     import json
 
-    from merger.study.rank import leaderboard, print_leaderboard
+    from kruising.errors import KruisingError
+    from merger.study.rank import leaderboard, load_study, print_leaderboard
     from merger.study.spec import load_spec, spec_recipe
     from merger.study.sweep import run_sweep
 
     parsed, root = load_spec(spec)
     if trials is not None and trials < 1:
-        from kruising.errors import KruisingError
-
         raise KruisingError(f"--trials must be at least 1, got {trials}", "use --trials 8")
-    study = run_sweep(
-        parsed, spec_recipe(parsed, root), storage=storage, trials=trials, device=device
-    )
+    if workers < 1:
+        raise KruisingError(f"--workers must be at least 1, got {workers}", "use --workers 2")
+    if workers > 1:
+        from merger.study.workers import start_workers
+
+        if parsed.mode == "streaming":
+            raise KruisingError(
+                "--workers needs mode: resident (a streaming sweep is one worker per study)",
+                "drop --workers, or use mode: resident",
+            )
+        if device.startswith("cuda:"):
+            raise KruisingError(
+                f"--workers with --device {device}: each worker gets its own GPU",
+                "use --device auto or cuda (workers see one GPU each via CUDA_VISIBLE_DEVICES)",
+            )
+        args = [str(spec), "--device", device]
+        args += ["--storage", storage] if storage else []
+        args += ["--trials", str(trials)] if trials else []
+        start_workers(workers, args, use_gpus=device != "cpu")
+        study = load_study(parsed.name, storage or parsed.storage)
+    else:
+        study = run_sweep(
+            parsed, spec_recipe(parsed, root), storage=storage, trials=trials, device=device
+        )
     board = leaderboard(study)
     print_leaderboard(board, limit=10)
     if json_out:

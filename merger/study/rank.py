@@ -16,6 +16,7 @@ from kruising.console import console, fmt, print_table
 from kruising.errors import KruisingError
 from merger.study.notes import describe, fixed_values, labels
 from merger.study.paths import short
+from merger.study.storage import journal_path, sqlite_path
 
 
 def load_study(name: str, storage: str | None):
@@ -44,12 +45,6 @@ def load_study(name: str, storage: str | None):
     return optuna.load_study(study_name=name, storage=store)
 
 
-def _sqlite_path(url: str) -> Path | None:
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        return Path(url.removeprefix("sqlite:///")).expanduser()
-    return None
-
-
 def _sqlite_studies(path: Path) -> list[str] | None:
     """Study names of an optuna SQLite file, opened read-only; None if it is not one."""
     import sqlite3
@@ -66,7 +61,7 @@ def _sqlite_studies(path: Path) -> list[str] | None:
 
 def _require_existing(url: str, name: str) -> None:
     """Refuse, before optuna opens it (which would create it), a storage that holds no studies."""
-    path = _sqlite_path(url)
+    path = sqlite_path(url)
     if path is not None:
         if not path.is_file():
             raise KruisingError(
@@ -76,8 +71,8 @@ def _require_existing(url: str, name: str) -> None:
         if _sqlite_studies(path) is None:
             raise KruisingError(f"{path} is not an optuna study database", _where_else(name, url))
         return
-    if url.startswith("journal://"):
-        journal = Path(url.removeprefix("journal://")).expanduser()
+    journal = journal_path(url)
+    if journal is not None:
         if not journal.is_file():
             raise KruisingError(
                 f"no study journal at {url} ({journal} does not exist; nothing was created)",
@@ -135,7 +130,7 @@ def _where_else(name: str, url: str) -> str:
     """The hint of a missing study: where it is, if a database near here holds it."""
     import shlex
 
-    here = _sqlite_path(url)
+    here = sqlite_path(url)
     for path, studies in nearby_databases():
         if name in studies and (here is None or path.resolve() != here.resolve()):
             return f"study {name!r} is in {path}: add --storage {shlex.quote(sqlite_url(path))}"
@@ -213,12 +208,14 @@ def leaderboard(study, stability: bool = False) -> dict[str, Any]:
         row["vs_above_p"] = None if test is None else test["p"]
     if rows:
         rows[0]["vs_above"] = rows[0]["vs_above_p"] = None
+    retried = {t.user_attrs.get("retry_of") for t in trials} - {None}
     failed = [
         {
             "trial": t.number,
             "params": dict(t.params),
-            "reason": t.user_attrs.get("fail_reason", "no reason recorded"),
-            "retried": bool(t.user_attrs.get("stale")),
+            "reason": t.user_attrs.get("fail_reason")
+            or ("its worker died (no heartbeat)" if t.number in retried else "no reason recorded"),
+            "retried": bool(t.user_attrs.get("stale")) or t.number in retried,
         }
         for t in trials
         if t.state == TrialState.FAIL

@@ -2,14 +2,19 @@
 
 Rerunning a killed sweep continues it: trials left RUNNING by a dead worker on this host (its
 pid is gone) are failed and their variant is queued again; workers on other hosts are caught
-by the heartbeat. Only optuna's public API is used.
+by optuna's heartbeat. Storages: any optuna RDB URL (``sqlite:///``, ``postgresql://``, ...)
+and ``journal://PATH`` (optuna's JournalStorage on a file, for clusters without a database
+server). optuna's public API is used, except for the journal's heartbeat, which implements
+optuna's ``BaseHeartbeat`` interface (``optuna.storages._heartbeat``, not exported).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,60 +22,195 @@ from typing import Any
 from kruising.errors import KruisingError
 from merger.study.spec import DEFAULT_STORAGE, Scorecard, SweepSpec
 
+#: optuna's heartbeat: a running variant records one every HEARTBEAT_SECONDS; one without a
+#: heartbeat for GRACE_SECONDS is failed by another worker and queued again, once. Set them
+#: with KRUISING_HEARTBEAT_SECONDS / KRUISING_GRACE_SECONDS (a worker's longest silence is a
+#: slow storage, never a slow variant: the heartbeat runs in its own thread).
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 60
+HEARTBEAT_ATTR = "kruising:heartbeat"
+
+
+def _seconds(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise KruisingError(
+            f"{name}={value!r} is not a whole number of seconds", f"unset it or use {default}"
+        )
+    return int(value)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///PATH`` URL (None for other URLs and ``:memory:``)."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        return Path(url.removeprefix("sqlite:///")).expanduser()
+    return None
+
+
+def journal_path(url: str) -> Path | None:
+    """The file of a ``journal://PATH`` URL: optuna's JournalStorage on a file (no database
+    server; ``journal:///abs/studies.log`` or ``journal://studies.log``)."""
+    if url.startswith("journal://"):
+        return Path(url.removeprefix("journal://")).expanduser()
+    return None
 
 
 # --- storage and study ------------------------------------------------------------------------
 
 
+def check_url(url: str) -> None:
+    """Refuse, before anything is opened, a storage that is no URL or whose folder is missing."""
+    if "://" not in url:
+        raise KruisingError(
+            f"storage {url!r} is not a database URL",
+            "use sqlite:///studies.db, journal:///path/studies.log, postgresql://user@host/db "
+            "or another optuna storage URL",
+        )
+    path = sqlite_path(url) or journal_path(url)
+    if path is not None and not path.expanduser().parent.is_dir():
+        raise KruisingError(
+            f"cannot open storage {url}: folder {path.parent} does not exist",
+            "create the folder or give another path",
+        )
+
+
 def open_storage(url: str | None, *, heartbeat: bool = True):
-    """An optuna storage for ``url`` (default: SQLite file in the current folder)."""
+    """An optuna storage for ``url`` (default: SQLite file in the current folder).
+
+    ``heartbeat``: a worker's storage (running variants record heartbeats; stale ones are
+    failed and queued again once). Reading (`merge rank`) needs none.
+    """
     import optuna
     from optuna.exceptions import ExperimentalWarning
 
     url = url or DEFAULT_STORAGE
-    if "://" not in url:
-        raise KruisingError(
-            f"storage {url!r} is not a database URL",
-            "use sqlite:///studies.db, postgresql://user@host/db or another optuna storage URL",
+    check_url(url)
+    beat: dict[str, Any] = {}
+    if heartbeat:
+        beat = dict(
+            heartbeat_interval=_seconds("KRUISING_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS),
+            grace_period=_seconds("KRUISING_GRACE_SECONDS", GRACE_SECONDS),
+            heartbeat_stale_trial_callback=requeue,
         )
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        folder = Path(url.removeprefix("sqlite:///")).expanduser().parent
-        if not folder.is_dir():
-            raise KruisingError(
-                f"cannot open storage {url}: folder {folder} does not exist",
-                "create the folder or give another sqlite:/// path",
-            )
     try:
         with warnings.catch_warnings():  # heartbeat settings are an experimental optuna API
             warnings.filterwarnings("ignore", category=ExperimentalWarning)
+            if journal_path(url) is not None:
+                from optuna.storages.journal import JournalFileBackend
+
+                backend = JournalFileBackend(str(journal_path(url)))
+                if heartbeat:
+                    return HeartbeatJournalStorage(backend, **beat)
+                return optuna.storages.JournalStorage(backend)
             if (
                 url.startswith(("sqlite", "postgresql", "mysql", "oracle", "mssql"))
                 or "+" in (url.split("://")[0])
             ):
-                kwargs: dict[str, Any] = {}
-                if heartbeat:
-                    kwargs = dict(
-                        heartbeat_interval=HEARTBEAT_SECONDS,
-                        grace_period=GRACE_SECONDS,
-                        heartbeat_stale_trial_callback=_requeue_stale,
-                    )
-                return optuna.storages.RDBStorage(url, **kwargs)
+                engine: dict[str, Any] = {}
+                if url.startswith("sqlite"):  # several worker processes on one file
+                    engine = {"connect_args": {"timeout": 120}}
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine, **beat)
             return optuna.storages.get_storage(url)
     except Exception as exc:  # noqa: BLE001 - drivers raise many types
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise KruisingError(
             f"cannot open storage {url}: {reason}",
-            "check the URL, that the server is up and its driver installed (psycopg2 for "
-            "postgresql)",
+            "check the URL, that the server is up and its driver installed (psycopg for "
+            "postgresql: pip install -e '.[postgres]')",
         ) from None
 
 
-def _requeue_stale(study, trial) -> None:
-    """Heartbeat-stale trial (a worker died elsewhere): queue its variant again."""
-    if trial.params:
-        study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+@functools.cache
+def _heartbeat_journal():
+    """JournalStorage with optuna's heartbeat (optuna gives RDBStorage one, not the journal)."""
+    import itertools
+    import uuid
+
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages import JournalStorage
+    from optuna.storages._heartbeat import BaseHeartbeat
+    from optuna.trial import TrialState
+
+    class Storage(JournalStorage, BaseHeartbeat):
+        """Heartbeats are a counter in a trial system attribute. A trial is stale when its
+        counter has not moved for ``grace_period`` seconds of this process's own clock, so
+        no two hosts' clocks are compared."""
+
+        def __init__(
+            self, backend, *, heartbeat_interval, grace_period, heartbeat_stale_trial_callback
+        ):
+            super().__init__(backend)
+            self._interval, self._grace = heartbeat_interval, grace_period
+            self._callback = heartbeat_stale_trial_callback
+            self._token = uuid.uuid4().hex[:8]
+            self._count = itertools.count()
+            self._seen: dict[int, tuple[Any, float]] = {}
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            try:
+                beat = f"{self._token}:{next(self._count)}"
+                self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, beat)
+            except UpdateFinishedTrialError:  # the variant finished meanwhile
+                pass
+
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            now, stale = time.monotonic(), []
+            for trial in self.get_all_trials(
+                study_id, deepcopy=False, states=(TrialState.RUNNING,)
+            ):
+                beat = trial.system_attrs.get(HEARTBEAT_ATTR)
+                seen = self._seen.get(trial._trial_id)
+                if seen is None or seen[0] != beat:
+                    self._seen[trial._trial_id] = (beat, now)
+                elif now - seen[1] > self._grace:
+                    stale.append(trial._trial_id)
+            return stale
+
+        def get_heartbeat_interval(self) -> int | None:
+            return self._interval
+
+        def get_heartbeat_stale_trial_callback(self):
+            return self._callback
+
+        get_failed_trial_callback = get_heartbeat_stale_trial_callback  # optuna < 5 asks this
+
+    return Storage
+
+
+def HeartbeatJournalStorage(backend, **beat):  # noqa: N802 - the class, made on first use
+    return _heartbeat_journal()(backend, **beat)
+
+
+def requeue(study, trial) -> None:
+    """A variant whose worker died (heartbeat stale, or its pid gone): queue it again, once.
+
+    optuna's RetryHeartbeatStaleTrialCallback(max_retry=1), with the dead worker's user
+    attributes replaced by ``retry_of``; a retry that dies too is not queued a third time.
+    """
+    import copy
+
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    if not trial.params:
+        return
+    retry = copy.deepcopy(trial)
+    retry.user_attrs = {"retry_of": trial.number}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=1)(study, retry)
+
+
+def fail_stale(study) -> None:
+    """Fail the trials whose heartbeat stopped and queue their variants (see `requeue`)."""
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import fail_stale_trials
+
+    with warnings.catch_warnings():  # heartbeat recovery is an experimental optuna API
+        warnings.filterwarnings("ignore", category=ExperimentalWarning)
+        fail_stale_trials(study)
 
 
 def _sampler(spec: SweepSpec):
@@ -143,13 +283,12 @@ def _alive(pid: int) -> bool:
 def recover(study, storage) -> list[int]:
     """Fail trials left RUNNING by a dead worker on this host and queue their variants again.
 
-    ``storage`` is the study's (`open_storage`); only optuna's public API is used.
-
-    Workers on other hosts are caught by the heartbeat (``GRACE_SECONDS`` without one).
+    ``storage`` is the study's (`open_storage`); only optuna's public API is used. Workers on
+    other hosts are caught by the heartbeat (``GRACE_SECONDS`` without one, `fail_stale`).
+    Call it under the claim lock (merger.study.workers) when several workers share the study.
     Returns the numbers of the trials failed here.
     """
-    from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
-    from optuna.storages import fail_stale_trials
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     study_id = storage.get_study_id_from_name(study.study_name)
@@ -165,29 +304,26 @@ def recover(study, storage) -> list[int]:
             storage.set_trial_user_attr(trial_id, "stale", True)
             if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 failed.append(trial.number)
-                if trial.params:
-                    study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+                requeue(study, storage.get_trial(trial_id))
         except UpdateFinishedTrialError:  # another worker got there first
             continue
-    with warnings.catch_warnings():  # heartbeat recovery is an experimental optuna API
-        warnings.filterwarnings("ignore", category=ExperimentalWarning)
-        fail_stale_trials(study)
+    fail_stale(study)
     # Interrupted (Ctrl-C) variants failed without a retry: queue them once.
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     for trial in trials:
         stale = trial.state == TrialState.FAIL and trial.user_attrs.get("stale")
         if stale and trial.params and trial.number not in retried:
-            study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+            requeue(study, trial)
     return failed
 
 
-def finished(study) -> int:
+def finished(study, trials=None) -> int:
     """Variants with a result: complete, or failed for a reason of their own (not a dead worker)."""
     from optuna.trial import TrialState
 
     count = 0
-    for trial in study.get_trials(deepcopy=False):
+    for trial in study.get_trials(deepcopy=False) if trials is None else trials:
         if trial.state == TrialState.COMPLETE:
             count += 1
         elif trial.state == TrialState.FAIL and "fail_reason" in trial.user_attrs:

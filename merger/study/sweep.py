@@ -24,7 +24,6 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -35,10 +34,18 @@ from kruising.errors import KruisingError
 from merger.study.evaluator import Evaluator, InMemoryEvaluator, VariantFailed
 from merger.study.notes import describe, fixed_values, labels, tensor_names
 from merger.study.paths import dump_recipe, recipe_yaml, short, variant_recipe
-from merger.study.spec import SweepSpec, suggest
-from merger.study.storage import finished, open_storage, open_study, recover, store_result
+from merger.study.spec import DEFAULT_STORAGE, SweepSpec, suggest
+from merger.study.storage import (
+    check_url,
+    finished,
+    open_storage,
+    open_study,
+    recover,
+    store_result,
+)
 from merger.study.streaming import run_streaming
 from merger.study.validate import validate
+from merger.study.workers import ClaimLock, claim_lock, work
 
 
 def run_sweep(
@@ -55,14 +62,21 @@ def run_sweep(
     import optuna
 
     validate(spec, recipe)
-    store = open_storage(storage or spec.storage, heartbeat=spec.mode == "resident")
-    study = open_study(spec, store, recipe_yaml(recipe))
+    url = storage or spec.storage or DEFAULT_STORAGE
+    check_url(url)
+    resident = spec.mode == "resident"
+    # Several workers may share the study (merger.study.workers): opening it, recovering dead
+    # workers' variants and claiming a variant happen under the storage's claim lock.
+    claim = claim_lock(url) if resident else ClaimLock()
+    with claim:
+        store = open_storage(url, heartbeat=resident)
+        study = open_study(spec, store, recipe_yaml(recipe))
+        requeued = recover(study, store)
+        done = finished(study)
     target = trials or spec.trials
     grids = [r.grid() for r in spec.search.values()]
     if all(g is not None for g in grids):  # a discrete space holds this many variants at most
         target = min(target, math.prod(len(g) for g in grids))
-    requeued = recover(study, store)
-    done = finished(study)
     remaining = max(0, target - done)
     fixed = _fixed_values(spec, recipe, study)
     names = labels(list(spec.search), dump_recipe(recipe))  # weight of nl, not models[0]...
@@ -85,11 +99,15 @@ def run_sweep(
     host, pid = socket.gethostname(), os.getpid()
 
     def objective(trial: optuna.Trial) -> list[float]:
-        trial.set_user_attr("host", host)
-        trial.set_user_attr("pid", pid)
-        params = suggest(trial, spec)
-        twin = _twin(study, trial.number, params)
+        try:  # called with the claim lock held (workers.work): the variant is ours once
+            trial.set_user_attr("host", host)  # its params are stored and no other trial,
+            trial.set_user_attr("pid", pid)  # running, queued or finished, has them
+            params = suggest(trial, spec)
+            twin = _twin(study, trial.number, params)
+        finally:
+            claim.release()
         if twin is not None:  # samplers repeat points of discrete spaces: don't merge twice
+            skipped[0] += 1
             trial.set_user_attr("duplicate_of", twin)
             if progress:
                 console.print(
@@ -127,12 +145,13 @@ def run_sweep(
             console.print(f"  trial {trial.number}: {shown}  {scores}")
         return values
 
-    study.optimize(
-        objective,
-        n_trials=4 * remaining + 8,  # room for repeated points; _stop_at ends the run
-        catch=(VariantFailed,),
-        callbacks=[_stop_at(target)],
-    )
+    skipped = [0]
+
+    def run_one() -> bool:
+        study.optimize(objective, n_trials=1, catch=(VariantFailed,))
+        return skipped[0] <= 4 * target + 8  # room for repeated points of a discrete space
+
+    work(study, target, claim, run_one, progress=progress)
     return study
 
 
@@ -149,27 +168,20 @@ def _fixed_values(spec: SweepSpec, recipe, study) -> list[dict[str, Any]]:
 
 
 def _twin(study, number: int, params: dict[str, Any]) -> int | None:
-    """An earlier trial (complete, or failed for its own reason) with these exact params."""
+    """Another trial with these exact params: running or queued (another worker has it), complete,
+    or failed for its own reason. A dead worker's trial is no twin: its retry is."""
     from optuna.trial import TrialState
 
     for other in study.get_trials(deepcopy=False):
         if other.number == number or other.params != params:
             continue
         own_failure = "fail_reason" in other.user_attrs and not other.user_attrs.get("stale")
-        if other.state == TrialState.COMPLETE or (other.state == TrialState.FAIL and own_failure):
+        if other.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING) or (
+            other.state == TrialState.FAIL and own_failure
+        ):
             return other.number
     return None
 
 
 def _show(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _stop_at(target: int) -> Callable:
-    """Stop when the shared study has ``target`` results (several workers on one study)."""
-
-    def callback(study, trial) -> None:
-        if finished(study) >= target:
-            study.stop()
-
-    return callback
