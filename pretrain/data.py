@@ -67,6 +67,16 @@ def check_hub_reachable(dataset_id: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def _unreadable(label: str, kind: str, exc: Exception) -> PretrainError:
+    what = {"text": "UTF-8 text", "json": "JSON lines", "parquet": "Parquet"}.get(kind, "a dataset")
+    first = (str(exc).splitlines() or [""])[0][:160]
+    return PretrainError(
+        f"source {label}: cannot be read as {what} ({type(exc).__name__}: {first})",
+        "check that the files are what their names say (a .txt is UTF-8 text, a .jsonl one "
+        "JSON object per line, a .parquet a Parquet file)",
+    )
+
+
 def open_source(
     source: Source, render_chat: Callable[[list[dict]], str] | None = None, seed: int = 0
 ) -> Callable[[], Iterator[str]]:
@@ -85,12 +95,16 @@ def open_source(
 
     import datasets
 
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its read errors are ours to say
     datasets.disable_progress_bars()
+    kind = "hub"
     if source.path is not None:
         kind, files = _local_files(source)
-        ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=True)
         split_label = source.label
+        try:
+            ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=True)
+        except Exception as exc:  # e.g. a .parquet that is not Parquet: its footer is read here
+            raise _unreadable(split_label, kind, exc) from None
     else:
         assert source.hub is not None
         if not Path(source.hub).exists():
@@ -113,8 +127,26 @@ def open_source(
             "set chat_template in the config or use a tokenizer that has one",
         )
 
+    def rows() -> Iterator[dict]:
+        """The rows, with a file that is not what its name says (binary garbage in a .txt,
+        a .jsonl that is not JSON lines, a damaged .parquet) as one error."""
+        it = iter(ds)
+        while True:
+            try:
+                row = next(it)
+            except StopIteration:
+                return
+            except Exception as exc:
+                raise _unreadable(split_label, kind, exc) from None
+            if not isinstance(row, dict):
+                raise PretrainError(
+                    f"source {split_label}: a row is a {type(row).__name__}, not a record",
+                    "write one JSON object per line",
+                )
+            yield row
+
     def documents() -> Iterator[str]:
-        for row in ds:
+        for row in rows():
             if field_name not in row:
                 raise PretrainError(
                     f"source {split_label}: rows have no field {field_name!r} "

@@ -6,9 +6,9 @@ match sentencepiece exactly (transformers 5's `LlamaTokenizer(vocab_file=...)` d
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
+from kruising.atomic import write_bytes
 from pretrain.errors import PretrainError
 
 MISTRAL_VOCAB_SIZE = 32000
@@ -38,6 +38,7 @@ def load_mistral_tokenizer(cache_dir: Path):
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     model_file = cache_dir / "tokenizer.model"
-    if not model_file.is_file():
-        shutil.copyfile(mistral_tokenizer_model(), model_file)
+    shipped = mistral_tokenizer_model().read_bytes()
+    if not model_file.is_file() or model_file.read_bytes() != shipped:
+        write_bytes(model_file, shipped)  # atomic: concurrent first runs share the cache
     return AutoTokenizer.from_pretrained(str(cache_dir))

@@ -13,16 +13,17 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kruising.atomic import replace_folder
+from kruising.env import cache_dir
 from kruising.hub import offline
 from pretrain.config import PretrainConfig
 from pretrain.errors import PretrainError
+from pretrain.state import check_checkpoint, restore_scheduler
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
@@ -69,7 +70,7 @@ def load_tokenizer(spec: str):
     if spec == "mistral-common":
         from pretrain.tokenizer import load_mistral_tokenizer
 
-        return load_mistral_tokenizer(Path(tempfile.mkdtemp(prefix="kruising-tok-")))
+        return load_mistral_tokenizer(cache_dir() / "mistral-tokenizer")  # not a /tmp leak
     from transformers import AutoTokenizer
 
     if not Path(spec).is_dir():
@@ -314,10 +315,12 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
     model, optimizer = accelerator.prepare(model, optimizer)
     # forward through the compiled module; save, sync and clip through the plain one
     forward = torch.compile(model) if config.compile else model
-    accelerator.register_for_checkpointing(scheduler)
+    # the scheduler is not registered for checkpointing: accelerate would pickle it and load
+    # it back with weights_only=False; it is restored from the step (pretrain.state)
 
     step, tokens_seen = 0, 0
     if resume_dir is not None:
+        check_checkpoint(resume_dir, rank)
         try:
             accelerator.load_state(str(resume_dir))
         except Exception as exc:
@@ -328,6 +331,7 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
             ) from None
         state = json.loads((resume_dir / STATE_FILE).read_text())
         step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        restore_scheduler(scheduler, step)
         stream.load_state(StreamState.from_json(state["data"]))
 
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
