@@ -76,6 +76,32 @@ def check_url(url: str) -> None:
         )
 
 
+def check_writable(url: str) -> None:
+    """Refuse, before anything is opened, a study file a sweep could not write to: a sweep
+    records every variant (SQLite also needs its folder for the journal beside the file)."""
+    import tempfile
+
+    path = sqlite_path(url) or journal_path(url)
+    if path is None:
+        return
+    path = path.expanduser()
+    try:
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=".kruising-probe-")
+        os.close(fd)
+        os.unlink(probe)
+        if path.exists():
+            with open(path, "r+b"):
+                pass
+    except OSError as exc:
+        where = path if path.exists() else path.parent
+        raise KruisingError(
+            f"storage {url} is read-only here ({exc.strerror}: {where}); a sweep writes each "
+            "variant's result into it",
+            "copy the study file to a folder you can write and pass --storage with its path "
+            "(merge rank reads a read-only study where it is)",
+        ) from None
+
+
 def open_storage(url: str | None, *, heartbeat: bool = True):
     """An optuna storage for ``url`` (default: SQLite file in the current folder).
 

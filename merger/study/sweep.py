@@ -37,6 +37,7 @@ from merger.study.paths import dump_recipe, recipe_yaml, short, variant_recipe
 from merger.study.spec import DEFAULT_STORAGE, SweepSpec, suggest
 from merger.study.storage import (
     check_url,
+    check_writable,
     finished,
     open_storage,
     open_study,
@@ -64,6 +65,7 @@ def run_sweep(
     validate(spec, recipe)
     url = storage or spec.storage or DEFAULT_STORAGE
     check_url(url)
+    check_writable(url)
     resident = spec.mode == "resident"
     # Several workers may share the study (merger.study.workers): opening it, recovering dead
     # workers' variants and claiming a variant happen under the storage's claim lock.

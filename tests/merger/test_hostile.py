@@ -702,3 +702,55 @@ def test_a_kernel_library_without_the_functions_is_rebuilt_without_a_traceback(
     assert (
         tmp_path / "planted-ran"
     ).exists()  # it was ours to run (our hash): loaded, then refused
+
+
+# --------------------------------------------------------------------------------------------
+# (g) a sweep on a study it cannot write
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """Make a folder and its files read-only, for root too (chattr +i); undone after."""
+    import subprocess
+
+    made: list[Path] = []
+
+    def freeze(folder: Path) -> None:
+        paths = [*folder.iterdir(), folder]
+        if os.geteuid() == 0:
+            result = subprocess.run(["chattr", "+i", *map(str, paths)], capture_output=True)
+            if result.returncode != 0:
+                pytest.skip("root without chattr +i cannot make a folder read-only")
+        else:
+            for path in paths:
+                path.chmod(0o444 if path.is_file() else 0o555)
+        made.extend(paths)
+
+    yield freeze
+    for path in made:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+        else:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def test_a_sweep_on_a_study_in_a_read_only_folder_is_one_error(tmp_path, read_only):
+    from merger.study.spec import parse_spec
+    from merger.study.sweep import run_sweep
+    from tests.merger.study.test_sweep import FakeEvaluator, _recipe, _spec
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    storage = f"sqlite:///{folder}/studies.db"
+    grid = "{parameters.t[default]: {type: float, low: 0.0, high: 1.0, step: 0.25}}"
+    spec = parse_spec(_spec(grid, sampler="grid", trials=1), "s.yaml")
+    run_sweep(spec, _recipe(), storage=storage, evaluator=FakeEvaluator(), progress=False)
+    read_only(folder)
+    with pytest.raises(
+        KruisingError, match=r"storage sqlite:///.*studies\.db is read-only here"
+    ) as info:
+        run_sweep(
+            spec, _recipe(), storage=storage, trials=2, evaluator=FakeEvaluator(), progress=False
+        )
+    assert "merge rank reads a read-only study" in info.value.hint
