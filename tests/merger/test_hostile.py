@@ -754,3 +754,7 @@ def test_a_sweep_on_a_study_in_a_read_only_folder_is_one_error(tmp_path, read_on
             spec, _recipe(), storage=storage, trials=2, evaluator=FakeEvaluator(), progress=False
         )
     assert "merge rank reads a read-only study" in info.value.hint
+    from merger.study.rank import leaderboard, load_study
+
+    board = leaderboard(load_study("test-sweep", storage))  # as the hint says
+    assert len(board["rows"]) == 1
