@@ -62,17 +62,23 @@ def print_table(table, out: Console | None = None) -> None:
         out._width = saved
 
 
-class Interrupted(BaseException):
-    """SIGTERM or SIGINT, raised in the main thread: every ``except BaseException`` clean-up
-    runs (temp folders removed) as for any failure. Not a KeyboardInterrupt, so typer and
-    click let it through to `run_cli` instead of exiting 130 with nothing said."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT, raised in the main thread as a KeyboardInterrupt: every clean-up
+    runs (temporary folders removed) as for any failure, and code that treats Ctrl-C
+    specially (a sweep marks its variant to be run again) treats SIGTERM the same way."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
 
 
+#: the signals received (typer turns a KeyboardInterrupt into a silent exit 130, so
+#: `run_cli` looks here to say what stopped the command)
+_received: list[int] = []
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
+    _received.append(signum)
     raise Interrupted(signum)
 
 
@@ -96,10 +102,12 @@ def run_cli(app: Callable[[], object], verbose: Callable[[], bool]) -> None:
             console.print()
             console.print(Text.assemble(("hint: ", "bold"), exc.hint), soft_wrap=True)
         sys.exit(1)
-    except (Interrupted, KeyboardInterrupt) as exc:
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if isinstance(exc, SystemExit) and not _received:
+            raise  # a normal exit, or a failure typer or click reported
         for each in (signal.SIGTERM, signal.SIGINT):  # a second signal now ends it at once
             signal.signal(each, signal.SIG_DFL)
+        signum = _received[0] if _received else signal.SIGINT
         name = signal.Signals(signum).name
         console.print(
             Text.assemble(

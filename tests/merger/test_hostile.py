@@ -758,3 +758,45 @@ def test_a_sweep_on_a_study_in_a_read_only_folder_is_one_error(tmp_path, read_on
 
     board = leaderboard(load_study("test-sweep", storage))  # as the hint says
     assert len(board["rows"]) == 1
+
+
+def test_sigterm_mid_sweep_queues_the_variant_in_flight_again(tmp_path, capsys):
+    import signal
+
+    from optuna.trial import TrialState
+
+    from kruising import console as console_module
+    from merger.study.spec import parse_spec
+    from merger.study.sweep import run_sweep
+    from tests.merger.study.test_sweep import FakeEvaluator, _recipe, _spec
+
+    class Terminated(FakeEvaluator):
+        def __call__(self, variant):
+            if self.calls == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # Slurm's time limit, mid-variant
+            return super().__call__(variant)
+
+    grid = "{parameters.t[default]: {type: float, low: 0.0, high: 1.0, step: 0.25}}"
+    spec = parse_spec(_spec(grid, sampler="grid", trials=5), "s.yaml")
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    console_module._received.clear()
+    try:
+        with pytest.raises(SystemExit) as info:
+            console_module.run_cli(
+                lambda: run_sweep(
+                    spec, _recipe(), storage=storage, evaluator=Terminated(), progress=False
+                ),
+                lambda: False,
+            )
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        console_module._received.clear()
+    assert info.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    study = run_sweep(spec, _recipe(), storage=storage, evaluator=FakeEvaluator(), progress=False)
+    stopped = [t for t in study.trials if t.user_attrs.get("fail_reason") == "interrupted"]
+    assert len(stopped) == 1 and stopped[0].state == TrialState.FAIL
+    retry = [t for t in study.trials if t.user_attrs.get("retry_of") == stopped[0].number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
