@@ -222,6 +222,8 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
     )  # names and literal ranges: checked by MergeRecipe (merger.core.params)
     in_dtype = parse_dtype(recipe.dtype, "dtype")
     out_dtype = parse_dtype(recipe.out_dtype, "out_dtype")
+    for ref, source in sources.items():
+        _check_layer_count(ref, source)
     slices = _out_slices(recipe, sources)
     for i, s in enumerate(slices):
         n_inputs = len(s.sources)
@@ -381,6 +383,21 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
         shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
         raise KruisingError("; ".join(shown), _hint_for(problems[0]))
     return MergePlan(recipe, method, tasks, sources, recipe.base_model, out_layer, donor)
+
+
+def _check_layer_count(ref: str, source: ModelSource) -> None:
+    """config.json's num_hidden_layers against the layers the shards hold: a config that
+    claims more (damaged, or a billion to make the plan loop for hours) is refused."""
+    if source.pickle_files:
+        return
+    held = {int(m["index"]) for n in source.tensors if (m := LAYER_NAME.match(n))}
+    claimed = source.num_layers
+    if claimed > (max(held) + 1 if held else 0):
+        raise KruisingError(
+            f"{source.path / 'config.json'}: num_hidden_layers is {claimed}, but the shards of "
+            f"{ref} hold {len(held)} layers",
+            "a damaged or mismatched config.json; re-download or re-save this checkpoint",
+        )
 
 
 def _layer_suffixes(source: ModelSource) -> list[tuple[str, str]]:

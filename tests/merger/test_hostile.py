@@ -800,3 +800,15 @@ def test_sigterm_mid_sweep_queues_the_variant_in_flight_again(tmp_path, capsys):
     assert len(stopped) == 1 and stopped[0].state == TrialState.FAIL
     retry = [t for t in study.trials if t.user_attrs.get("retry_of") == stopped[0].number]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+
+
+def test_a_config_claiming_more_layers_than_the_shards_hold_is_refused(tmp_path):
+    from merger.core.engine import open_sources
+    from merger.core.plan import build_plan
+
+    a, b = tiny_model(tmp_path / "a", 0), tiny_model(tmp_path / "b", 1)
+    config = tiny_config() | {"num_hidden_layers": 10**9}  # the plan would loop for hours
+    (b / "config.json").write_text(json.dumps(config))
+    recipe = parse_recipe(linear_recipe(a, b))
+    with pytest.raises(KruisingError, match=r"num_hidden_layers is 1000000000, but the shards"):
+        build_plan(recipe, open_sources(recipe))
