@@ -113,9 +113,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(header_len))
         if not isinstance(header, dict):
             raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: [[[[...]]]]
         raise KruisingError(
-            f"corrupt safetensors shard {path}: {exc}",
+            f"corrupt safetensors shard {path}: {type(exc).__name__ if isinstance(exc, RecursionError) else exc}",
             "re-download or re-save this checkpoint; the file is truncated or not safetensors",
         ) from None
     data_start = 8 + header_len
@@ -335,7 +335,7 @@ def read_config(config_file: Path) -> dict[str, Any]:
         config = json.loads(config_file.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise KruisingError(f"{config_file}: not UTF-8 text ({exc.reason})", hint) from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise KruisingError(f"{config_file}: invalid JSON ({exc})", hint) from None
     except OSError as exc:
         raise KruisingError(f"cannot read {config_file}: {exc.strerror or exc}", hint) from None
@@ -360,7 +360,7 @@ def _check_index(index: Path, tensors: dict[str, TensorInfo], folder: Path) -> N
         weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError(f"weight_map is a {type(weight_map).__name__}")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise KruisingError(f"{index}: not a safetensors index ({exc})", "re-save") from None
     missing = sorted(set(weight_map) - set(tensors))
     if missing:

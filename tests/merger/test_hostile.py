@@ -223,8 +223,20 @@ def two_tensors(**changes) -> dict:
             r"bad header entry for a",
         ),
         (two_tensors(a=[0, 16]), bytes(32), r"bad header entry for a"),
+        ("deep", b"", r"RecursionError"),
     ],
-    ids=["list", "overlap", "negative", "gap", "trailing", "size", "neg-shape", "float", "entry"],
+    ids=[
+        "list",
+        "overlap",
+        "negative",
+        "gap",
+        "trailing",
+        "size",
+        "neg-shape",
+        "float",
+        "entry",
+        "deep",
+    ],
 )
 def test_a_damaged_safetensors_header_is_one_error_naming_file_and_tensor(
     tmp_path, header, data, match
@@ -232,7 +244,11 @@ def test_a_damaged_safetensors_header_is_one_error_naming_file_and_tensor(
     from merger.core.io import read_safetensors_header
 
     shard = tmp_path / "model.safetensors"
-    write_raw_safetensors(shard, header, data)
+    if header == "deep":  # nested deeper than the JSON parser recurses
+        raw = b"[" * 100_000 + b"]" * 100_000
+        shard.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    else:
+        write_raw_safetensors(shard, header, data)
     with pytest.raises(KruisingError, match=match) as info:
         read_safetensors_header(shard)
     assert str(shard) in info.value.message and "\n" not in info.value.message
