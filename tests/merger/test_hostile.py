@@ -828,3 +828,22 @@ def test_a_config_claiming_more_layers_than_the_shards_hold_is_refused(tmp_path)
     recipe = parse_recipe(linear_recipe(a, b))
     with pytest.raises(KruisingError, match=r"num_hidden_layers is 1000000000, but the shards"):
         build_plan(recipe, open_sources(recipe))
+
+
+def test_a_variant_another_sweep_is_merging_is_not_evaluated_again():
+    """Two TPE sweeps on one study propose the same variant: the one that comes second finds
+    the first one's RUNNING trial (landed with #17's workers, 252e76a; the full two-process
+    case is tests/merger/study/test_workers.py)."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from merger.study.sweep import _twin
+
+    study = optuna.create_study(storage="sqlite:///:memory:")
+    space = {"parameters.t": FloatDistribution(0.0, 1.0)}
+    study.enqueue_trial({"parameters.t": 0.5})
+    first = study.ask(space)  # the first sweep merges t=0.5 (RUNNING)
+    second = study.ask(space)
+    assert study.trials[first.number].state == optuna.trial.TrialState.RUNNING
+    assert _twin(study, second.number, {"parameters.t": 0.5}) == first.number
+    assert _twin(study, second.number, {"parameters.t": 0.25}) is None
