@@ -860,3 +860,189 @@ int kr_sce_mask(int64_t n, int k, const void *base, const void *const *src, int 
     free(d);
     return 0;
 }
+
+/* nuslerp (flattened, or per row of `cols` entries). d_j = x_j - base (x_j without a base),
+ * rounded to the compute dtype. The passes are written once (always inlined) and
+ * instantiated per compute dtype, so that the rounding is branch-free and the loops vectorize.
+ * Sums are in double, in 8 lanes (another order than torch's float32 sums: the same value
+ * once rounded to a half-float compute dtype, the last float32 bit otherwise). */
+#define KR_INLINE static inline __attribute__((always_inline))
+
+KR_INLINE float rnd_fast(float x, int cdt)
+{
+    if (cdt == KR_BF16) {
+        uint32_t u, r;
+        memcpy(&u, &x, sizeof(u));
+        r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        r = (u & 0x7fffffffu) > 0x7f800000u ? u : r; /* NaN stays NaN */
+        memcpy(&x, &r, sizeof(x));
+        return x;
+    }
+#ifdef KR_HAVE_F16
+    if (cdt == KR_F16)
+        return (float)(_Float16)x;
+#endif
+    return x;
+}
+
+KR_INLINE void nus_load(float *a0, float *a1, float *b, const void *base, const void *x0,
+                        const void *x1, int64_t off, int64_t m, int in_dtype, int cdt)
+{
+    load_f32(a0, x0, off, m, in_dtype);
+    load_f32(a1, x1, off, m, in_dtype);
+    if (base != NULL)
+        load_f32(b, base, off, m, in_dtype);
+    if (cdt != KR_F32 && cdt != in_dtype) {
+        for (int64_t i = 0; i < m; i++) {
+            a0[i] = rnd_fast(a0[i], cdt);
+            a1[i] = rnd_fast(a1[i], cdt);
+        }
+        if (base != NULL)
+            for (int64_t i = 0; i < m; i++)
+                b[i] = rnd_fast(b[i], cdt);
+    }
+    if (base != NULL)
+        for (int64_t i = 0; i < m; i++) {
+            a0[i] = rnd_fast(a0[i] - b[i], cdt);
+            a1[i] = rnd_fast(a1[i] - b[i], cdt);
+        }
+}
+
+KR_INLINE double sum8(const float *x, int64_t m)
+{
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= m; i += 8)
+        for (int l = 0; l < 8; l++)
+            acc[l] += (double)x[i + l];
+    double s = 0.0;
+    for (; i < m; i++)
+        s += (double)x[i];
+    for (int l = 0; l < 8; l++)
+        s += acc[l];
+    return s;
+}
+
+KR_INLINE void nus_sq(int64_t rows, int64_t cols, const void *base, const void *x0,
+                      const void *x1, int in_dtype, int cdt, double *sq0, double *sq1)
+{
+    float b[CHUNK], a0[CHUNK], a1[CHUNK];
+    for (int64_t r = 0; r < rows; r++) {
+        double s0 = 0.0, s1 = 0.0;
+        for (int64_t c = 0; c < cols; c += CHUNK) {
+            int64_t off = r * cols + c, m = cols - c < CHUNK ? cols - c : CHUNK;
+            nus_load(a0, a1, b, base, x0, x1, off, m, in_dtype, cdt);
+            for (int64_t i = 0; i < m; i++) {
+                a0[i] = a0[i] * a0[i]; /* float32 squares, as torch.norm's */
+                a1[i] = a1[i] * a1[i];
+            }
+            s0 += sum8(a0, m);
+            s1 += sum8(a1, m);
+        }
+        sq0[r] = s0;
+        sq1[r] = s1;
+    }
+}
+
+KR_INLINE void nus_dot(int64_t rows, int64_t cols, const void *base, const void *x0,
+                       const void *x1, int in_dtype, int cdt, const float *n0, const float *n1,
+                       double *dot)
+{
+    float b[CHUNK], a0[CHUNK], a1[CHUNK];
+    for (int64_t r = 0; r < rows; r++) {
+        double s = 0.0;
+        const float m0 = n0[r], m1 = n1[r];
+        for (int64_t c = 0; c < cols; c += CHUNK) {
+            int64_t off = r * cols + c, m = cols - c < CHUNK ? cols - c : CHUNK;
+            nus_load(a0, a1, b, base, x0, x1, off, m, in_dtype, cdt);
+            for (int64_t i = 0; i < m; i++)
+                a0[i] = rnd_fast(rnd_fast(a0[i] / m0, cdt) * rnd_fast(a1[i] / m1, cdt), cdt);
+            s += sum8(a0, m);
+        }
+        dot[r] = s;
+    }
+}
+
+KR_INLINE int64_t nus_out(int64_t start, int64_t n, int64_t cols, const void *base,
+                          const void *x0, const void *x1, int in_dtype, int cdt,
+                          const uint8_t *colinear, const float *s0, const float *s1,
+                          const float *st, float wa, float wb, void *dst, int out_dtype)
+{
+    float b[CHUNK], a0[CHUNK], a1[CHUNK];
+    int64_t bad = 0;
+    for (int64_t off = 0; off < n; off += CHUNK) {
+        int64_t m = n - off < CHUNK ? n - off : CHUNK;
+        nus_load(a0, a1, b, base, x0, x1, off, m, in_dtype, cdt);
+        /* the rows this chunk touches, one segment each */
+        for (int64_t i0 = 0; i0 < m;) {
+            int64_t r = (start + off + i0) / cols;
+            int64_t i1 = (r + 1) * cols - (start + off);
+            i1 = i1 < m ? i1 : m;
+            if (colinear[r]) {
+                for (int64_t i = i0; i < i1; i++)
+                    a0[i] = rnd_fast(rnd_fast(wa * a0[i], cdt) + rnd_fast(wb * a1[i], cdt), cdt);
+            } else {
+                const float c0 = s0[r], c1 = s1[r], d = st[r];
+                for (int64_t i = i0; i < i1; i++)
+                    a0[i] = rnd_fast(
+                        rnd_fast(rnd_fast(c0 * a0[i], cdt) + rnd_fast(c1 * a1[i], cdt), cdt) / d,
+                        cdt);
+            }
+            i0 = i1;
+        }
+        if (base != NULL)
+            for (int64_t i = 0; i < m; i++)
+                a0[i] = rnd_fast(b[i] + a0[i], cdt);
+        bad += store_f32(dst, off, a0, m, out_dtype);
+    }
+    return bad;
+}
+
+/* the exported passes: one instance per compute dtype */
+#ifdef KR_HAVE_F16
+#define KR_BY_CDT(call)                                                                      \
+    switch (cdt) {                                                                           \
+    case KR_BF16: call(KR_BF16); break;                                                      \
+    case KR_F16: call(KR_F16); break;                                                        \
+    default: call(KR_F32); break;                                                            \
+    }
+#else
+#define KR_BY_CDT(call)                                                                      \
+    switch (cdt) {                                                                           \
+    case KR_BF16: call(KR_BF16); break;                                                      \
+    default: call(KR_F32); break;                                                            \
+    }
+#endif
+
+void kr_nuslerp_sq(int64_t rows, int64_t cols, const void *base, const void *x0, const void *x1,
+                   int in_dtype, int cdt, double *sq0, double *sq1)
+{
+#define KR_CALL(c) nus_sq(rows, cols, base, x0, x1, in_dtype, c, sq0, sq1)
+    KR_BY_CDT(KR_CALL)
+#undef KR_CALL
+}
+
+void kr_nuslerp_dot(int64_t rows, int64_t cols, const void *base, const void *x0, const void *x1,
+                    int in_dtype, int cdt, const float *n0, const float *n1, double *dot)
+{
+#define KR_CALL(c) nus_dot(rows, cols, base, x0, x1, in_dtype, c, n0, n1, dot)
+    KR_BY_CDT(KR_CALL)
+#undef KR_CALL
+}
+
+/* elements [start, start + n) of the flat tensor: where colinear[row],
+ * (1 - t) * d_0 + t * d_1 (Python scalars: float32 products), else
+ * (s0[row] * d_0 + s1[row] * d_1) / st[row]; base + that. Returns the non-finite count. */
+int64_t kr_nuslerp_out(int64_t start, int64_t n, int64_t cols, const void *base, const void *x0,
+                       const void *x1, int in_dtype, int cdt, const uint8_t *colinear,
+                       const float *s0, const float *s1, const float *st, float wa, float wb,
+                       void *dst, int out_dtype)
+{
+    int64_t bad = 0;
+#define KR_CALL(c)                                                                           \
+    bad = nus_out(start, n, cols, base, x0, x1, in_dtype, c, colinear, s0, s1, st, wa, wb, dst, \
+                  out_dtype)
+    KR_BY_CDT(KR_CALL)
+#undef KR_CALL
+    return bad;
+}

@@ -7,10 +7,12 @@ check). Two kinds:
 
 - linear, slerp, task_arithmetic, ties, dare_ties, dare_linear: float32 compute, as their torch
   references in `methods.py`;
-- passthrough, nearswap, ram, ramplus_tl, della, della_linear (the exact-dtype methods): every
-  operation rounds to the compute dtype exactly as torch rounds it (bf16/f16 ops compute in
-  float32 and round; a Python scalar enters mul/div in float32, add/sub/compare in the tensor's
-  dtype), so the result is the torch reference's — mergekit's operations — bit for bit.
+- passthrough, nearswap, ram, ramplus_tl, della, della_linear, sce, nuslerp (the exact-dtype
+  methods): every operation rounds to the compute dtype exactly as torch rounds it (bf16/f16 ops
+  compute in float32 and round; a Python scalar enters mul/div in float32, add/sub/compare in
+  the tensor's dtype), so the result is the torch reference's — mergekit's operations — bit for
+  bit (nuslerp's norms and dot products are sums in another order: bit for bit in a half-float
+  compute dtype, to the last float32 bit of a sum in float32).
 
 It returns None when it does not apply — another method, a GPU tensor, an unsupported dtype
 (float64), inputs stored in different dtypes, or no C compiler — and the engine then runs the
@@ -74,10 +76,20 @@ FUSED_METHODS = (
     "della",
     "della_linear",
     "sce",
+    "nuslerp",
 )
 #: exact-dtype methods (`methods.MethodSpec.exact_dtype`): their kernels compute in the
 #: compute dtype with mergekit's rounding, from the inputs as stored
-EXACT = ("passthrough", "nearswap", "ram", "ramplus_tl", "della", "della_linear", "sce")
+EXACT = (
+    "passthrough",
+    "nearswap",
+    "ram",
+    "ramplus_tl",
+    "della",
+    "della_linear",
+    "sce",
+    "nuslerp",
+)
 RANDOM = ("dare_ties", "dare_linear")
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -323,6 +335,14 @@ def _declare(lib: Any) -> None:
     lib.kr_sce_counts.argtypes = [i64, i32, ptr, ptr, i32, i32, ctypes.c_int32, ptr, ptr]
     lib.kr_sce_mask.restype = i32
     lib.kr_sce_mask.argtypes = [i64, i32, ptr, ptr, i32, i32, i32, ctypes.c_uint32, ptr, ptr, ptr]
+    lib.kr_nuslerp_sq.restype = None
+    lib.kr_nuslerp_sq.argtypes = [i64, i64, ptr, ptr, ptr, i32, i32, ptr, ptr]
+    lib.kr_nuslerp_dot.restype = None
+    lib.kr_nuslerp_dot.argtypes = [i64, i64, ptr, ptr, ptr, i32, i32, ptr, ptr, ptr]
+    lib.kr_nuslerp_out.restype = i64
+    lib.kr_nuslerp_out.argtypes = [
+        i64, i64, i64, ptr, ptr, ptr, i32, i32, ptr, ptr, ptr, ptr, f32, f32, ptr, i32,
+    ]  # fmt: skip
 
 
 def available() -> bool:
@@ -468,6 +488,8 @@ def _exact(
                 e - s, flats[0][s:e].data_ptr(), in_code, has, factor, c_code, v, out_code
             ),
         )
+    if method == "nuslerp":
+        return _nuslerp(lib, tensors[0].shape, flats, base_index, params, per_model, codes, out)
     base = flats[base_index]
     others = [flats[i] for i in range(len(flats)) if i != base_index]
     if method == "nearswap":
@@ -525,6 +547,60 @@ def _exact(
     if method == "sce":
         return _sce(lib, base, others, float(params["select_topk"]), codes, out)
     return _della(lib, method, tensors, flats, base_index, params, per_model, codes, out, generator)
+
+
+def _nuslerp(lib, shape, flats, base_index, params, per_model, codes, out: Output):
+    """nuslerp, flattened or per row: the norms (pass 1) and the unit vectors' dot products
+    (pass 2) summed by kernels, the per-row angles and factors by the reference's torch ops
+    on those sums, then the merge (pass 3). Per column (row_wise on a matrix): None."""
+    in_code, c_code, out_code = codes
+    compute = next(d for d, c in _CODES.items() if c == c_code)
+    n = flats[0].numel()
+    if params["nuslerp_flatten"] or len(shape) <= 1:
+        rows, cols = 1, n
+    elif params["nuslerp_row_wise"]:
+        return None  # per column: the reference
+    else:
+        cols = shape[-1]
+        rows = n // cols if cols else 0
+    if n == 0:
+        return None
+    others = [i for i in range(len(flats)) if i != base_index]
+    weights = [per_model[i]["weight"] for i in others]
+    total = sum(weights)
+    t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+    x0, x1 = (flats[i] for i in others)
+    base = flats[base_index] if base_index is not None else None
+    base_ptr = base.data_ptr() if base is not None else None
+    sq = torch.zeros(2, rows, dtype=torch.float64)
+    lib.kr_nuslerp_sq(
+        rows, cols, base_ptr, x0.data_ptr(), x1.data_ptr(), in_code, c_code,
+        sq[0].data_ptr(), sq[1].data_ptr(),
+    )  # fmt: skip
+    # torch.norm in the compute dtype: a float32 sum of squares, its root rounded
+    norms = sq.to(torch.float32).sqrt().to(compute).clamp(min=1e-7)
+    n32 = norms.float().contiguous()
+    dot = torch.zeros(rows, dtype=torch.float64)
+    lib.kr_nuslerp_dot(
+        rows, cols, base_ptr, x0.data_ptr(), x1.data_ptr(), in_code, c_code,
+        n32[0].data_ptr(), n32[1].data_ptr(), dot.data_ptr(),
+    )  # fmt: skip
+    # the reference's per-row steps, on the sums
+    cos_theta = dot.to(torch.float32).to(compute).clamp(-1, 1)
+    colinear = (1 - cos_theta.square()) <= 1e-8**2
+    theta = torch.acos(torch.where(colinear, 0, cos_theta))
+    factors = torch.stack([torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta)])
+    s0, s1, st = (f.float().contiguous() for f in factors)
+    flags = colinear.to(torch.uint8).contiguous()
+
+    def run(s: int, e: int, v: int) -> int:
+        return lib.kr_nuslerp_out(
+            s, e - s, cols, base[s:e].data_ptr() if base is not None else None,
+            x0[s:e].data_ptr(), x1[s:e].data_ptr(), in_code, c_code, flags.data_ptr(),
+            s0.data_ptr(), s1.data_ptr(), st.data_ptr(), 1 - t, t, v, out_code,
+        )  # fmt: skip
+
+    return _spans(out, run)
 
 
 def _sce(lib, base, others, select_topk: float, codes, out: Output) -> int:

@@ -396,3 +396,57 @@ def test_sce_kernel_is_bit_identical(stored, compute, select_topk):
     )  # fmt: skip
     assert bad == 0
     assert torch.equal(merged, reference)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("stored", "compute"), STORED_COMPUTE)
+@pytest.mark.parametrize(
+    ("shape", "flatten", "with_base"),
+    [
+        ((30_011,), True, True),
+        ((61, 493), True, False),
+        ((61, 493), False, True),
+        ((7,), False, False),
+    ],
+)
+def test_nuslerp_kernel_is_the_reference(stored, compute, shape, flatten, with_base):
+    """The norms and dot products are sums (ours in float64, torch's in float32 in its own
+    order): in a half-float compute dtype they round to the same value, so the merge is the
+    reference's bit for bit; in float32 they may differ in the last bit, and so may a few
+    merged entries, by one step of the output dtype. A row where the two inputs are the same
+    is colinear and takes the lerp."""
+    if compute == torch.float16 and not kernels._load().kr_has_f16():
+        pytest.skip("no _Float16 in this compiler")
+    n = 1
+    for size in shape:
+        n *= size
+    tensors = [t.reshape(shape) for t in _tricky(n, stored, k=2, seed=7)]
+    if len(shape) == 2:
+        tensors[2][3] = tensors[1][3]  # row 3 of the two inputs the same: colinear
+    inputs = tensors if with_base else tensors[1:]
+    params = {"nuslerp_flatten": flatten, "nuslerp_row_wise": False}
+    per_model = ([{}] if with_base else []) + [{"weight": 0.3}, {"weight": 0.5}]
+    base_index = 0 if with_base else None
+    (merged, bad), reference = _exact_both(
+        "nuslerp", inputs, base_index, params, per_model, compute, torch.bfloat16
+    )
+    assert bad == 0
+    assert merged.shape == reference.shape
+    if compute != torch.float32:
+        assert torch.equal(merged, reference)
+        return
+    assert float((merged != reference).float().mean()) < 0.01
+    torch.testing.assert_close(merged.float(), reference.float(), rtol=8e-3, atol=1e-6)
+
+
+@needs_kernels
+def test_nuslerp_per_column_is_left_to_the_reference():
+    tensors = [t.reshape(31, 17) for t in _tricky(31 * 17, torch.bfloat16, k=2)]
+    params = {"nuslerp_flatten": False, "nuslerp_row_wise": True}
+    per_model = [{}, {"weight": 1.0}, {"weight": 1.0}]
+    assert (
+        kernels.fused_merge(
+            "nuslerp", tensors, 0, params, per_model, torch.bfloat16, None, None, torch.bfloat16
+        )
+        is None
+    )
