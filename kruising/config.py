@@ -89,17 +89,17 @@ def compose_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int], list[Prob
         nonlocal built
         built += 1
         if built > MAX_NODES:
-            raise yaml.MarkedYAMLError(
+            raise _Refused(
                 problem=f"expands to more than {MAX_NODES} values (an alias bomb?)",
                 problem_mark=node.start_mark,
             )
         if depth > _MAX_DEPTH:
-            raise yaml.MarkedYAMLError(
+            raise _Refused(
                 problem=f"nested deeper than {_MAX_DEPTH} levels (recursive alias?)",
                 problem_mark=node.start_mark,
             )
         if not isinstance(node, yaml.ScalarNode) and node.tag not in _PLAIN_TAGS:
-            raise yaml.MarkedYAMLError(
+            raise _Refused(
                 problem=f"tag {node.tag!r} is not allowed (a config holds plain values only)",
                 problem_mark=node.start_mark,
             )
@@ -167,6 +167,20 @@ def compose_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int], list[Prob
             return None, lines, problems
         lines[()] = root.start_mark.line + 1
         return build(root, (), 0), lines, problems
+    except _Refused as exc:
+        mark = exc.problem_mark
+        problems.append(
+            Problem(
+                source=source,
+                line=mark.line + 1 if mark else 1,
+                path="",
+                message=f"refused: {exc.problem}",
+                hint="remove the tag: a config holds plain keys, lists and values"
+                if "tag" in str(exc.problem)
+                else "write the values out instead of nesting aliases (a config is a few KB)",
+            )
+        )
+        return None, lines, problems
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
@@ -196,12 +210,16 @@ def compose_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int], list[Prob
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
+class _Refused(yaml.MarkedYAMLError):
+    """YAML that is valid but hostile: an alias bomb, a recursive alias, an object tag."""
+
+
 def _flatten_merges(node: yaml.MappingNode, depth: int) -> None:
     """Resolve ``<<: *anchor`` merge keys in place, as PyYAML's ``flatten_mapping`` does (keys
     written here win, then the first merged mapping), but keep each key once: PyYAML keeps every
     copy, so merges of merges grow exponentially (a merge-key bomb)."""
     if depth > _MAX_DEPTH:
-        raise yaml.MarkedYAMLError(
+        raise _Refused(
             problem=f"merge keys nested deeper than {_MAX_DEPTH} levels (recursive alias?)",
             problem_mark=node.start_mark,
         )
@@ -216,7 +234,7 @@ def _flatten_merges(node: yaml.MappingNode, depth: int) -> None:
         sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
         for sub in reversed(sources):
             if not isinstance(sub, yaml.MappingNode):
-                raise yaml.MarkedYAMLError(
+                raise _Refused(
                     problem=f"a merge key (<<) takes mappings, found a {sub.id}",
                     problem_mark=sub.start_mark,
                 )

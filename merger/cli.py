@@ -57,6 +57,9 @@ def run_command(
 
     The child is built in a temporary sibling and renamed into place when complete.
     """
+    from merger.core.recipe import load_recipe
+
+    load_recipe(recipe)  # a bad recipe fails before torch is imported (well under a second)
     from merger.core.engine import run_recipe_file
     from merger.core.options import MergeOptions
 

@@ -93,6 +93,35 @@ def test_an_alias_bomb_is_refused_with_file_and_line():
         parse_recipe(alias_bomb(), source="bomb.yaml")
 
 
+BOMB_RUN = """
+import atexit, sys
+atexit.register(lambda: print("torch imported:", "torch" in sys.modules, file=sys.stderr))
+sys.argv = ["merge", "run", sys.argv[1], "--out", sys.argv[2]]
+from merger.cli import main
+main()
+"""
+
+
+def test_merge_run_on_an_alias_bomb_fails_before_importing_torch(tmp_path):
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text(alias_bomb())
+    result = subprocess.run(
+        [sys.executable, "-c", BOMB_RUN, str(recipe), str(tmp_path / "child")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith(f"error: {recipe}:2: refused: expands to more than")
+    assert lines[-1] == "torch imported: False"
+    assert not (tmp_path / "child").exists()
+
+
 def test_a_merge_key_bomb_is_not_expanded():
     # PyYAML's flatten_mapping keeps every merged copy: 9**11 entries. Each key is kept once.
     data, _, problems = compose_yaml(merge_key_bomb(), "merge.yaml")
