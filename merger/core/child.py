@@ -36,6 +36,8 @@ def write_config(plan: MergePlan, folder: Path) -> dict[str, Any]:
 
         config["dtype"] = dtype_name(parse_dtype(chosen, "out_dtype"))
         config.pop("torch_dtype", None)
+    if plan.tokenizer is not None:  # mergekit's _update_config_vocab
+        config["vocab_size"] = plan.tokenizer.rows
     if recipe.slices:
         config["num_hidden_layers"] = plan.num_layers
         for key in ("layer_types",):  # per-layer lists must match the new depth
@@ -57,51 +59,25 @@ def write_generation_config(plan: MergePlan, folder: Path, config: dict[str, Any
     (folder / "generation_config.json").write_text(json.dumps(generated, indent=2) + "\n")
 
 
-def _tokenizer_fingerprint(source: ModelSource) -> str | None:
-    digest = hashlib.sha256()
-    found = False
-    for name in ("tokenizer.json", "tokenizer.model"):
-        file = source.path / name
-        if file.is_file():
-            digest.update(file.read_bytes())
-            found = True
-    return digest.hexdigest() if found else None
-
-
 def write_tokenizer(plan: MergePlan, folder: Path) -> str | None:
-    """Copy the tokenizer chosen by `tokenizer_source`; set `chat_template` when asked.
+    """The child's tokenizer: the one the plan built (`tokenizer_source`/`tokenizer:`), saved
+    as mergekit saves it, or else the donor's files copied; `chat_template` set when asked.
 
-    Returns the model ref the tokenizer came from (None when no input has one).
+    Every check ran when the plan was built (merger.core.tokenizer). Returns the model ref
+    the tokenizer came from, ``"built"`` for a built one, None when no input has one.
     """
     recipe = plan.recipe
-    choice = recipe.tokenizer_source
-    refs = list(plan.sources)
-    if choice in (None, "base"):
-        donor = plan.base_model or plan.donor
-    elif choice == "union":
-        prints = {ref: _tokenizer_fingerprint(plan.sources[ref]) for ref in refs}
-        if len(set(prints.values())) > 1:
-            raise KruisingError(
-                "tokenizer_source: union with different tokenizers needs a vocabulary merge",
-                "run with --engine mergekit (it builds the union vocabulary), or use "
-                "tokenizer_source: base",
-            )
-        donor = plan.base_model or plan.donor
-    else:
-        if choice not in plan.sources:
-            raise KruisingError(
-                f"tokenizer_source {choice} is not one of the recipe's models",
-                f"use base, union, or one of: {', '.join(refs)}",
-            )
-        donor = choice
+    if plan.tokenizer is not None:
+        from merger.core.tokenizer import save_tokenizer
+
+        template = _resolve_template(recipe.chat_template, plan)
+        save_tokenizer(plan.tokenizer, folder, template)
+        return "built"
+    donor = plan.base_model or plan.donor
     source = plan.sources[donor]
     copied = [n for n in TOKENIZER_FILES if (source.path / n).is_file()]
     if not copied:
         return None
-    vocab_rows = next(
-        (t.shape[0] for t in plan.tasks if t.name.endswith("embed_tokens.weight")), None
-    )
-    _check_vocab(source, vocab_rows, choice)
     for name in copied:
         shutil.copyfile(source.path / name, folder / name)
     if recipe.chat_template:
@@ -109,19 +85,12 @@ def write_tokenizer(plan: MergePlan, folder: Path) -> str | None:
     return donor
 
 
-def _check_vocab(source: ModelSource, rows: int | None, choice: str | None) -> None:
-    size = source.config.get("vocab_size")
-    if rows is not None and size is not None and int(size) > rows:
-        raise KruisingError(
-            f"tokenizer_source {choice or 'base'} ({source.ref}) has vocab_size {size}, "
-            f"but the child's embeddings have {rows} rows",
-            "use tokenizer_source: base, or --engine mergekit to rebuild the embeddings",
-        )
-
-
-def _set_chat_template(folder: Path, template: str, plan: MergePlan) -> None:
+def _resolve_template(template: str | None, plan: MergePlan) -> str | None:
+    """The Jinja text of `chat_template`: ``auto`` is the inputs' most common template."""
     from transformers import AutoTokenizer
 
+    if not template:
+        return None
     if template == "auto":
         found = []
         for source in plan.sources.values():
@@ -131,13 +100,20 @@ def _set_chat_template(folder: Path, template: str, plan: MergePlan) -> None:
                 continue
             if isinstance(tok.chat_template, str) and tok.chat_template.strip():
                 found.append(tok.chat_template.strip())
-        if not found:
-            return
-        template = Counter(found).most_common(1)[0][0]
-    elif "{" not in template:
-        template = _named_template(template)
+        return Counter(found).most_common(1)[0][0] if found else None
+    if "{" not in template:
+        return _named_template(template)
+    return template
+
+
+def _set_chat_template(folder: Path, template: str, plan: MergePlan) -> None:
+    from transformers import AutoTokenizer
+
+    text = _resolve_template(template, plan)
+    if text is None:
+        return
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    tokenizer.chat_template = template
+    tokenizer.chat_template = text
     tokenizer.save_pretrained(str(folder))
 
 

@@ -73,6 +73,8 @@ def compute_task(
     fused CPU kernel as it computes, or copied from the reference method's result — and None
     is returned; the caller commits ``out``.
     """
+    if task.vocab is not None:  # mergekit: loaded in `dtype`, then re-indexed to the tokenizer
+        tensors = task.vocab.apply(tensors, task.in_dtype)
     compute = task.compute_dtype  # exact-dtype methods: mergekit's compute dtype
     if (
         compute is None

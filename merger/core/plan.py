@@ -50,6 +50,9 @@ class TensorTask:
     #: for exact-dtype methods: mergekit's compute dtype (recipe `dtype`, else the promoted
     #: stored dtypes); the inputs are cast to it before the method runs. None: float32 compute.
     compute_dtype: torch.dtype | None = None
+    #: a vocabulary tensor under `tokenizer:`/`tokenizer_source`: the inputs re-indexed to
+    #: the output tokenizer first (merger.core.tokenizer); None: merged as stored
+    vocab: Any = None
 
     @property
     def nbytes(self) -> int:
@@ -84,6 +87,8 @@ class MergePlan:
     base_model: str | None
     num_layers: int
     donor: str  # the model whose config, generation config and tokenizer the child starts from
+    #: the output tokenizer when the recipe builds one (merger.core.tokenizer); None: copied
+    tokenizer: Any = None
 
     @property
     def read_bytes(self) -> int:
@@ -267,6 +272,9 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
                 "list the right number of models",
             )
 
+    from merger.core.tokenizer import is_vocab_tensor, plan_tokenizer
+
+    tokenizer = plan_tokenizer(recipe, sources)  # every tokenizer check, before any tensor
     errors: dict[str, str] = {}
     tasks: list[TensorTask] = []
     donor = recipe.base_model or next(iter(sources))
@@ -296,6 +304,13 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
                 f"{str(odd.dtype).removeprefix('torch.')}, the other models store floats",
             )
             return
+        vocab = None
+        if tokenizer is not None and is_vocab_tensor(out_name):
+            vocab, problem = tokenizer.vocab_task(out_name, refs, shapes, base)
+            if problem:
+                errors.setdefault(problem, problem)
+                return
+            shapes = [(vocab.rows, *shape[1:]) for shape in shapes]
         if len(set(shapes)) > 1:
             errors.setdefault(out_name, _shape_problem(out_name, refs, shapes))
             return
@@ -348,6 +363,7 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
                 dtype,
                 group,
                 compute,
+                vocab,
             )
         )
 
@@ -382,7 +398,7 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
         problems = list(errors.values())
         shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
         raise KruisingError("; ".join(shown), _hint_for(problems[0]))
-    return MergePlan(recipe, method, tasks, sources, recipe.base_model, out_layer, donor)
+    return MergePlan(recipe, method, tasks, sources, recipe.base_model, out_layer, donor, tokenizer)
 
 
 def _check_layer_count(ref: str, source: ModelSource) -> None:
@@ -427,9 +443,8 @@ def _shape_problem(name: str, refs: list[str], shapes: list[tuple[int, ...]]) ->
 def _hint_for(problem: str) -> str:
     if problem.startswith("vocabulary sizes differ"):
         return (
-            "the models use different tokenizers: set `tokenizer_source: base` (the base "
-            "model's vocabulary) or `tokenizer_source: union` and run with --engine mergekit, "
-            "which rebuilds the embeddings for that vocabulary"
+            "the models use different tokenizers: set `tokenizer_source: union` (every "
+            "model's tokens) or `tokenizer_source: base` (the base model's), as in mergekit"
         )
     if problem.startswith("shape mismatch"):
         return "the models are not the same architecture/size; merge only same-shaped models"

@@ -254,7 +254,7 @@ def _garbage(shard: Path) -> None:
         ),
         (
             "vocab_mismatch",
-            r"vocabulary sizes differ in model\.embed_tokens\.weight.*tokenizer_source: base",
+            r"vocabulary sizes differ in model\.embed_tokens\.weight.*tokenizer_source: union",
         ),
         (
             "density_range",
