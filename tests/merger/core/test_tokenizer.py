@@ -140,11 +140,24 @@ dtype: bfloat16
 }
 
 
+def in_mergekit_order(text: str) -> str:
+    """The recipe with its models in mergekit's order of tokenizers for a union: the order of
+    the Python set `referenced_models()` returns (which changes per process); ours is the
+    recipe's, so the test lists them as mergekit will walk them."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+
+    data = yaml.safe_load(text)
+    order = [str(m) for m in MergeConfiguration.model_validate(data).referenced_models()]
+    data["models"].sort(key=lambda m: order.index(m["model"]))
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_tokenizer_recipes_match_mergekit(name, vocab_models, mergekit_run, tmp_path):
     from transformers import AutoTokenizer
 
-    text = RECIPES[name].format(**{k: str(v) for k, v in vocab_models.items()})
+    text = in_mergekit_order(RECIPES[name].format(**{k: str(v) for k, v in vocab_models.items()}))
     ours = run_recipe(
         parse_recipe(text), tmp_path / "ours", MergeOptions(device="cpu"), recipe_text=text
     )
