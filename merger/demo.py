@@ -81,16 +81,31 @@ def _row(name: str, kind: str, method: str, card: dict[str, Any]) -> dict:
     }
 
 
-def _prepare(out: Path, overwrite: bool) -> Path:
+#: what marks a folder as a demo report, so that --overwrite deletes nothing else
+DEMO_MARKER = ".kruising-demo"
+
+
+def _prepare(out: Path, overwrite: bool, family_dir: Path) -> Path:
     out = Path(out).expanduser()
+    if family_dir.expanduser().resolve().is_relative_to(out.resolve()):
+        raise KruisingError(
+            f"the report folder {out} holds the family folder {family_dir}",
+            "write the report to a folder of its own (--out), or keep the family elsewhere",
+        )
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise KruisingError(
                 f"report folder {out} already exists and is not empty",
                 "pass --overwrite to replace it, or choose another --out",
             )
+        if not (out / DEMO_MARKER).is_file() and not (out / "summary.json").is_file():
+            raise KruisingError(
+                f"--overwrite refuses to replace {out}: it is not a report `merge demo` wrote",
+                "choose another --out (an empty or new folder), or remove it yourself",
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `merge demo`; --overwrite may replace this folder\n")
     return out
 
 
@@ -221,8 +236,8 @@ def run_demo(
         )
     if size not in SIZES:
         raise KruisingError(f"unknown family size {size!r}", f"use one of {', '.join(SIZES)}")
-    out = _prepare(out, overwrite)
     family_dir = Path(family_dir) if family_dir else default_family_dir(size)
+    out = _prepare(out, overwrite, family_dir)
     cached, last_build = family_state(family_dir, size, seed)
     console.print(expected_duration(size, cached, last_build))
     console.print(

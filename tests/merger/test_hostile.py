@@ -876,3 +876,20 @@ def test_a_variant_another_sweep_is_merging_is_not_evaluated_again():
     assert study.trials[first.number].state == optuna.trial.TrialState.RUNNING
     assert _twin(study, second.number, {"parameters.t": 0.5}) == first.number
     assert _twin(study, second.number, {"parameters.t": 0.25}) is None
+
+
+def test_demo_overwrite_replaces_only_a_demo_report(tmp_path):
+    from merger.demo import _prepare
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    family = tmp_path / "cache" / "family"
+    with pytest.raises(KruisingError, match="--overwrite refuses to replace .*not a report"):
+        _prepare(home, True, family)
+    assert (home / "thesis.tex").is_file()
+    with pytest.raises(KruisingError, match="holds the family folder"):
+        _prepare(tmp_path, True, family)
+    report = _prepare(tmp_path / "report", False, family)
+    (report / "summary.json").write_text("{}")
+    assert _prepare(report, True, family) == report and not (report / "summary.json").exists()
