@@ -1046,3 +1046,119 @@ int64_t kr_nuslerp_out(int64_t start, int64_t n, int64_t cols, const void *base,
 #undef KR_CALL
     return bad;
 }
+
+/* multislerp, one pass per step (`stage`), each from the inputs: d_j = x_j - base (x_j without
+ * a base) in the compute dtype, u_j = d_j / nrm[j] (nrm: the norms + eps).
+ *   1: sums[j] = sum d_j^2                               (the norms)
+ *   2: sums[0] = sum mean^2, mean = sum_j u_j * w[j]     (its norm `mn`)
+ *   3: sums[j] = sum u_j * mu, mu = mean / mn            (the dots)
+ *   4: sums[0] = sum tg^2, tg = sum_j (u_j - dots[j] * mu) * w[j]
+ *   5: out = (mu * cos_tn + tg * f) * scale (+ base)
+ * Each product and difference rounds to the compute dtype as torch's does; a sum over the
+ * models is float32 in model order (torch's sum over dim 0), a sum over the entries double
+ * in 8 lanes. Returns the non-finite count (stage 5), -1 when out of memory. */
+KR_INLINE int64_t ms_pass(int stage, int64_t n, int k, const void *base, const void *const *src,
+                          int in_dtype, int cdt, const float *nrm, const float *w, float mn,
+                          const float *dots, float cos_tn, float f, float scale, double *sums,
+                          void *dst, int out_dtype)
+{
+    float(*d)[CHUNK] = malloc(sizeof(float[CHUNK]) * (size_t)(k + 4));
+    if (d == NULL)
+        return -1;
+    float *b = d[k], *acc = d[k + 1], *mu = d[k + 2], *tmp = d[k + 3];
+    int64_t bad = 0;
+    for (int64_t off = 0; off < n; off += CHUNK) {
+        int64_t m = n - off < CHUNK ? n - off : CHUNK;
+        int round_in = cdt != KR_F32 && cdt != in_dtype;
+        if (base != NULL) {
+            load_f32(b, base, off, m, in_dtype);
+            if (round_in)
+                for (int64_t i = 0; i < m; i++)
+                    b[i] = rnd_fast(b[i], cdt);
+        }
+        for (int j = 0; j < k; j++) {
+            float *x = d[j];
+            load_f32(x, src[j], off, m, in_dtype);
+            if (round_in)
+                for (int64_t i = 0; i < m; i++)
+                    x[i] = rnd_fast(x[i], cdt);
+            if (base != NULL)
+                for (int64_t i = 0; i < m; i++)
+                    x[i] = rnd_fast(x[i] - b[i], cdt);
+            if (stage == 1) {
+                for (int64_t i = 0; i < m; i++)
+                    tmp[i] = x[i] * x[i];
+                sums[j] += sum8(tmp, m);
+            } else {
+                const float s = nrm[j];
+                for (int64_t i = 0; i < m; i++)
+                    x[i] = rnd_fast(x[i] / s, cdt);
+            }
+        }
+        if (stage == 1)
+            continue;
+        for (int64_t i = 0; i < m; i++)
+            acc[i] = rnd_fast(d[0][i] * w[0], cdt);
+        for (int j = 1; j < k; j++) {
+            const float wj = w[j];
+            for (int64_t i = 0; i < m; i++)
+                acc[i] += rnd_fast(d[j][i] * wj, cdt);
+        }
+        for (int64_t i = 0; i < m; i++)
+            acc[i] = rnd_fast(acc[i], cdt);
+        if (stage == 2) {
+            for (int64_t i = 0; i < m; i++)
+                tmp[i] = acc[i] * acc[i];
+            sums[0] += sum8(tmp, m);
+            continue;
+        }
+        for (int64_t i = 0; i < m; i++)
+            mu[i] = rnd_fast(acc[i] / mn, cdt);
+        if (stage == 3) {
+            for (int j = 0; j < k; j++) {
+                for (int64_t i = 0; i < m; i++)
+                    tmp[i] = rnd_fast(d[j][i] * mu[i], cdt);
+                sums[j] += sum8(tmp, m);
+            }
+            continue;
+        }
+        for (int j = 0; j < k; j++) {
+            const float dj = dots[j], wj = w[j];
+            for (int64_t i = 0; i < m; i++) {
+                float t = rnd_fast(d[j][i] - rnd_fast(dj * mu[i], cdt), cdt);
+                float p = rnd_fast(t * wj, cdt);
+                acc[i] = j == 0 ? p : acc[i] + p;
+            }
+        }
+        for (int64_t i = 0; i < m; i++)
+            acc[i] = rnd_fast(acc[i], cdt);
+        if (stage == 4) {
+            for (int64_t i = 0; i < m; i++)
+                tmp[i] = acc[i] * acc[i];
+            sums[0] += sum8(tmp, m);
+            continue;
+        }
+        for (int64_t i = 0; i < m; i++) {
+            float r = rnd_fast(rnd_fast(mu[i] * cos_tn, cdt) + rnd_fast(acc[i] * f, cdt), cdt);
+            r = rnd_fast(r * scale, cdt);
+            tmp[i] = base != NULL ? rnd_fast(r + b[i], cdt) : r;
+        }
+        bad += store_f32(dst, off, tmp, m, out_dtype);
+    }
+    free(d);
+    return bad;
+}
+
+int64_t kr_multislerp(int stage, int64_t n, int k, const void *base, const void *const *src,
+                      int in_dtype, int cdt, const float *nrm, const float *w, float mn,
+                      const float *dots, float cos_tn, float f, float scale, double *sums,
+                      void *dst, int out_dtype)
+{
+    int64_t bad = 0;
+#define KR_CALL(c)                                                                           \
+    bad = ms_pass(stage, n, k, base, src, in_dtype, c, nrm, w, mn, dots, cos_tn, f, scale, sums, \
+                  dst, out_dtype)
+    KR_BY_CDT(KR_CALL)
+#undef KR_CALL
+    return bad;
+}

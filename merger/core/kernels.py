@@ -77,6 +77,7 @@ FUSED_METHODS = (
     "della_linear",
     "sce",
     "nuslerp",
+    "multislerp",
 )
 #: exact-dtype methods (`methods.MethodSpec.exact_dtype`): their kernels compute in the
 #: compute dtype with mergekit's rounding, from the inputs as stored
@@ -89,6 +90,7 @@ EXACT = (
     "della_linear",
     "sce",
     "nuslerp",
+    "multislerp",
 )
 RANDOM = ("dare_ties", "dare_linear")
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -343,6 +345,10 @@ def _declare(lib: Any) -> None:
     lib.kr_nuslerp_out.argtypes = [
         i64, i64, i64, ptr, ptr, ptr, i32, i32, ptr, ptr, ptr, ptr, f32, f32, ptr, i32,
     ]  # fmt: skip
+    lib.kr_multislerp.restype = i64
+    lib.kr_multislerp.argtypes = [
+        i32, i64, i32, ptr, ptr, i32, i32, ptr, ptr, f32, ptr, f32, f32, f32, ptr, ptr, i32,
+    ]  # fmt: skip
 
 
 def available() -> bool:
@@ -488,6 +494,8 @@ def _exact(
                 e - s, flats[0][s:e].data_ptr(), in_code, has, factor, c_code, v, out_code
             ),
         )
+    if method == "multislerp":
+        return _multislerp(lib, flats, base_index, params, per_model, codes, out)
     if method == "nuslerp":
         return _nuslerp(lib, tensors[0].shape, flats, base_index, params, per_model, codes, out)
     base = flats[base_index]
@@ -598,6 +606,64 @@ def _nuslerp(lib, shape, flats, base_index, params, per_model, codes, out: Outpu
             s, e - s, cols, base[s:e].data_ptr() if base is not None else None,
             x0[s:e].data_ptr(), x1[s:e].data_ptr(), in_code, c_code, flags.data_ptr(),
             s0.data_ptr(), s1.data_ptr(), st.data_ptr(), 1 - t, t, v, out_code,
+        )  # fmt: skip
+
+    return _spans(out, run)
+
+
+def _multislerp(lib, flats, base_index, params, per_model, codes, out: Output):
+    """multislerp: four summing passes (the norms, the mean's norm, the dots, the tangent's
+    norm) and the merge, each from the inputs; the scalar steps between them are the
+    reference's torch ops on the sums. None (the reference) for one model, and where the mean
+    direction vanishes (the reference's fallback or its error)."""
+    in_code, c_code, out_code = codes
+    compute = next(d for d, c in _CODES.items() if c == c_code)
+    others = [flats[i] for i in range(len(flats)) if i != base_index]
+    k, n = len(others), flats[0].numel()
+    if k < 2 or n == 0:
+        return None
+    base = flats[base_index] if base_index is not None else None
+    base_ptr = base.data_ptr() if base is not None else None
+    pointers = _pointers(others)
+    eps = float(params["eps"])
+    w = torch.tensor(
+        [per_model[i]["weight"] for i in range(len(flats)) if i != base_index], dtype=compute
+    )
+    if params["normalize_weights"]:
+        w = w / w.sum()
+    w32 = w.float().contiguous()
+    none = ctypes.c_void_p(None)
+
+    def sums(stage: int, nrm=none, mn=0.0, dots=none, count: int = 1) -> torch.Tensor:
+        out_sums = torch.zeros(count, dtype=torch.float64)
+        if lib.kr_multislerp(
+            stage, n, k, base_ptr, pointers, in_code, c_code, nrm, w32.data_ptr(), mn, dots,
+            0.0, 0.0, 0.0, out_sums.data_ptr(), None, out_code,
+        ) < 0:  # fmt: skip
+            raise MemoryError("fused multislerp: out of memory for its chunk buffers")
+        return out_sums
+
+    def norm(sq: torch.Tensor) -> torch.Tensor:  # torch.norm in the compute dtype
+        return sq.to(torch.float32).sqrt().to(compute)
+
+    norms = norm(sums(1, count=k))
+    nrm = (norms + eps).float().contiguous()
+    mean_norm = norm(sums(2, nrm.data_ptr()))[0]
+    if mean_norm < eps:
+        return None
+    mn = float(mean_norm)
+    dots = sums(3, nrm.data_ptr(), mn, count=k).to(torch.float32).to(compute)
+    d32 = dots.float().contiguous()
+    tangent_norm = norm(sums(4, nrm.data_ptr(), mn, d32.data_ptr()))[0] + eps
+    cos_tn = float(torch.cos(tangent_norm))
+    f = float(torch.sin(tangent_norm) / tangent_norm)
+    scale = float((norms * w).sum())
+
+    def run(s: int, e: int, v: int) -> int:
+        return lib.kr_multislerp(
+            5, e - s, k, base[s:e].data_ptr() if base is not None else None, _at(others, s, e),
+            in_code, c_code, nrm.data_ptr(), w32.data_ptr(), mn, d32.data_ptr(), cos_tn, f,
+            scale, None, v, out_code,
         )  # fmt: skip
 
     return _spans(out, run)

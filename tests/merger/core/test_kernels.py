@@ -450,3 +450,44 @@ def test_nuslerp_per_column_is_left_to_the_reference():
         )
         is None
     )
+
+
+@needs_kernels
+@pytest.mark.parametrize(("stored", "compute"), STORED_COMPUTE)
+@pytest.mark.parametrize(
+    ("k", "with_base", "normalize_weights"), [(2, True, True), (3, True, False), (3, False, True)]
+)
+def test_multislerp_kernel_is_the_reference(stored, compute, k, with_base, normalize_weights):
+    """Five passes with the reference's scalar steps between them: bit for bit in a half-float
+    compute dtype; in float32 the four sums (norms, the mean's norm, dots, the tangent's norm)
+    may differ in their last bit, and a few merged entries by one step of the output dtype."""
+    if compute == torch.float16 and not kernels._load().kr_has_f16():
+        pytest.skip("no _Float16 in this compiler")
+    tensors = _tricky(30_011, stored, k=k, seed=11)
+    inputs = tensors if with_base else tensors[1:]
+    params = {"normalize_weights": normalize_weights, "eps": 1e-8}
+    weights = [{"weight": w} for w in (0.5, 0.3, 0.2)[:k]]
+    per_model = ([{}] if with_base else []) + weights
+    (merged, bad), reference = _exact_both(
+        "multislerp", inputs, 0 if with_base else None, params, per_model, compute, torch.bfloat16
+    )
+    assert bad == 0
+    if compute != torch.float32:
+        assert torch.equal(merged, reference)
+        return
+    assert float((merged != reference).float().mean()) < 0.01
+    torch.testing.assert_close(merged.float(), reference.float(), rtol=8e-3, atol=1e-6)
+
+
+@needs_kernels
+def test_multislerp_of_cancelling_directions_is_left_to_the_reference():
+    """The mean direction vanishes: the reference falls back (two models) or raises."""
+    base = torch.zeros(4097, dtype=torch.bfloat16)
+    up = torch.full((4097,), 0.5, dtype=torch.bfloat16)
+    params = {"normalize_weights": True, "eps": 1e-8}
+    per_model = [{}, {"weight": 1.0}, {"weight": 1.0}]
+    fused = kernels.fused_merge(
+        "multislerp", [base, up, -up], 0, params, per_model, torch.bfloat16, None, None,
+        torch.bfloat16,
+    )  # fmt: skip
+    assert fused is None
