@@ -124,6 +124,13 @@ def build_family(
         found = _complete(out, fp)
         if found is not None:
             return found
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            if not (out / MARKER).is_file():  # never replace a folder of someone else's
+                raise PretrainError(
+                    f"{out} exists and is not a family folder (no {MARKER}); building the "
+                    "family there would replace it",
+                    "choose a new or empty --out for the family",
+                )
         for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed build
             shutil.rmtree(stale, ignore_errors=True)
         tmp = temp_sibling(out)

@@ -108,3 +108,14 @@ def test_a_run_leaves_no_tokenizer_folder_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(own_tmp))
     run(cfg(tiny(tmp_path, max_steps=1)))
     assert list(own_tmp.glob("kruising-tok-*")) == []
+
+
+def test_the_family_is_never_built_over_a_folder_of_someone_elses(tmp_path):
+    from pretrain.family import build_family
+
+    mine = tmp_path / "models"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(PretrainError, match="is not a family folder"):
+        build_family(mine, size="test", progress=False)
+    assert (mine / "thesis.tex").read_text() == "years of work"
