@@ -250,7 +250,26 @@ def _accelerator(config: PretrainConfig):
     mixed = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[config.dtype]
     if on_cpu and mixed == "fp16":
         raise PretrainError("dtype float16 needs a GPU", "use float32 or bfloat16 on a CPU")
-    return Accelerator(cpu=on_cpu, mixed_precision=mixed)
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=mixed)
+    if on_cpu and accelerator.num_processes > 1 and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        _fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """FSDP2 over gloo on CPU processes, as the FSDP config asks: accelerate would run DDP
+    (MULTI_CPU) there and ignore it. The model is then prepared, stepped and checkpointed on
+    the same fully_shard path as on GPUs (what tests/pretrain/test_fsdp.py runs)."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    plugin = getattr(state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()  # FSDP_* env
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state.fsdp_plugin = plugin
+    # both shared states: every AcceleratorState() copies the process state's type again
+    PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
 
 
 def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResult:

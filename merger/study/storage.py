@@ -334,14 +334,21 @@ def recover(study, storage) -> list[int]:
         except UpdateFinishedTrialError:  # another worker got there first
             continue
     fail_stale(study)
-    # Interrupted (Ctrl-C) variants failed without a retry: queue them once.
+    requeue_interrupted(study)
+    return failed
+
+
+def requeue_interrupted(study) -> None:
+    """Variants failed as interrupted (Ctrl-C, SIGTERM) or by a dead worker, not yet queued
+    again: queue them, once."""
+    from optuna.trial import TrialState
+
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     for trial in trials:
         stale = trial.state == TrialState.FAIL and trial.user_attrs.get("stale")
         if stale and trial.params and trial.number not in retried:
             requeue(study, trial)
-    return failed
 
 
 def finished(study, trials=None) -> int:

@@ -42,6 +42,7 @@ from merger.study.storage import (
     open_storage,
     open_study,
     recover,
+    requeue_interrupted,
     store_result,
 )
 from merger.study.streaming import run_streaming
@@ -124,9 +125,9 @@ def run_sweep(
             trial.set_user_attr("recipe", recipe_yaml(variant))
             card = evaluator(variant)
             values = spec.values(card)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (kruising's Interrupted is one)
             trial.set_user_attr("fail_reason", "interrupted")
-            trial.set_user_attr("stale", True)  # not the variant's fault: rerun it next time
+            trial.set_user_attr("stale", True)  # not the variant's fault: rerun it
             raise
         except (VariantFailed, KruisingError, ValueError, ValidationError) as exc:
             reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
@@ -153,7 +154,11 @@ def run_sweep(
         study.optimize(objective, n_trials=1, catch=(VariantFailed,))
         return skipped[0] <= 4 * target + 8  # room for repeated points of a discrete space
 
-    work(study, target, claim, run_one, progress=progress)
+    try:
+        work(study, target, claim, run_one, progress=progress)
+    except KeyboardInterrupt:
+        requeue_interrupted(study)  # another worker on the study may take it now
+        raise
     return study
 
 

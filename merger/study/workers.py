@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -216,8 +217,11 @@ def start_workers(n: int, args: list[str], *, use_gpus: bool = True, progress: b
     ]
     try:
         codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        for p in procs:  # they got the Ctrl-C too; give them time to record it
+    except BaseException:  # Ctrl-C, SIGTERM: stop the workers the same way, let them record it
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
