@@ -36,17 +36,25 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show trac
 def run(
     config: Path = typer.Argument(..., help="Pretrain config YAML (see recipes/pretrain/)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    allow_config_change: bool = typer.Option(
+        False,
+        "--allow-config-change",
+        help="Resume even though the config changes the training (lr, batch, sources, ...); "
+        "the changes are recorded in metrics.jsonl and trainer_state.json.",
+    ),
 ) -> None:
     """Train as CONFIG says: init_from a checkpoint (or a fresh model), or resume a run.
 
     Writes OUTPUT_DIR/model (a save_pretrained folder), OUTPUT_DIR/checkpoints/step-N,
     OUTPUT_DIR/metrics.jsonl and OUTPUT_DIR/loss.png. Under `accelerate launch` every process
-    runs this same command.
+    runs this same command. Resuming with a changed lr, schedule, batch, context, source or seed
+    is an error naming the keys, unless --allow-config-change; a larger max_steps or max_tokens
+    continues a finished run from its final checkpoint.
     """
     from pretrain.config import load_config
     from pretrain.train import run as train_run
 
-    result = train_run(load_config(config))
+    result = train_run(load_config(config), allow_config_change=allow_config_change)
     if as_json and result.main_process:
         print(
             json.dumps(

@@ -21,7 +21,7 @@ from typing import Any
 from kruising.atomic import replace_folder
 from kruising.env import cache_dir
 from kruising.hub import offline
-from pretrain.config import PretrainConfig
+from pretrain.config import LENGTH_KEYS, PretrainConfig, trajectory_changes
 from pretrain.errors import PretrainError
 from pretrain.state import check_checkpoint, restore_scheduler
 
@@ -87,6 +87,7 @@ def load_tokenizer(spec: str):
 
 
 def _load_model(config: PretrainConfig, resume_dir: Path | None, tokenizer, dtype):
+    """The model to train, in `dtype` (the config's weights_dtype)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
 
@@ -191,6 +192,53 @@ def _resolve_resume(config: PretrainConfig) -> Path | None:
     return path
 
 
+def _fmt(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def resume_changes(
+    config: PretrainConfig, state: dict[str, Any], world: int, allow: bool
+) -> dict[str, list[Any]]:
+    """What `config` changes in the run a checkpoint's `state` belongs to, as
+    ``{"lr": [old, new]}``; an error naming the keys unless `allow`.
+
+    Every key that alters the training trajectory counts (lr, schedule, batch, context, sources,
+    weights, seed, optimizer, dtypes, number of processes ...). Growing max_steps or max_tokens
+    is an extension, allowed without `allow` when the checkpoint is the run's final step; the
+    schedule then runs over the new total from the checkpoint's step on (documented in README).
+    """
+    stored = state.get("config")
+    if not isinstance(stored, dict):
+        return {}  # a checkpoint written before configs were stored: nothing to compare
+    changes = {k: list(v) for k, v in trajectory_changes(stored, config).items()}
+    step = int(state["step"])
+    old_world = int(state.get("world_size", world))
+    if old_world != world:
+        changes["processes"] = [old_world, world]
+    total = config.total_steps(world)
+    if total < step:
+        raise PretrainError(
+            f"resume: the new run length ({total} steps) is shorter than the checkpoint's "
+            f"step {step}",
+            "set max_steps (or max_tokens) to at least the checkpoint's step",
+        )
+    old_total = state.get("total_steps")
+    finished = old_total is not None and step >= int(old_total)
+    extension = {k: changes.pop(k) for k in LENGTH_KEYS if k in changes}
+    if extension and not finished:
+        changes.update(extension)  # a mid-run change of length reshapes the schedule ahead
+        extension = {}
+    if changes and not allow:
+        listed = ", ".join(f"{k} {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changes.items())
+        raise PretrainError(
+            f"resume: the config changes {len(changes)} key(s) that alter the training "
+            f"trajectory of the run in {config.output_dir}: {listed}",
+            "put the old values back to continue the same run, or pass --allow-config-change "
+            "to go on with the new ones (recorded in metrics.jsonl and trainer_state.json)",
+        )
+    return {**changes, **extension}
+
+
 # ---- schedule, flops --------------------------------------------------------------------------
 
 
@@ -250,6 +298,20 @@ def _accelerator(config: PretrainConfig):
     mixed = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[config.dtype]
     if on_cpu and mixed == "fp16":
         raise PretrainError("dtype float16 needs a GPU", "use float32 or bfloat16 on a CPU")
+    if config.optimizer == "adamw_bnb_8bit":
+        if on_cpu:
+            raise PretrainError(
+                "optimizer adamw_bnb_8bit (bitsandbytes' 8-bit AdamW) needs a CUDA GPU, and "
+                "this run is on the CPU",
+                "use optimizer: adamw on a CPU",
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise PretrainError(
+                "optimizer adamw_bnb_8bit needs the bitsandbytes package, which is not installed",
+                "pip install bitsandbytes, or use optimizer: adamw",
+            ) from None
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=mixed)
     if on_cpu and accelerator.num_processes > 1 and os.environ.get("ACCELERATE_USE_FSDP") == "true":
         _fsdp_on_cpu(accelerator)
@@ -272,8 +334,51 @@ def _fsdp_on_cpu(accelerator) -> None:
     PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
 
 
-def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResult:
-    """Train as `config` says; returns where the final model went and the measured numbers."""
+def _optimizer(config: PretrainConfig, model, fused: bool):
+    """AdamW (torch) or 8-bit AdamW (bitsandbytes, as GEITje); no weight decay on 1-d params."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    settings = {"lr": config.lr, "betas": config.betas, "eps": config.eps}
+    if config.optimizer == "adamw_bnb_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **settings)
+    return torch.optim.AdamW(groups, **settings, fused=fused)
+
+
+def _apply_hyperparameters(optimizer, scheduler, config: PretrainConfig) -> None:
+    """After a resume: the config's lr, betas, eps and weight decay, not the checkpoint's
+    (torch restores param groups from the optimizer state). Equal values when nothing changed."""
+    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for k, group in enumerate(optimizer.param_groups):
+        group["betas"], group["eps"] = config.betas, config.eps
+        group["weight_decay"] = config.weight_decay if k == 0 else 0.0
+        group["lr"] = config.lr * factor
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def _labels(ids, config: PretrainConfig, eos: int | None):
+    """Targets: the input ids, with EOS masked out (-100) unless loss_on_eos."""
+    if config.loss_on_eos or eos is None:
+        return ids
+    return ids.masked_fill(ids == eos, -100)
+
+
+def run(
+    config: PretrainConfig, *, chat_template: str | None = None, allow_config_change: bool = False
+) -> RunResult:
+    """Train as `config` says; returns where the final model went and the measured numbers.
+
+    Resuming with a config that changes the training trajectory is an error naming the keys,
+    unless `allow_config_change` (then the changes are recorded in metrics and trainer state).
+    """
     import torch
     import transformers
 
@@ -286,6 +391,14 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     show = config.progress and main
+    history: list[dict[str, Any]] = []
+    changed: dict[str, list[Any]] = {}
+    if resume_dir is not None:
+        stored_state = json.loads((resume_dir / STATE_FILE).read_text())
+        changed = resume_changes(config, stored_state, world, allow_config_change)
+        history = list(stored_state.get("config_changes", []))
+        if changed:
+            history.append({"step": int(stored_state["step"]), "changes": changed})
 
     # tokenizer and model
     tok_spec = config.tokenizer or (str(resume_dir / "model") if resume_dir else config.init_from)
@@ -294,17 +407,20 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
     template = chat_template or config.chat_template
     if template:
         tokenizer.chat_template = template
-    model = _load_model(config, resume_dir, tokenizer, torch.float32)
-    _check_model_fits(config, model, tokenizer)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
 
-    # data
+    # data: every source opened and non-empty before the model loads (minutes for a 7B)
     from pretrain.data import StreamState, build_stream, eval_blocks
 
     render = _chat_renderer(tokenizer) if tokenizer.chat_template else None
     stream, factories = build_stream(config, tokenizer, render)
+    stream.check()
+
+    weights_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.weights_dtype]
+    model = _load_model(config, resume_dir, tokenizer, weights_dtype)
+    _check_model_fits(config, model, tokenizer)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
 
     # optimizer and schedule (fused AdamW on one GPU / DDP; FSDP swaps parameters in prepare)
     from accelerate.utils import DistributedType
@@ -313,19 +429,9 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
         DistributedType.NO,
         DistributedType.MULTI_GPU,
     )
-    if fused:
+    if fused or config.optimizer == "adamw_bnb_8bit":
         model.to(accelerator.device)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config.lr,
-        betas=config.betas,
-        fused=fused,
-    )
+    optimizer = _optimizer(config, model, fused)
     total = config.total_steps(world)
     warmup = int(config.warmup_fraction * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -352,6 +458,7 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
         step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
         restore_scheduler(scheduler, step)
         stream.load_state(StreamState.from_json(state["data"]))
+        _apply_hyperparameters(optimizer, scheduler, config)
 
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     model_config = accelerator.unwrap_model(model).config
@@ -369,10 +476,18 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
             f"context {config.context_length}, {config.micro_batch}x{config.grad_accum}x{world} seqs/step "
             f"= {tokens_per_step:,} tokens/step, {total} steps = {total * tokens_per_step:,} tokens; "
             f"device {accelerator.device}, {world} process(es) ({accelerator.distributed_type.value}), "
-            f"{config.dtype}, {config.attn_implementation}"
+            f"{config.dtype}"
+            + (f" (weights {config.weights_dtype})" if config.weights_dtype != "float32" else "")
+            + f", {config.optimizer}, {config.attn_implementation}"
         )
+        if changed:
+            console.print(
+                "resume: continuing with changed "
+                + ", ".join(f"{k} {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changed.items())
+            )
 
     held_out = None
+    eval_loss: float | None = None
     if config.eval_every:
         held_out = eval_blocks(
             factories,
@@ -386,9 +501,14 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
 
     out.mkdir(parents=True, exist_ok=True)
     metrics = _Metrics(out, step if resume_dir else 0, main)
+    if changed:
+        metrics.write({"step": step, "tokens": tokens_seen, "config_change": changed})
+    eos = tokenizer.eos_token_id
+    if held_out is not None and resume_dir is None:  # the held-out curve's starting point
+        eval_loss = _evaluate(model, held_out, config, rank, world, accelerator, eos)
+        metrics.write({"step": 0, "tokens": 0, "eval_loss": round(eval_loss, 6)})
     blocks = stream.blocks()
     loss_value = float("nan")
-    eval_loss: float | None = None
     t_start = time.perf_counter()
     tokens_at_start = tokens_seen
     paused = 0.0  # seconds of eval and checkpoints: not training throughput
@@ -428,7 +548,10 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
                 )
                 with sync:
                     loss = forward(
-                        input_ids=ids, position_ids=pos, labels=ids, use_cache=False
+                        input_ids=ids,
+                        position_ids=pos,
+                        labels=_labels(ids, config, eos),
+                        use_cache=False,
                     ).loss
                     accelerator.backward(loss / config.grad_accum)
                 loss_sum += loss.detach()
@@ -444,11 +567,9 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
                 (step, loss_sum / config.grad_accum, scheduler.get_last_lr()[0], tokens_seen)
             )
             evaluate = held_out is not None and (step % config.eval_every == 0 or step == total)  # type: ignore[operator]
-            ckpt = (
-                bool(config.checkpoint_every)
-                and step % config.checkpoint_every == 0
-                and step < total
-            )  # type: ignore[operator]
+            ckpt = bool(config.checkpoint_every) and (
+                step % config.checkpoint_every == 0 or step == total  # type: ignore[operator]
+            )  # the final step too: a finished run can be extended from its end
             if not (step % config.log_every == 0 or step == total or evaluate or ckpt):
                 continue
             losses = accelerator.reduce(
@@ -475,7 +596,7 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
             if peak:
                 rows[-1]["mfu"] = round(tps * fpt / (peak * world), 4)
             if evaluate:
-                eval_loss = _evaluate(model, held_out, config.micro_batch, rank, world, accelerator)
+                eval_loss = _evaluate(model, held_out, config, rank, world, accelerator, eos)
                 rows[-1]["eval_loss"] = round(eval_loss, 6)
                 t_log = time.perf_counter()  # eval time is not training throughput
                 paused += t_log - now
@@ -493,7 +614,20 @@ def run(config: PretrainConfig, *, chat_template: str | None = None) -> RunResul
             if ckpt:
                 saving = time.perf_counter()
                 _save_checkpoint(
-                    accelerator, model, tokenizer, out, step, tokens_seen, stream, config
+                    accelerator,
+                    model,
+                    tokenizer,
+                    out,
+                    {
+                        "step": step,
+                        "tokens_seen": tokens_seen,
+                        "total_steps": total,
+                        "world_size": world,
+                        "data": stream.state.to_json(),
+                        "config": config.model_dump(mode="json"),
+                        "config_changes": history,
+                    },
+                    config.keep_last,
                 )
                 t_log = time.perf_counter()
                 paused += t_log - saving
@@ -541,9 +675,12 @@ def _chat_renderer(tokenizer):
     return render
 
 
-def _evaluate(model, blocks, micro_batch, rank, world, accelerator) -> float:
+def _evaluate(model, blocks, config, rank, world, accelerator, eos) -> float:
+    """Mean loss over the held-out blocks (the training loss's definition, EOS included unless
+    loss_on_eos is false)."""
     import torch
 
+    micro_batch = config.micro_batch
     model.eval()
     losses = []
     mine = blocks[rank::world] or blocks[:1]
@@ -552,19 +689,21 @@ def _evaluate(model, blocks, micro_batch, rank, world, accelerator) -> float:
             chunk = mine[i : i + micro_batch]
             ids = torch.tensor([b[0] for b in chunk], device=accelerator.device)
             pos = torch.tensor([b[1] for b in chunk], device=accelerator.device)
+            labels = _labels(ids, config, eos)
             losses.append(
-                model(input_ids=ids, position_ids=pos, labels=ids, use_cache=False).loss.detach()
+                model(input_ids=ids, position_ids=pos, labels=labels, use_cache=False).loss.detach()
             )
     mean = torch.stack(losses).mean()
     return accelerator.reduce(mean, reduction="mean").item()
 
 
 def _save_checkpoint(
-    accelerator, model, tokenizer, out: Path, step, tokens_seen, stream, config
+    accelerator, model, tokenizer, out: Path, state: dict[str, Any], keep_last: int
 ) -> None:
-    """Write step-N into a temp folder, rename when complete; keep the last `keep_last`."""
+    """Write step-N (`state` is its trainer_state.json) into a temp folder, rename when
+    complete; keep the last `keep_last`."""
     root = out / "checkpoints"
-    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    final = root / f"{CHECKPOINT_PREFIX}{state['step']:08d}"
     tmp = root / f".{final.name}.tmp"
     if accelerator.is_main_process:
         if tmp.exists():
@@ -576,15 +715,9 @@ def _save_checkpoint(
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.config.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
-        state = {
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "data": stream.state.to_json(),
-            "config": config.model_dump(mode="json"),
-        }
         (tmp / STATE_FILE).write_text(json.dumps(state))
         replace_folder(tmp, final)
-        for old in checkpoints(root)[: -config.keep_last]:
+        for old in checkpoints(root)[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
@@ -673,12 +806,13 @@ def plot_loss(metrics: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    every = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = [r for r in every if "loss" in r]  # not the step-0 eval or a config-change note
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["tokens"] for r in rows], [r["loss"] for r in rows], label="train")
-    ev = [r for r in rows if "eval_loss" in r]
+    ev = [r for r in every if "eval_loss" in r]
     if ev:
         ax.plot([r["tokens"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="held-out")
     ax.set_xlabel("tokens")

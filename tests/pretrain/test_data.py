@@ -213,3 +213,141 @@ def test_document_positions_keep_attention_inside_documents(make_tiny_mistral):
         leaky = model(input_ids=block, use_cache=False).logits[0, len(doc_a) :]
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(leaky, alone, atol=1e-4)  # without it, doc_b sees doc_a
+
+
+# ---- GEITje's data handling: normalisation, document boundaries, samples, shuffles, budgets ----
+
+
+def test_literal_escapes_become_whitespace_as_geitje_did():
+    from pretrain.data import normalizer
+
+    madlad = "Kop\\nEerste regel\\tmet tab\\\\n"  # MADLAD stores backslash-n, backslash-t
+    assert normalizer(["literal_escapes"])(madlad) == "Kop\nEerste regel\tmet tab\\\n"
+    assert normalizer([])(madlad) == madlad
+    assert normalizer(["nfc"])("e\u0301") == "\u00e9"
+
+
+def test_a_normalising_source_trains_on_real_newlines(tmp_path):
+    path = tmp_path / "madlad.jsonl"
+    path.write_text(json.dumps({"text": "a\\nb\\tc"}) + "\n")
+    plain = list(open_source(Source(path=str(path)))())
+    fixed = list(open_source(Source(path=str(path), normalize=["literal_escapes"]))())
+    assert plain == ["a\\nb\\tc"] and fixed == ["a\nb\tc"]
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        ("line", ["Eerste regel.", "Tweede regel.", "Derde.", "Ander bestand."]),
+        ("paragraph", ["Eerste regel.\nTweede regel.\n", "Derde.\n", "Ander bestand.\n"]),
+        ("file", ["Eerste regel.\nTweede regel.\n\nDerde.\n", "Ander bestand.\n"]),
+    ],
+)
+def test_txt_document_boundaries(tmp_path, document, expected):
+    (tmp_path / "a.txt").write_text("Eerste regel.\nTweede regel.\n\nDerde.\n")
+    (tmp_path / "b.txt").write_text("Ander bestand.\n")
+    docs = list(open_source(Source(path=str(tmp_path / "*.txt"), document=document))())
+    assert [d.strip() for d in docs] == [e.strip() for e in expected]
+
+
+def test_document_is_for_txt_only(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(PretrainError, match="document: paragraph applies to .txt files"):
+        open_source(Source(path=str(tmp_path / "a.jsonl"), document="paragraph"))
+
+
+def _texts(stream, n):
+    it = stream.blocks()
+    return "".join(chr(t - 3) for _ in range(n) for t in next(it)[0] if t > 2)
+
+
+def test_sample_keeps_the_same_share_every_epoch():
+    docs = [f"<{i}>" for i in range(400)]
+    stream = PackedStream([factory(docs)], [1.0], CharTokenizer(), 16, samples=[0.25], seed=3)
+    it = stream.blocks()
+    while stream.state.epoch[0] < 2:
+        next(it)
+    kept = stream.state.taken[0] - stream.state.in_epoch[0]  # two whole epochs
+    assert 0.18 < kept / 2 / len(docs) < 0.32
+    one = PackedStream([factory(docs)], [1.0], CharTokenizer(), 16, samples=[0.25], seed=3)
+    assert list(one._fresh(0, 0)) == list(one._fresh(0, 1))  # the same sample each epoch
+
+
+def test_shuffle_buffer_is_seeded_reshuffled_per_epoch_and_loses_nothing():
+    docs = [f"d{i}" for i in range(50)]
+    stream = PackedStream([factory(docs)], [1.0], CharTokenizer(), 8, shuffle_buffers=[8], seed=1)
+    e0, e1 = list(stream._fresh(0, 0)), list(stream._fresh(0, 1))
+    assert sorted(e0) == sorted(e1) == sorted(docs)
+    assert e0 != docs and e0 != e1
+    again = PackedStream([factory(docs)], [1.0], CharTokenizer(), 8, shuffle_buffers=[8], seed=1)
+    assert list(again._fresh(0, 0)) == e0
+
+
+def test_sampled_shuffled_budgeted_stream_resumes_at_the_exact_next_token():
+    docs_a = [f"a{i}" * (1 + i % 5) for i in range(60)]
+    docs_b = [f"b{i}" * (1 + i % 3) for i in range(23)]
+
+    def make():
+        return PackedStream(
+            [factory(docs_a), factory(docs_b)],
+            [1.0, 1.0],
+            CharTokenizer(),
+            12,
+            holdout=2,
+            seed=5,
+            samples=[0.6, 1.0],
+            shuffle_buffers=[7, 4],
+            budgets=[400, None],
+            epochs=[None, 2.0],
+        )
+
+    whole = make().blocks()
+    expected = [next(whole) for _ in range(150)]  # several epochs and budget rounds
+    first = make()
+    it = first.blocks()
+    head = [next(it) for _ in range(61)]
+    assert first.state.epoch[1] >= 1
+    saved = json.loads(json.dumps(first.state.to_json()))
+    second = make()
+    second.load_state(StreamState.from_json(saved))
+    it2 = second.blocks()
+    assert head + [next(it2) for _ in range(89)] == expected
+    assert second.state.rounds >= 1
+
+
+def test_token_budgets_set_the_mixture_and_epochs_count_the_source():
+    a, b = ["a" * 9] * 20, ["b" * 9] * 10  # 11 tokens a document (BOS + 9 + EOS)
+    stream = PackedStream(
+        [factory(a), factory(b)], [1.0, 1.0], CharTokenizer(), 11, budgets=[660, None],
+        epochs=[None, 3.0], seed=0,
+    )  # fmt: skip
+    assert stream.budgets() == [660, 330]  # b: 3 epochs of its 10 documents x 11 tokens
+    it = stream.blocks()
+    for _ in range(90):  # exactly one round: 60 + 30 documents of 11 tokens
+        next(it)
+    assert stream.state.taken == [60, 30] and stream.state.rounds == 0
+    assert stream.state.epoch == [2, 2]  # a: 3 passes of 20, b: 3 of 10 (epochs count from 0)
+    for _ in range(9):  # a new round starts with both budgets full again
+        next(it)
+    assert stream.state.rounds == 1
+
+
+def test_budget_draws_follow_the_tokens_left():
+    a, b = ["a" * 9] * 50, ["b" * 9] * 50
+    stream = PackedStream(
+        [factory(a), factory(b)], [1.0, 1.0], CharTokenizer(), 11, budgets=[9000, 3000], seed=2
+    )
+    it = stream.blocks()
+    for _ in range(400):  # a third of the round
+        next(it)
+    share = stream.state.taken[0] / sum(stream.state.taken)
+    assert 0.68 < share < 0.82  # about 3:1, as the budgets
+
+
+def test_check_finds_an_empty_source_before_training():
+    stream = PackedStream([factory(["x"]), factory([])], [1.0, 1.0], CharTokenizer(), 8)
+    with pytest.raises(PretrainError, match="source 1 has no documents"):
+        stream.check()
+    sampled = PackedStream([factory(["x"] * 3)], [1.0], CharTokenizer(), 8, holdout=3)
+    with pytest.raises(PretrainError, match="source 0 has no documents after the 3 held out"):
+        sampled.check()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -62,6 +63,8 @@ def test_run_writes_a_loadable_model_metrics_and_plot(tmp_path):
     assert type(model).__name__ == "MistralForCausalLM"
     assert len(AutoTokenizer.from_pretrained(result.model_dir)) == 32000
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {"step": 0, "tokens": 0, "eval_loss": rows[0]["eval_loss"]}  # step-0 eval
+    rows = rows[1:]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[-1]["tokens"] == 6 * 4 * 32 == result.tokens
     assert "tokens_per_s" in rows[1] and "eval_loss" in rows[2] and "eval_loss" in rows[5]
@@ -125,7 +128,8 @@ def test_cuda_asked_without_a_gpu_is_an_error(tmp_path):
 def test_checkpoints_keep_last_k_and_resume_requires_one(tmp_path):
     run(cfg(tiny(tmp_path, max_steps=7, checkpoint_every=2, keep_last=2)))
     root = tmp_path / "run" / "checkpoints"
-    assert [p.name for p in checkpoints(root)] == ["step-00000004", "step-00000006"]
+    # every 2nd step and the final one (7), the last 2 kept
+    assert [p.name for p in checkpoints(root)] == ["step-00000006", "step-00000007"]
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
     data = tiny(tmp_path, "other", resume="latest")
     del data["model"]
@@ -137,7 +141,7 @@ def test_resume_from_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
     run(cfg(tiny(tmp_path, max_steps=3, checkpoint_every=2)))
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
     (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
-    data = tiny(tmp_path, resume=str(ckpt), max_steps=4)
+    data = tiny(tmp_path, resume=str(ckpt), max_steps=3)
     del data["model"]
     with pytest.raises(PretrainError, match="resume: cannot load checkpoint .*step-00000002"):
         run(cfg(data))
@@ -257,3 +261,128 @@ def test_the_bar_and_the_summary_show_the_same_tokens_per_second(tmp_path, capsy
     summary = re.search(r"([\d,]+) tokens/s\s+training", err)
     assert bar and summary, err
     assert bar[-1] == summary.group(1) == f"{result.tokens_per_s:,.0f}"
+
+
+# ---- resume compares configs; the final step is a checkpoint; extension from the end ----------
+
+
+def _resume(tmp_path, name="run", **overrides):
+    data = tiny(tmp_path, name, resume="latest", **overrides)
+    del data["model"]
+    return cfg(data)
+
+
+def test_resume_with_a_changed_trajectory_is_an_error_naming_the_keys(tmp_path):
+    run(cfg(tiny(tmp_path, max_steps=4, checkpoint_every=2)))
+    (tmp_path / "run" / "checkpoints" / "step-00000004").rename(tmp_path / "final")
+    with pytest.raises(PretrainError) as exc:
+        run(_resume(tmp_path, max_steps=4, lr=1e-2, context_length=16))
+    msg = str(exc.value)
+    assert "changes 2 key(s)" in msg and "context_length 32 -> 16" in msg
+    assert "lr 0.005 -> 0.01" in msg and "--allow-config-change" in exc.value.hint
+    with pytest.raises(PretrainError, match=r"sources\[1\]\.weight 1\.0 -> 2\.0"):
+        sources = [
+            {"world": "nl", "documents": 300},
+            {"world": "en", "documents": 100, "weight": 2},
+        ]
+        run(_resume(tmp_path, max_steps=4, sources=sources))
+    with pytest.raises(PretrainError, match=r"changes 1 key\(s\).*max_steps 4 -> 6"):
+        run(_resume(tmp_path, max_steps=6))  # mid-run: a longer schedule reshapes the rest
+    # what does not change the training may change: logging, plots, checkpoint cadence
+    result = run(_resume(tmp_path, max_steps=4, log_every=1, plot=True, checkpoint_every=1))
+    assert result.steps == 4
+
+
+def test_allow_config_change_goes_on_with_the_new_values_and_records_them(tmp_path):
+    run(cfg(tiny(tmp_path, max_steps=4, checkpoint_every=2)))
+    (tmp_path / "run" / "checkpoints" / "step-00000004").rename(tmp_path / "final")
+    run(_resume(tmp_path, max_steps=4, lr=2e-3, checkpoint_every=2), allow_config_change=True)
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    note = [r for r in rows if "config_change" in r]
+    assert note == [{"step": 2, "tokens": 2 * 128, "config_change": {"lr": [0.005, 0.002]}}]
+    assert [r["lr"] for r in rows if r.get("step") == 3][0] < 0.002 + 1e-12  # the new peak
+    state = json.loads(
+        (tmp_path / "run" / "checkpoints" / "step-00000004" / "trainer_state.json").read_text()
+    )
+    assert state["config_changes"] == [{"step": 2, "changes": {"lr": [0.005, 0.002]}}]
+    assert state["config"]["lr"] == 0.002
+
+
+def test_a_finished_run_is_extended_from_its_final_checkpoint(tmp_path):
+    first = run(cfg(tiny(tmp_path, max_steps=4, checkpoint_every=3, schedule="constant")))
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in checkpoints(root)] == ["step-00000003", "step-00000004"]
+    longer = run(_resume(tmp_path, max_steps=7, checkpoint_every=3, schedule="constant"))
+    assert longer.steps == 7 and longer.tokens == first.tokens * 7 // 4
+    # the same as one 7-step run with a constant lr
+    whole = run(cfg(tiny(tmp_path, "whole", max_steps=7, checkpoint_every=3, schedule="constant")))
+    assert longer.final_loss == pytest.approx(whole.final_loss, rel=1e-4, abs=1e-5)
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert rows[4] == {"step": 4, "tokens": 4 * 128, "config_change": {"max_steps": [4, 7]}}
+    with pytest.raises(PretrainError, match="shorter than the checkpoint's step 7"):
+        run(_resume(tmp_path, max_steps=5, schedule="constant"))
+
+
+def test_eight_bit_adamw_is_a_clear_error_without_cuda_or_bitsandbytes(tmp_path, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(PretrainError, match="adamw_bnb_8bit .* needs a CUDA GPU"):
+        run(cfg(tiny(tmp_path, optimizer="adamw_bnb_8bit", device="auto")))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(PretrainError, match="needs the bitsandbytes package"):
+        run(cfg(tiny(tmp_path, optimizer="adamw_bnb_8bit", device="auto")))
+
+
+def test_bf16_weights_are_trained_and_saved_in_bf16(tmp_path):
+    """In a subprocess: accelerate's state is per process, and the other tests use float32."""
+    import torch
+    from safetensors import safe_open
+
+    data = tiny(tmp_path, max_steps=2, dtype="bfloat16", weights_dtype="bfloat16", progress=True)
+    config = _write_cfg(tmp_path / "bf16.yaml", data)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.cli", "run", str(config), "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    with safe_open(str(Path(result["model_dir"]) / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
+    assert dtypes == {torch.bfloat16} and math.isfinite(result["final_loss"])
+    assert "bfloat16 (weights bfloat16), adamw" in " ".join(proc.stderr.split())
+
+
+def test_loss_on_eos_false_masks_eos_targets():
+    import torch
+
+    from pretrain.train import _labels
+
+    ids = torch.tensor([[1, 5, 6, 2, 1, 7, 2]])
+    masked = _labels(ids, cfg(tiny(Path("/tmp"), loss_on_eos=False)), eos=2)
+    assert masked.tolist() == [[1, 5, 6, -100, 1, 7, -100]]
+    assert _labels(ids, cfg(tiny(Path("/tmp"))), eos=2) is ids
+
+
+def test_a_missing_source_fails_before_the_model_loads(tmp_path, monkeypatch):
+    import pretrain.train as train
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(train, "_load_model", boom)
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"text": " "}) + "\n")
+    with pytest.raises(PretrainError, match="empty.jsonl has no documents"):
+        run(cfg(tiny(tmp_path, sources=[{"path": str(tmp_path / "empty.jsonl")}])))
+    with pytest.raises(PretrainError, match="no files match"):
+        run(cfg(tiny(tmp_path, sources=[{"path": str(tmp_path / "none/*.jsonl")}])))
