@@ -100,8 +100,10 @@ def run_sweep(
         evaluator = InMemoryEvaluator(recipe, spec.suite, device=device)
 
     host, pid = socket.gethostname(), os.getpid()
+    current = [-1]  # the trial this worker runs
 
     def objective(trial: optuna.Trial) -> list[float]:
+        current[0] = trial.number
         try:  # called with the claim lock held (workers.work): the variant is ours once
             trial.set_user_attr("host", host)  # its params are stored and no other trial,
             trial.set_user_attr("pid", pid)  # running, queued or finished, has them
@@ -151,7 +153,22 @@ def run_sweep(
     skipped = [0]
 
     def run_one() -> bool:
-        study.optimize(objective, n_trials=1, catch=(VariantFailed,))
+        current[0] = -1
+        try:
+            study.optimize(objective, n_trials=1, catch=(VariantFailed,))
+        except Exception:
+            # this worker went silent longer than the grace period (a stalled machine or
+            # storage): another worker failed its variant and queued it again, so optuna
+            # cannot store our result (UpdateFinishedTrialError, "Cannot tell a FAIL trial")
+            claim.release()
+            if not _taken_over(study, current[0]):
+                raise
+            if progress:
+                console.print(
+                    "  a variant of this worker was taken over by another (no heartbeat for "
+                    "the grace period); its result is dropped",
+                    style="yellow",
+                )
         return skipped[0] <= 4 * target + 8  # room for repeated points of a discrete space
 
     try:
@@ -188,6 +205,12 @@ def _twin(study, number: int, params: dict[str, Any]) -> int | None:
         ):
             return other.number
     return None
+
+
+def _taken_over(study, number: int) -> bool:
+    """Whether trial ``number`` was failed by another worker and queued again."""
+    trials = study.get_trials(deepcopy=False)
+    return 0 <= number < len(trials) and any(t.user_attrs.get("retry_of") == number for t in trials)
 
 
 def _show(value: Any) -> str:

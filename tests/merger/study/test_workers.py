@@ -23,8 +23,9 @@ from merger.study.workers import worker_envs
 
 pytestmark = pytest.mark.workers
 
-# a worker without a heartbeat for 3 s is dead (the default is 60 s)
-FAST_HEARTBEAT = {"KRUISING_HEARTBEAT_SECONDS": "1", "KRUISING_GRACE_SECONDS": "3"}
+# a worker without a heartbeat for 6 s is dead (the default is 60 s; 6 s leaves a live worker
+# room on a loaded machine)
+FAST_HEARTBEAT = {"KRUISING_HEARTBEAT_SECONDS": "1", "KRUISING_GRACE_SECONDS": "6"}
 
 
 def write_spec(folder: Path, family: dict, *, name: str, trials: int, sampler: str) -> Path:
@@ -261,3 +262,43 @@ def test_a_stopped_worker_queues_its_variant_for_the_others_at_once(tmp_path):
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[0].user_attrs["fail_reason"] == "interrupted"
     assert trials[1].user_attrs == {"retry_of": 0} and trials[1].params == trials[0].params
+
+
+def test_a_worker_whose_variant_was_taken_over_goes_on(tmp_path, capsys):
+    """A worker silent past the grace period (a stalled machine) finds its variant failed by
+    another worker and queued again: it drops its result and goes on, no traceback."""
+    from optuna.trial import TrialState
+
+    from merger.core.recipe import parse_recipe
+    from merger.study.spec import parse_spec
+    from merger.study.storage import open_storage, requeue
+    from merger.study.sweep import run_sweep
+
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    calls = []
+
+    def evaluator(variant):
+        calls.append(variant)
+        if len(calls) == 1:  # what another worker's heartbeat check does meanwhile
+            study = load(storage, "stalled")
+            running = study.get_trials(states=(TrialState.RUNNING,))[0]
+            store = open_storage(storage, heartbeat=False)
+            store.set_trial_state_values(running._trial_id, TrialState.FAIL)
+            requeue(study, store.get_trial(running._trial_id))
+        return {"dutch_score": 0.5, "english_score": 0.5, "seconds": 0.0, "probes": {}}
+
+    recipe = parse_recipe(
+        "merge_method: linear\nmodels:\n  - model: /m/a\n    parameters: {weight: 1.0}\n"
+        "  - model: /m/b\n    parameters: {weight: 1.0}\ndtype: float32\n",
+        "r.yaml",
+    )
+    spec = parse_spec(
+        'name: stalled\nrecipe: {}\nsearch: {"models[1].parameters.weight": '
+        "{type: float, low: 0.0, high: 1.0}}\nsampler: random\ntrials: 2\n",
+        "s.yaml",
+    )
+    run_sweep(spec, recipe, storage=storage, evaluator=evaluator, progress=True)
+    trials = load(storage, "stalled").trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[1].user_attrs["retry_of"] == 0 and trials[1].params == trials[0].params
+    assert "taken over by another" in " ".join(capsys.readouterr().err.split())
