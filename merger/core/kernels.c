@@ -1162,3 +1162,110 @@ int64_t kr_multislerp(int stage, int64_t n, int k, const void *base, const void 
 #undef KR_CALL
     return bad;
 }
+
+/* model_stock, pass 1: per row of `cols` entries (one row: the flattened tensor), with
+ * o_j = x_j - base in the compute dtype: sq[r * k + j] = sum o_j^2 and, for the pairs a < b in
+ * order, dot[r * pairs + p] = sum o_a * o_b (each product rounded, as torch's). -1: no memory. */
+KR_INLINE int ms_stock_sums(int64_t rows, int64_t cols, int k, const void *base,
+                            const void *const *src, int in_dtype, int cdt, double *sq, double *dot)
+{
+    float(*o)[CHUNK] = malloc(sizeof(float[CHUNK]) * (size_t)(k + 2));
+    if (o == NULL)
+        return -1;
+    float *b = o[k], *tmp = o[k + 1];
+    int pairs = k * (k - 1) / 2;
+    int round_in = cdt != KR_F32 && cdt != in_dtype;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t c = 0; c < cols; c += CHUNK) {
+            int64_t off = r * cols + c, m = cols - c < CHUNK ? cols - c : CHUNK;
+            load_f32(b, base, off, m, in_dtype);
+            if (round_in)
+                for (int64_t i = 0; i < m; i++)
+                    b[i] = rnd_fast(b[i], cdt);
+            for (int j = 0; j < k; j++) {
+                load_f32(o[j], src[j], off, m, in_dtype);
+                if (round_in)
+                    for (int64_t i = 0; i < m; i++)
+                        o[j][i] = rnd_fast(o[j][i], cdt);
+                for (int64_t i = 0; i < m; i++) {
+                    o[j][i] = rnd_fast(o[j][i] - b[i], cdt);
+                    tmp[i] = o[j][i] * o[j][i];
+                }
+                sq[r * k + j] += sum8(tmp, m);
+            }
+            int p = 0;
+            for (int a = 0; a < k; a++)
+                for (int bb = a + 1; bb < k; bb++, p++) {
+                    for (int64_t i = 0; i < m; i++)
+                        tmp[i] = rnd_fast(o[a][i] * o[bb][i], cdt);
+                    dot[r * pairs + p] += sum8(tmp, m);
+                }
+        }
+    }
+    free(o);
+    return 0;
+}
+
+/* model_stock, pass 2, elements [start, start + n): t[row] * (sum_j x_j / k) + u[row] * base,
+ * u = 1 - t (the sum of the models in model order, as Python's sum(), each step rounded). */
+KR_INLINE int64_t ms_stock_out(int64_t start, int64_t n, int64_t cols, int k, const void *base,
+                               const void *const *src, int in_dtype, int cdt, const float *t,
+                               const float *u, void *dst, int out_dtype)
+{
+    float b[CHUNK], acc[CHUNK], x[CHUNK];
+    int round_in = cdt != KR_F32 && cdt != in_dtype;
+    const float count = (float)k;
+    int64_t bad = 0;
+    for (int64_t off = 0; off < n; off += CHUNK) {
+        int64_t m = n - off < CHUNK ? n - off : CHUNK;
+        load_f32(b, base, off, m, in_dtype);
+        load_f32(acc, src[0], off, m, in_dtype);
+        if (round_in)
+            for (int64_t i = 0; i < m; i++) {
+                b[i] = rnd_fast(b[i], cdt);
+                acc[i] = rnd_fast(acc[i], cdt);
+            }
+        for (int j = 1; j < k; j++) {
+            load_f32(x, src[j], off, m, in_dtype);
+            if (round_in)
+                for (int64_t i = 0; i < m; i++)
+                    x[i] = rnd_fast(x[i], cdt);
+            for (int64_t i = 0; i < m; i++)
+                acc[i] = rnd_fast(acc[i] + x[i], cdt);
+        }
+        for (int64_t i0 = 0; i0 < m;) {
+            int64_t r = (start + off + i0) / cols;
+            int64_t i1 = (r + 1) * cols - (start + off);
+            i1 = i1 < m ? i1 : m;
+            const float tr = t[r], ur = u[r];
+            for (int64_t i = i0; i < i1; i++) {
+                float avg = rnd_fast(acc[i] / count, cdt);
+                acc[i] = rnd_fast(rnd_fast(tr * avg, cdt) + rnd_fast(ur * b[i], cdt), cdt);
+            }
+            i0 = i1;
+        }
+        bad += store_f32(dst, off, acc, m, out_dtype);
+    }
+    return bad;
+}
+
+int kr_model_stock_sums(int64_t rows, int64_t cols, int k, const void *base,
+                        const void *const *src, int in_dtype, int cdt, double *sq, double *dot)
+{
+    int rc = 0;
+#define KR_CALL(c) rc = ms_stock_sums(rows, cols, k, base, src, in_dtype, c, sq, dot)
+    KR_BY_CDT(KR_CALL)
+#undef KR_CALL
+    return rc;
+}
+
+int64_t kr_model_stock_out(int64_t start, int64_t n, int64_t cols, int k, const void *base,
+                           const void *const *src, int in_dtype, int cdt, const float *t,
+                           const float *u, void *dst, int out_dtype)
+{
+    int64_t bad = 0;
+#define KR_CALL(c) bad = ms_stock_out(start, n, cols, k, base, src, in_dtype, c, t, u, dst, out_dtype)
+    KR_BY_CDT(KR_CALL)
+#undef KR_CALL
+    return bad;
+}

@@ -78,6 +78,7 @@ FUSED_METHODS = (
     "sce",
     "nuslerp",
     "multislerp",
+    "model_stock",
 )
 #: exact-dtype methods (`methods.MethodSpec.exact_dtype`): their kernels compute in the
 #: compute dtype with mergekit's rounding, from the inputs as stored
@@ -91,6 +92,7 @@ EXACT = (
     "sce",
     "nuslerp",
     "multislerp",
+    "model_stock",
 )
 RANDOM = ("dare_ties", "dare_linear")
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -349,6 +351,10 @@ def _declare(lib: Any) -> None:
     lib.kr_multislerp.argtypes = [
         i32, i64, i32, ptr, ptr, i32, i32, ptr, ptr, f32, ptr, f32, f32, f32, ptr, ptr, i32,
     ]  # fmt: skip
+    lib.kr_model_stock_sums.restype = i32
+    lib.kr_model_stock_sums.argtypes = [i64, i64, i32, ptr, ptr, i32, i32, ptr, ptr]
+    lib.kr_model_stock_out.restype = i64
+    lib.kr_model_stock_out.argtypes = [i64, i64, i64, i32, ptr, ptr, i32, i32, ptr, ptr, ptr, i32]
 
 
 def available() -> bool:
@@ -494,6 +500,8 @@ def _exact(
                 e - s, flats[0][s:e].data_ptr(), in_code, has, factor, c_code, v, out_code
             ),
         )
+    if method == "model_stock":
+        return _model_stock(lib, tensors[0].shape, flats, base_index, params, codes, out)
     if method == "multislerp":
         return _multislerp(lib, flats, base_index, params, per_model, codes, out)
     if method == "nuslerp":
@@ -606,6 +614,52 @@ def _nuslerp(lib, shape, flats, base_index, params, per_model, codes, out: Outpu
             s, e - s, cols, base[s:e].data_ptr() if base is not None else None,
             x0[s:e].data_ptr(), x1[s:e].data_ptr(), in_code, c_code, flags.data_ptr(),
             s0.data_ptr(), s1.data_ptr(), st.data_ptr(), 1 - t, t, v, out_code,
+        )  # fmt: skip
+
+    return _spans(out, run)
+
+
+def _model_stock(lib, shape, flats, base_index, params, codes, out: Output):
+    """model_stock: one summing pass (per row with filter_wise: the task vectors' squared norms
+    and pairwise dot products), the reference's torch ops on the sums for t, then the merge."""
+    in_code, c_code, out_code = codes
+    compute = next(d for d, c in _CODES.items() if c == c_code)
+    base = flats[base_index]
+    others = [flats[i] for i in range(len(flats)) if i != base_index]
+    k, n = len(others), base.numel()
+    if k < 2 or n == 0:
+        return None
+    if params["filter_wise"] and len(shape) > 1:
+        cols = shape[-1]
+        rows = n // cols
+    else:
+        rows, cols = 1, n
+    pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
+    sq = torch.zeros(rows, k, dtype=torch.float64)
+    dot = torch.zeros(rows, len(pairs), dtype=torch.float64)
+    pointers = _pointers(others)
+    if lib.kr_model_stock_sums(
+        rows, cols, k, base.data_ptr(), pointers, in_code, c_code, sq.data_ptr(), dot.data_ptr()
+    ):
+        raise MemoryError("fused model_stock: out of memory for its chunk buffers")
+    # the reference's steps on the sums (torch.norm / .sum in the compute dtype: float32 sums)
+    norms = sq.to(torch.float32).sqrt().to(compute)
+    dots = dot.to(torch.float32).to(compute)
+    cos_thetas = []
+    for p, (a, b) in enumerate(pairs):
+        norm_product = norms[:, a] * norms[:, b]
+        cos_thetas.append((dots[:, p] / norm_product.clamp(min=1e-6)).clamp(-1, 1))
+    cos_theta = torch.stack(cos_thetas).mean(dim=0)
+    denominator = 1 + (k - 1) * cos_theta
+    singular = denominator.abs() < 1e-6
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    t = torch.where(singular, torch.zeros_like(cos_theta), (k * cos_theta) / safe)
+    t32, u32 = t.float().contiguous(), (1 - t).float().contiguous()
+
+    def run(s: int, e: int, v: int) -> int:
+        return lib.kr_model_stock_out(
+            s, e - s, cols, k, base[s:e].data_ptr(), _at(others, s, e), in_code, c_code,
+            t32.data_ptr(), u32.data_ptr(), v, out_code,
         )  # fmt: skip
 
     return _spans(out, run)

@@ -491,3 +491,34 @@ def test_multislerp_of_cancelling_directions_is_left_to_the_reference():
         torch.bfloat16,
     )  # fmt: skip
     assert fused is None
+
+
+@needs_kernels
+@pytest.mark.parametrize(("stored", "compute"), STORED_COMPUTE)
+@pytest.mark.parametrize(
+    ("shape", "filter_wise", "k"),
+    [((30_011,), False, 2), ((61, 493), True, 3), ((61, 493), False, 3), ((7,), True, 2)],
+)
+def test_model_stock_kernel_is_the_reference(stored, compute, shape, filter_wise, k):
+    """One summing pass, t from the reference's ops on the sums, the merge: bit for bit in a
+    half-float compute dtype; in float32 the sums may differ in their last bit, and a few
+    merged entries by one step of the output dtype."""
+    if compute == torch.float16 and not kernels._load().kr_has_f16():
+        pytest.skip("no _Float16 in this compiler")
+    n = 1
+    for size in shape:
+        n *= size
+    tensors = [t.reshape(shape) for t in _tricky(n, stored, k=k, seed=13)]
+    if len(shape) == 2:
+        tensors[2][5] = 2 * tensors[0][5] - tensors[1][5]  # a row of opposite task vectors
+    (merged, bad), reference = _exact_both(
+        "model_stock", tensors, 0, {"filter_wise": filter_wise}, [{}] * (k + 1), compute,
+        torch.bfloat16,
+    )  # fmt: skip
+    assert bad == 0
+    assert merged.shape == reference.shape
+    if compute != torch.float32:
+        assert torch.equal(merged, reference)
+        return
+    assert float((merged != reference).float().mean()) < 0.01
+    torch.testing.assert_close(merged.float(), reference.float(), rtol=8e-3, atol=1e-6)
