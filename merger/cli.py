@@ -52,6 +52,13 @@ def run_command(
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing child folder.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random methods (dare_*).")] = 0,
+    lora_merge_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="Keep each model+lora input merged in this folder, reused by later runs "
+            "(mergekit's --lora-merge-cache). Default: the adapter is applied as tensors are read."
+        ),
+    ] = None,
 ) -> None:
     """Merge the models of RECIPE into a child checkpoint folder.
 
@@ -70,6 +77,7 @@ def run_command(
         allow_pickle=allow_pickle,
         overwrite=overwrite,
         seed=seed,
+        lora_merge_cache=str(lora_merge_cache) if lora_merge_cache else None,
     )
     run_recipe_file(recipe, out, options)
 

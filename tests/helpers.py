@@ -39,3 +39,15 @@ def write_mini_suite(folder: Path, text_probe: str, text: str) -> Path:
     (folder / "kennis.jsonl").write_text("\n".join(json.dumps(i) for i in MINI_CLOZE) + "\n")
     (folder / f"{text_probe}.jsonl").write_text(json.dumps({"id": "1", "text": text}) + "\n")
     return folder
+
+
+def run_mergekit(text: str, out: Path, **options) -> Path:
+    """Merge recipe YAML with mergekit 0.1.5's Python API (in-process, CPU) into ``out``."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    config = MergeConfiguration.model_validate(yaml.safe_load(text))
+    run_merge(config, str(out), options=MergeOptions(device="cpu", quiet=True, **options))
+    return out

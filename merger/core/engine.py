@@ -47,9 +47,21 @@ from merger.core.plan import MergePlan, TensorTask, build_plan
 from merger.core.recipe import MergeRecipe, load_recipe
 
 
-def open_sources(recipe: MergeRecipe, *, allow_pickle: bool = False) -> dict[str, ModelSource]:
-    """Every model the recipe names, base first, opened from its shard headers."""
-    return {ref: open_model(ref, allow_pickle=allow_pickle) for ref in recipe.referenced_models()}
+def open_sources(
+    recipe: MergeRecipe, *, allow_pickle: bool = False, lora_cache: str | None = None
+) -> dict[str, ModelSource]:
+    """Every model the recipe names, base first, opened from its shard headers; a
+    ``model+lora`` input with its adapter applied (merger.core.adapter)."""
+    from merger.core.adapter import open_lora_input
+
+    sources = {}
+    for ref in recipe.referenced_models():
+        if "+" in ref:
+            cache = Path(lora_cache) if lora_cache else None
+            sources[ref] = open_lora_input(ref, allow_pickle=allow_pickle, cache=cache)
+        else:
+            sources[ref] = open_model(ref, allow_pickle=allow_pickle)
+    return sources
 
 
 def _seed_for(seed: int, task: TensorTask) -> int:
@@ -332,7 +344,9 @@ def run_recipe(
     max_shard = parse_size(options.out_shard_size)
     if options.engine == "mergekit":
         return _run_with_mergekit(recipe, recipe_text, Path(out), options, torch_device, max_shard)
-    sources = open_sources(recipe, allow_pickle=options.allow_pickle)
+    sources = open_sources(
+        recipe, allow_pickle=options.allow_pickle, lora_cache=options.lora_merge_cache
+    )
     plan = build_plan(recipe, sources)
     check_chat_template(recipe.chat_template)
     out = Path(out)
@@ -428,7 +442,9 @@ def _run_with_mergekit(
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions as MergekitOptions
 
-    sources = open_sources(recipe, allow_pickle=options.allow_pickle)
+    sources = open_sources(
+        recipe, allow_pickle=options.allow_pickle, lora_cache=options.lora_merge_cache
+    )
     try:
         config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
     except (yaml.YAMLError, pydantic.ValidationError, ValueError) as exc:
@@ -446,6 +462,7 @@ def _run_with_mergekit(
             copy_tokenizer=True,
             write_model_card=False,
             quiet=True,
+            lora_merge_cache=options.lora_merge_cache,
         )
         run_merge(config, str(tmp), options=mergekit_options)
         _write_child_files(

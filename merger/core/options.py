@@ -15,7 +15,9 @@ class MergeOptions:
     - ``allow_pickle``: accept ``.bin``/``.pt`` checkpoints (``torch.load(weights_only=True)``);
     - ``overwrite``: replace an existing child folder;
     - ``seed``: the seed of the random methods (``dare_*``, ``della*``, ``arcee_fusion``);
-    - ``progress``: show a progress bar on stderr.
+    - ``progress``: show a progress bar on stderr;
+    - ``lora_merge_cache``: keep each ``model+lora`` input merged in this folder (mergekit's
+      ``--lora-merge-cache``); None: the adapter is applied as each tensor is read.
     """
 
     device: str = "auto"
@@ -25,3 +27,4 @@ class MergeOptions:
     overwrite: bool = False
     seed: int = 0
     progress: bool = True
+    lora_merge_cache: str | None = None

@@ -128,6 +128,47 @@ def _fail(kind: str, message: str, hint: str = "") -> PydanticCustomError:
 
 
 def _check_model_ref(value: Any) -> str:
+    """A model reference as mergekit's ``ModelReference`` takes it: ``path[@rev]``,
+    ``model+lora`` (a PEFT adapter applied first) or ``{model: ..., lora: ...}`` (kept as the
+    string ``model+lora``)."""
+    if isinstance(value, Mapping) and "model" in value:
+        value = _lora_dict_ref(value)
+    if isinstance(value, str) and value.count("+") == 1:
+        model, _, lora = value.partition("+")
+        _check_plain_ref(model)
+        _check_plain_ref(lora)
+        return value
+    if isinstance(value, str) and value.count("+") > 1:
+        raise _fail(
+            "model_ref",
+            f"a model reference has at most one +adapter, got {value!r}",
+            "write MODEL+ADAPTER, e.g. org/model+org/lora (mergekit's syntax)",
+        )
+    return _check_plain_ref(value)
+
+
+def _lora_dict_ref(value: Mapping[str, Any]) -> Any:
+    def path(part: Any) -> Any:
+        if isinstance(part, Mapping) and set(part) <= {"path", "revision"} and "path" in part:
+            return part["path"] + (f"@{part['revision']}" if part.get("revision") else "")
+        return part
+
+    extra = set(value) - {"model", "lora", "override_architecture"}
+    if extra or value.get("override_architecture") is not None:
+        raise _fail(
+            "model_ref",
+            "a model reference mapping has model and lora"
+            + (f", not {sorted(extra)[0]}" if extra else "; override_architecture is not native"),
+            "write {model: org/name, lora: org/adapter}; for override_architecture use "
+            "--engine mergekit",
+        )
+    model, lora = path(value["model"]), path(value.get("lora"))
+    if not isinstance(model, str) or (lora is not None and not isinstance(lora, str)):
+        return value  # _check_plain_ref names it
+    return model if lora is None else f"{model}+{lora}"
+
+
+def _check_plain_ref(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _fail(
             "model_ref",
@@ -137,7 +178,7 @@ def _check_model_ref(value: Any) -> str:
     if "+" in value:
         raise _fail(
             "model_ref",
-            f"LoRA references (model+lora) are not supported: {value!r}",
+            f"LoRA references (model+lora) are not supported here: {value!r}",
             "merge the adapter into its model first (peft: PeftModel.from_pretrained(model, "
             "lora).merge_and_unload().save_pretrained(folder)) and reference that folder",
         )
@@ -796,10 +837,11 @@ def recipe_to_yaml(recipe: MergeRecipe) -> str:
 def parse_model_ref(ref: str) -> tuple[str, str | None]:
     """``"org/name@rev"`` → ``("org/name", "rev")``; a local path → ``(path, None)``.
 
-    Raises ``KruisingError`` for mergekit's LoRA syntax (``model+lora``) and malformed refs.
+    Raises ``KruisingError`` for mergekit's LoRA syntax (``model+lora``: a plain model is
+    expected here; the merge inputs take it, merger.core.adapter) and malformed refs.
     """
     try:
-        _check_model_ref(ref)
+        _check_plain_ref(ref)
     except PydanticCustomError as exc:
         raise KruisingError(exc.message(), (exc.context or {}).get("hint", "")) from None
     path, _, revision = ref.partition("@")

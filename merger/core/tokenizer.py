@@ -390,7 +390,10 @@ def _plan_tokenizer(
     elif choice == "union":
         out = _union(base_tok, loaded, sizes)
     else:
-        path = sources[choice].path if choice in sources else _tokenizer_path(choice, allow_pickle)
+        if choice in sources:
+            path = sources[choice].path
+        else:  # mergekit loads a model+lora source's tokenizer from the model
+            path = _tokenizer_path(choice.split("+")[0], allow_pickle)
         try:
             out = _load(path)
         except Exception as exc:

@@ -283,18 +283,34 @@ def test_slice_without_sources() -> None:
         parse("merge_method: passthrough\nslices:\n  - sources: []\n")
 
 
-def test_lora_syntax_is_refused_with_a_hint() -> None:
-    with pytest.raises(
-        KruisingError,
-        match=r"recipe\.yaml:3: models\[0\]\.model: LoRA references \(model\+lora\) are not supported",
-    ) as info:
-        parse("merge_method: linear\nmodels:\n  - model: org/a+org/a-lora\n")
-    assert "merge the adapter" in info.value.hint
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("org/a+org/a-lora", "org/a+org/a-lora"),
+        ("org/a@main+./lora", "org/a@main+./lora"),
+        ("{model: org/a, lora: org/a-lora}", "org/a+org/a-lora"),
+        ("{model: {path: org/a, revision: v1}, lora: {path: ./l}}", "org/a@v1+./l"),
+        ("{model: org/a}", "org/a"),
+    ],
+)
+def test_lora_references_as_mergekit_takes_them(model: str, expected: str) -> None:
+    recipe = parse(f"merge_method: linear\nbase_model: {model}\nmodels:\n  - model: {model}\n")
+    assert recipe.models[0].model == expected and recipe.base_model == expected
 
 
-def test_lora_syntax_in_base_model() -> None:
-    with pytest.raises(KruisingError, match=r"recipe\.yaml:1: base_model: LoRA references"):
-        parse("base_model: org/a+lora\nmerge_method: ties\nmodels:\n  - model: org/b\n")
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        ("org/a+org/b+org/c", r"models\[0\]\.model: a model reference has at most one \+adapter"),
+        ("org/a+", r"models\[0\]\.model: a model reference is a local folder or a Hub id"),
+        ("{model: org/a, lora: x, adapter: y}", r"model and lora, not adapter"),
+        ("{model: org/a, override_architecture: X}", r"override_architecture is not native"),
+    ],
+)
+def test_bad_lora_references(model: str, match: str) -> None:
+    with pytest.raises(KruisingError, match=match) as info:
+        parse(f"merge_method: linear\nmodels:\n  - model: {model}\n")
+    assert info.value.hint
 
 
 @pytest.mark.parametrize(
@@ -444,7 +460,7 @@ def test_all_problems_are_reported_together_in_line_order() -> None:
         parse(
             """
             merge_method: ties
-            base_model: org/base+lora
+            base_model: org/base+lora+more
             models:
               - model: org/a
                 parameters:
@@ -461,7 +477,7 @@ def test_all_problems_are_reported_together_in_line_order() -> None:
     err = info.value
     assert [p.line for p in err.problems] == [2, 6, 10, 11, 12, 13]
     lines = str(err).splitlines()
-    assert lines[0].startswith("recipe.yaml:2: base_model: LoRA references")
+    assert lines[0].startswith("recipe.yaml:2: base_model: a model reference has at most one +")
     assert lines[1].startswith("recipe.yaml:6: models[0].parameters.densty: unknown key")
     assert (
         lines[2]
@@ -689,7 +705,7 @@ def test_parse_model_ref(ref: str, expected: tuple[str, str | None]) -> None:
 
 def test_parse_model_ref_refuses_lora() -> None:
     with pytest.raises(
-        KruisingError, match=r"LoRA references \(model\+lora\) are not supported"
+        KruisingError, match=r"LoRA references \(model\+lora\) are not supported here"
     ) as info:
         parse_model_ref("org/a+org/lora")
     assert info.value.hint

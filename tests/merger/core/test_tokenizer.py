@@ -10,7 +10,6 @@ mergekit takes the base tokenizer from a Python set (its order changes per proce
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from merger.core.engine import run_recipe
 from merger.core.options import MergeOptions
 from merger.core.recipe import parse_recipe
 from tests.conftest import tiny_mistral_config
-from tests.helpers import load_tensors
+from tests.helpers import load_tensors, run_mergekit
 
 RTOL, ATOL = 1e-5, 1e-6
 SAMPLE = "<|im_start|>user Bassie en Adriaan<|im_end|> eten <kaas> en <nieuw>. The ACM</s>"
@@ -55,17 +54,7 @@ def vocab_models(tmp_path_factory, mistral_tokenizer):
 
 @pytest.fixture(scope="session")
 def mergekit_run():
-    import yaml
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions as MergekitOptions
-
-    def run(text: str, out: Path) -> Path:
-        config = MergeConfiguration.model_validate(yaml.safe_load(text))
-        run_merge(config, str(out), options=MergekitOptions(device="cpu", quiet=True))
-        return out
-
-    return run
+    return run_mergekit
 
 
 RECIPES = {
