@@ -11,8 +11,9 @@ check). Two kinds:
   methods): every operation rounds to the compute dtype exactly as torch rounds it (bf16/f16 ops
   compute in float32 and round; a Python scalar enters mul/div in float32, add/sub/compare in
   the tensor's dtype), so the result is the torch reference's — mergekit's operations — bit for
-  bit (nuslerp's norms and dot products are sums in another order: bit for bit in a half-float
-  compute dtype, to the last float32 bit of a sum in float32).
+  bit (nuslerp's, multislerp's and model_stock's norms and dot products are sums in another
+  order: fused in a half-float compute dtype, where they round to torch's value; in float32 the
+  torch path runs).
 
 It returns None when it does not apply — another method, a GPU tensor, an unsupported dtype
 (float64), inputs stored in different dtypes, or no C compiler — and the engine then runs the
@@ -94,6 +95,10 @@ EXACT = (
     "multislerp",
     "model_stock",
 )
+#: exact-dtype methods whose kernels sum whole tensors (or rows) in float64 where torch sums in
+#: float32 in its own order: in a half-float compute dtype both round to the same value (the
+#: torch path's child bit for bit), in float32 they need not, so float32 runs the reference
+SUMMING = ("nuslerp", "multislerp", "model_stock")
 RANDOM = ("dare_ties", "dare_linear")
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -500,6 +505,8 @@ def _exact(
                 e - s, flats[0][s:e].data_ptr(), in_code, has, factor, c_code, v, out_code
             ),
         )
+    if method in SUMMING and c_code == _CODES[torch.float32]:
+        return None  # float32 sums in another order than torch's: its last bits; the reference
     if method == "model_stock":
         return _model_stock(lib, tensors[0].shape, flats, base_index, params, codes, out)
     if method == "multislerp":
