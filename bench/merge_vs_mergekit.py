@@ -782,6 +782,14 @@ def main(argv: list[str] | None = None) -> int:
         recipes = write_recipes(work / "recipes", models, args.layers)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        # the fused kernels are compiled once per source into kruising's cache: build them
+        # here, so that the first timed method does not pay for the compiler
+        subprocess.run(
+            [sys.executable, "-c", "from merger.core import kernels; kernels.available()"],
+            env=child_env(),
+            cwd=REPO,
+            check=True,
+        )
         startup = time_startup(device, child_env())
         print(f"start-up floor: ours {startup['ours']:.1f} s, mergekit {startup['mergekit']:.1f} s")
         results = []
