@@ -62,8 +62,10 @@ log_every: 1
 progress: false
 plot: false
 EOF
-sed -e '/^model:/d' -e '$a resume: latest' "$FSDP/run.yaml" >"$FSDP/resume.yaml"
+# resume from the sharded step-3 checkpoint (the run also checkpoints its last step)
+sed -e '/^model:/d' -e "\$a resume: $FSDP/run/checkpoints/step-00000003" "$FSDP/run.yaml" >"$FSDP/resume.yaml"
 fsdp_check() {
+    set -o pipefail  # it runs in its own bash (timeout bash -c fsdp_check)
     local launch=(accelerate launch --config_file recipes/pretrain/accelerate-fsdp.yaml
                   --num_processes "$NGPU" --main_process_port 0 -m pretrain.cli run)
     "${launch[@]}" "$FSDP/run.yaml" --json | tee "$FSDP/first.json" || return 1
