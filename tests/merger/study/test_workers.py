@@ -302,3 +302,31 @@ def test_a_worker_whose_variant_was_taken_over_goes_on(tmp_path, capsys):
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert trials[1].user_attrs["retry_of"] == 0 and trials[1].params == trials[0].params
     assert "taken over by another" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--workers", "0"], "--workers must be at least 1, got 0"),
+        (["--workers", "2", "--device", "cuda:1"], "--workers with --device cuda:1"),
+        (["--workers", "2", "--mode-streaming"], "--workers needs mode: resident"),
+    ],
+)
+def test_workers_flags_that_cannot_work_are_one_error(tmp_path, flags, message):
+    from typer.testing import CliRunner
+
+    from merger.cli import app
+
+    streaming = "--mode-streaming" in flags
+    flags = [f for f in flags if f != "--mode-streaming"]
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        "name: flags\nrecipe:\n  merge_method: linear\n  models:\n"
+        "    - {model: /m/a, parameters: {weight: 1.0}}\n"
+        "    - {model: /m/b, parameters: {weight: 1.0}}\n"
+        'search: {"models[1].parameters.weight": {type: float, low: 0.0, high: 1.0}}\n'
+        + ("mode: streaming\n" if streaming else "")
+    )
+    result = CliRunner().invoke(app, ["sweep", str(spec), *flags])
+    assert result.exit_code != 0
+    assert message in " ".join(str(result.output).split()) or message in str(result.exception)
