@@ -59,6 +59,13 @@ def run_command(
             "(mergekit's --lora-merge-cache). Default: the adapter is applied as tensors are read."
         ),
     ] = None,
+    compute_dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="float32: compute in float32 instead of the recipe's dtype (mergekit's "
+            "default); recorded in the provenance and model card."
+        ),
+    ] = None,
 ) -> None:
     """Merge the models of RECIPE into a child checkpoint folder.
 
@@ -78,6 +85,7 @@ def run_command(
         overwrite=overwrite,
         seed=seed,
         lora_merge_cache=str(lora_merge_cache) if lora_merge_cache else None,
+        compute_dtype=compute_dtype,
     )
     run_recipe_file(recipe, out, options)
 

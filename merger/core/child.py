@@ -184,8 +184,16 @@ def write_provenance(
     seconds: float,
     engine: str = "native",
     seed: int = 0,
+    compute: dict[str, Any] | None = None,
+    ties: dict[str, Any] | None = None,
 ) -> None:
-    """Resolved parameters per tensor group, input fingerprints and package versions."""
+    """Resolved parameters per tensor group, input fingerprints and package versions.
+
+    ``compute``: the dtype the tensors were computed in (`engine.compute_record`; mergekit's
+    engine: the recipe's); ``ties``: how many TIES entries the tie rule decided.
+    """
+    if compute is None:  # mergekit merged it: in the recipe's dtype
+        compute = {"choice": "mergekit", "dtypes": [recipe.dtype] if recipe.dtype else []}
     groups: dict[str, list[dict[str, Any]]] = {}
     for task in plan.tasks if plan is not None else []:
         refs = [ref for ref, _ in task.inputs]
@@ -211,10 +219,12 @@ def write_provenance(
         "device": device,
         "seed": seed,
         "seconds": round(seconds, 3),
+        "compute_dtype": compute,
         "tensors": len(plan.tasks) if plan is not None else None,
         "bytes_written": plan.write_bytes if plan is not None else None,
         "inputs": [input_fingerprint(s) for s in sources.values()],
         "groups": groups,
+        **({"tie_rule": ties} if ties is not None else {}),
         "versions": _versions(),
     }
     (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -3,7 +3,8 @@
 1. load   — parse the recipe, open every input (local folder or Hub id) from shard headers.
 2. plan   — resolve every tensor's inputs and parameters (merger.core.plan); all errors up front.
 3. stream — a reader thread maps the next tensors (and moves them onto the GPU on a copy
-            stream when there is one) while the device merges in float32; on the CPU,
+            stream when there is one) while the device merges, in mergekit's compute dtype
+            (the recipe's `dtype`) or in float32 with --compute-dtype float32; on the CPU,
             several tensors at once, each by a fused kernel (merger.core.kernels) segment by
             segment into the output shards laid out up front from the plan (merger.core.io).
 4. write  — config, generation config, tokenizer, model card, recipe, provenance; the
@@ -22,6 +23,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,10 +40,10 @@ from merger.core.io import (
     parse_size,
     write_tensor,
 )
-from merger.core.kernels import FUSED_METHODS, fused_merge
+from merger.core.kernels import FLOAT32_INSIDE, FUSED_METHODS, fused_merge
 from merger.core.kernels import available as kernels_available
 from merger.core.kernels import why_not as kernels_why_not
-from merger.core.methods import MergeInputError
+from merger.core.methods import MergeInputError, TieCount, count_ties
 from merger.core.options import MergeOptions
 from merger.core.plan import MergePlan, TensorTask, build_plan
 from merger.core.recipe import MergeRecipe, load_recipe
@@ -68,17 +70,15 @@ def _seed_for(seed: int, task: TensorTask) -> int:
     return (seed * 1_000_003 + zlib.crc32(task.name.encode())) % (2**63)
 
 
-_HALF_OR_SINGLE = (torch.bfloat16, torch.float16, torch.float32)
-
-
 def compute_task(
     plan: MergePlan,
     task: TensorTask,
     tensors: list[torch.Tensor],
     seed: int = 0,
     out: Output | None = None,
+    ties: TieCount | None = None,
 ) -> torch.Tensor | None:
-    """Merge one tensor on the device its inputs are on.
+    """Merge one tensor on the device its inputs are on (``ties`` counts TIES's tie rule).
 
     Without ``out`` the result is returned, in the output dtype. With ``out`` (the tensor's
     place in the output shards, `ShardWriter.output`) it is written there span by span — by a
@@ -87,41 +87,49 @@ def compute_task(
     """
     if task.vocab is not None:  # mergekit: loaded in `dtype`, then re-indexed to the tokenizer
         tensors = task.vocab.apply(tensors, task.in_dtype)
-    compute = task.compute_dtype  # exact-dtype methods: mergekit's compute dtype
+    compute = task.compute_dtype or torch.float32  # mergekit's, or float32 when asked
+    load = task.in_dtype
     if (
-        compute is None
-        and task.in_dtype is not None
-        and not (
-            # methods compute in float32 anyway: widening half floats first would only copy
-            task.in_dtype == torch.float32 and all(t.dtype in _HALF_OR_SINGLE for t in tensors)
-        )
+        load is not None
+        and (load != compute or plan.method.name in FLOAT32_INSIDE)
+        and any(torch.promote_types(t.dtype, load) != load for t in tensors)
     ):
-        tensors = [t.to(task.in_dtype) for t in tensors]
+        # mergekit loads the inputs in `dtype`: where that rounds them and the method computes
+        # in another dtype (--compute-dtype float32; linear and slerp, float32 inside), round
+        # them first (else casting to the compute dtype, in the kernels or below, is that)
+        tensors = [t.to(load) for t in tensors]
     generator = None
     if plan.method.random:
         generator = torch.Generator(device=tensors[0].device)
         generator.manual_seed(_seed_for(seed, task))
-    # the exact-dtype kernels read the inputs as stored and round to `compute` themselves
-    fused = fused_merge(
-        plan.method.name,
-        tensors,
-        task.base_index,
-        task.params,
-        task.per_model,
-        task.out_dtype,
-        out,
-        generator,
-        compute,
-    )
-    if fused is None and compute is not None:
+    # the kernels read the inputs as stored and round to `compute` themselves
+    with count_ties(ties):
+        fused = fused_merge(
+            plan.method.name,
+            tensors,
+            task.base_index,
+            task.params,
+            task.per_model,
+            task.out_dtype,
+            out,
+            generator,
+            compute,
+        )
+    if fused is None:
         tensors = [t if t.dtype == compute else t.to(compute) for t in tensors]
     if fused is not None:
         merged, bad = fused  # the kernel counted NaN/Inf on its way out
     else:
         try:
-            merged = plan.method(
-                tensors, task.base_index, task.params, task.per_model, generator, task.out_dtype
-            )
+            with count_ties(ties):
+                merged = plan.method(
+                    tensors,
+                    task.base_index,
+                    task.params,
+                    task.per_model,
+                    generator,
+                    task.out_dtype,
+                )
         except MergeInputError as exc:
             message = f"{plan.method.name} cannot merge {task.name}: {exc}"
             raise KruisingError(message, exc.hint) from None
@@ -186,6 +194,7 @@ def stream_merge(
     writer: ShardWriter | None = None,
     seed: int = 0,
     progress: bool = True,
+    ties: TieCount | None = None,
 ) -> None:
     """Run every task of the plan, overlapping reads, compute and writes.
 
@@ -208,7 +217,7 @@ def stream_merge(
     def merge_one(task: TensorTask, tensors: list[torch.Tensor]) -> None:
         out = writer.output(task.name) if writer is not None and on_cpu else None
         try:  # on the CPU straight into its place in the shards, span by span
-            merged = compute_task(plan, task, tensors, seed, out)
+            merged = compute_task(plan, task, tensors, seed, out, ties)
         except BaseException:
             if out is not None:
                 out.release()
@@ -292,9 +301,7 @@ def _progress(enabled: bool):
 
 def _describe(plan: MergePlan, device: torch.device) -> str:
     out_dtypes = sorted({str(t.out_dtype).removeprefix("torch.") for t in plan.tasks})
-    computes = sorted(
-        {str(t.compute_dtype or torch.float32).removeprefix("torch.") for t in plan.tasks}
-    )
+    computes = sorted({str(t.compute_dtype).removeprefix("torch.") for t in plan.tasks})
     return (
         f"{plan.method.name}: {len(plan.sources)} models, {len(plan.tasks)} tensors, "
         f"{plan.num_layers} layers, {_gb(plan.read_bytes)} to read, {_gb(plan.write_bytes)} "
@@ -313,6 +320,32 @@ def _kernel_note(plan: MergePlan, device: torch.device) -> str:
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+#: the methods whose trim keeps threshold ties by index (counted into the provenance)
+TIE_RULE_METHODS = ("ties",)
+
+
+def compute_override(options: MergeOptions) -> torch.dtype | None:
+    """``--compute-dtype``: None (mergekit's: the recipe's dtype) or float32."""
+    choice = options.compute_dtype
+    if choice in (None, "mergekit"):
+        return None
+    if choice == "float32":
+        return torch.float32
+    raise KruisingError(
+        f"--compute-dtype {choice!r} is not a choice",
+        "use --compute-dtype float32, or leave it out (the recipe's dtype, as mergekit)",
+    )
+
+
+def compute_record(plan: MergePlan, override: torch.dtype | None) -> dict[str, Any]:
+    """The provenance's (and the card's) word on the dtype the tensors were computed in."""
+    return {
+        "choice": "float32" if override is not None else "mergekit",
+        "dtypes": sorted({str(t.compute_dtype).removeprefix("torch.") for t in plan.tasks}),
+        "flag": "--compute-dtype float32" if override is not None else None,
+    }
 
 
 def run_recipe_file(recipe_path: Path, out: Path, options: MergeOptions | None = None) -> Path:
@@ -340,14 +373,21 @@ def run_recipe(
     recipe_text = recipe_text if recipe_text is not None else recipe_to_yaml(recipe)
     if options.engine not in ("native", "mergekit"):
         raise KruisingError(f"unknown engine {options.engine!r}", "use --engine native or mergekit")
+    compute = compute_override(options)
     torch_device = resolve_device(options.device)
     max_shard = parse_size(options.out_shard_size)
+    if options.engine == "mergekit" and compute is not None:
+        raise KruisingError(
+            "--compute-dtype float32 is a native-engine choice: mergekit computes in the "
+            "recipe's dtype",
+            "drop --compute-dtype, or run with --engine native",
+        )
     if options.engine == "mergekit":
         return _run_with_mergekit(recipe, recipe_text, Path(out), options, torch_device, max_shard)
     sources = open_sources(
         recipe, allow_pickle=options.allow_pickle, lora_cache=options.lora_merge_cache
     )
-    plan = build_plan(recipe, sources)
+    plan = build_plan(recipe, sources, compute)
     check_chat_template(recipe.chat_template)
     out = Path(out)
     inputs = [source.path for source in sources.values()]
@@ -358,9 +398,15 @@ def run_recipe(
     try:
         layout = [(t.name, t.out_dtype, t.shape) for t in plan.tasks]
         writer = ShardWriter(tmp, layout, max_shard, workers=cpu_workers())
+        ties = TieCount()
         try:
             stream_merge(
-                plan, torch_device, writer=writer, seed=options.seed, progress=options.progress
+                plan,
+                torch_device,
+                writer=writer,
+                seed=options.seed,
+                progress=options.progress,
+                ties=ties,
             )
         except BaseException:
             writer.abort()
@@ -376,6 +422,8 @@ def run_recipe(
             seconds=time.perf_counter() - started,
             engine="native",
             seed=options.seed,
+            compute=compute_record(plan, compute),
+            ties=ties.record() if plan.method.name in TIE_RULE_METHODS else None,
         )
         output.commit(tmp, out, overwrite=options.overwrite)
     except OSError as exc:  # the disk: full, gone read-only, an I/O error
@@ -421,7 +469,7 @@ def _write_child_files(
         write_generation_config(plan, folder, config)
         write_tokenizer(plan, folder)
     (folder / "mergekit_config.yml").write_text(recipe_text)
-    write_model_card(folder, recipe_text, recipe)
+    write_model_card(folder, recipe_text, recipe, compute=provenance.get("compute"))
     write_provenance(folder, recipe, sources, plan, recipe_text=recipe_text, **provenance)
 
 

@@ -10,6 +10,7 @@
  * Single-threaded by design: the engine merges different tensors on different threads, and
  * ctypes releases the GIL for the duration of a call. Built at run time by kernels.py.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -96,9 +97,10 @@ int kr_has_f16(void)
 #endif
 }
 
-/* out = sum_j w[j] * x_j, divided by `divisor` when it is not 0. Returns non-finite count. */
+/* out = sum_j w[j] * x_j, divided by `divisor` when it is not 0. Returns non-finite count.
+ * With `fused`, each step is one fused multiply-add, as torch's addcmul_ (mergekit's linear). */
 int64_t kr_linear(int64_t n, int k, const void *const *src, int in_dtype, const float *w,
-                  float divisor, void *dst, int out_dtype)
+                  float divisor, void *dst, int out_dtype, int fused)
 {
     float acc[CHUNK], x[CHUNK];
     int64_t bad = 0;
@@ -109,8 +111,12 @@ int64_t kr_linear(int64_t n, int k, const void *const *src, int in_dtype, const 
         for (int j = 0; j < k; j++) {
             load_f32(x, src[j], off, m, in_dtype);
             const float wj = w[j];
-            for (int64_t i = 0; i < m; i++)
-                acc[i] += wj * x[i];
+            if (fused)
+                for (int64_t i = 0; i < m; i++)
+                    acc[i] = fmaf(x[i], wj, acc[i]);
+            else
+                for (int64_t i = 0; i < m; i++)
+                    acc[i] += wj * x[i];
         }
         if (divisor != 0.0f)
             for (int64_t i = 0; i < m; i++)
@@ -153,25 +159,29 @@ void kr_dots(int64_t n, const void *a, const void *b, int dtype, double *out)
     out[2] = ab;
 }
 
-/* Radix-select histograms of the keys of |x_j - base| (magnitude_key), for the models with
+static inline float rnd(float x, int cdt);
+static void load_c(float *dst, const void *src, int64_t off, int64_t m, int dtype, int cdt);
+
+/* Radix-select histograms of the keys of |x_j - base| (magnitude_key; the inputs and the
+ * difference rounded to the compute dtype `cdt` as torch rounds them), for the models with
  * count[j] != NULL:
  * edge[j] < 0: count the high bits of each key (count[j] has KR_HIGH_BINS entries);
  * edge[j] >= 0: count the low KR_KEY_SHIFT bits of the keys whose high bits equal edge[j]
  * (count[j] has 1 << KR_KEY_SHIFT entries). */
 void kr_tv_histogram(int64_t n, int k, const void *base, const void *const *src, int dtype,
-                     uint32_t *const *count, const int32_t *edge)
+                     uint32_t *const *count, const int32_t *edge, int cdt)
 {
     float b[CHUNK], x[CHUNK];
     uint32_t key[CHUNK];
     for (int64_t off = 0; off < n; off += CHUNK) {
         int64_t m = n - off < CHUNK ? n - off : CHUNK;
-        load_f32(b, base, off, m, dtype);
+        load_c(b, base, off, m, dtype, cdt);
         for (int j = 0; j < k; j++) {
             if (count[j] == NULL)
                 continue;
-            load_f32(x, src[j], off, m, dtype);
+            load_c(x, src[j], off, m, dtype, cdt);
             for (int64_t i = 0; i < m; i++)
-                key[i] = magnitude_key(x[i] - b[i]);
+                key[i] = magnitude_key(rnd(x[i] - b[i], cdt));
             uint32_t *c = count[j];
             if (edge[j] < 0) {
                 for (int64_t i = 0; i < m; i++)
@@ -502,6 +512,9 @@ int64_t kr_ram(int64_t n, int k, const void *base, const void *const *src, int i
  *        sign of the sum of the weighted deltas, mixed and (normalize) divided by the sum of
  *        the agreeing weights (0 -> 1); without, the sum, divided by `divisor` (normalize);
  *        then times lambda;
+ * TIES (trim[j], nullable): of d, the entries whose magnitude_key is above threshold[j] are
+ *        kept, and of those equal to it the first quota[j] in index order (decremented), as in
+ *        kr_tv_merge — before the weighting;
  * mode 1 (SCE): keep_all[] (a byte per element, nullable) selects entries for all models;
  *        signs elected on the unweighted sum; sum of d * (w * agree) over clamp(sum of
  *        w * agree, min=1e-6).
@@ -510,7 +523,8 @@ int64_t kr_tv_exact(int64_t n, int k, const void *base, const void *const *src, 
                     const float *w, const uint8_t *const *keep, const uint8_t *keep_all,
                     int64_t first, int has_ratio, const float *ratio, int mode, int consensus,
                     int normalize, float divisor, float lambda, int cdt, void *dst,
-                    int out_dtype)
+                    int out_dtype, const uint8_t *trim, const uint32_t *threshold,
+                    int64_t *quota)
 {
     float b[CHUNK], mixed[CHUNK], total[CHUNK], wsum[CHUNK];
     float (*d)[CHUNK] = malloc(sizeof(float[CHUNK]) * (size_t)(k > 0 ? k : 1));
@@ -526,6 +540,23 @@ int64_t kr_tv_exact(int64_t n, int k, const void *base, const void *const *src, 
             load_c(dj, src[j], off, m, in_dtype, cdt);
             for (int64_t i = 0; i < m; i++)
                 dj[i] = rnd(dj[i] - b[i], cdt);
+            if (trim != NULL && trim[j]) {
+                const uint32_t edge = threshold[j];
+                float *factor = wsum; /* free until the mixing below */
+                int64_t equal = 0;
+                for (int64_t i = 0; i < m; i++) {
+                    uint32_t u = magnitude_key(dj[i]);
+                    factor[i] = u > edge ? 1.0f : 0.0f;
+                    equal += u == edge;
+                }
+                for (int64_t i = 0; equal && i < m && quota[j] > 0; i++)
+                    if (magnitude_key(dj[i]) == edge) { /* ties: the first ones, in order */
+                        factor[i] = 1.0f;
+                        quota[j]--;
+                    }
+                for (int64_t i = 0; i < m; i++)
+                    dj[i] = dj[i] * factor[i];
+            }
             if (keep != NULL && keep[j] != NULL) {
                 const uint8_t *kj = keep[j] + first + off;
                 for (int64_t i = 0; i < m; i++)

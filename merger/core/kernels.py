@@ -136,7 +136,7 @@ def _compile(compiler: str, target: Path) -> None:
     for extra in attempts:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # mode 0600
         os.close(fd)
-        error = _run_compiler([*base, *extra, str(SOURCE), "-o", tmp])
+        error = _run_compiler([*base, *extra, str(SOURCE), "-o", tmp, "-lm"])
         if error is None:
             os.chmod(tmp, 0o600)  # the linker may have recreated it with the umask
             digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
@@ -311,11 +311,11 @@ def _declare(lib: Any) -> None:
     i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     lib.kr_has_f16.restype = i32
     lib.kr_linear.restype = i64
-    lib.kr_linear.argtypes = [i64, i32, ptr, i32, ptr, f32, ptr, i32]
+    lib.kr_linear.argtypes = [i64, i32, ptr, i32, ptr, f32, ptr, i32, i32]
     lib.kr_dots.restype = None
     lib.kr_dots.argtypes = [i64, ptr, ptr, i32, ptr]
     lib.kr_tv_histogram.restype = None
-    lib.kr_tv_histogram.argtypes = [i64, i32, ptr, ptr, i32, ptr, ptr]
+    lib.kr_tv_histogram.argtypes = [i64, i32, ptr, ptr, i32, ptr, ptr, i32]
     lib.kr_tv_merge.restype = i64
     lib.kr_tv_merge.argtypes = [
         i64, i32, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i32, i32, f32, f32,
@@ -334,7 +334,7 @@ def _declare(lib: Any) -> None:
     lib.kr_tv_exact.restype = i64
     lib.kr_tv_exact.argtypes = [
         i64, i32, ptr, ptr, i32, ptr, ptr, ptr, i64, i32, ptr, i32, i32, i32, f32, f32, i32,
-        ptr, i32,
+        ptr, i32, ptr, ptr, ptr,
     ]  # fmt: skip
     lib.kr_della_probs.restype = None
     lib.kr_della_probs.argtypes = [i64, i64, ptr, ptr, i32, i32, i32, f32, f32, ptr, ptr, ptr]
@@ -394,6 +394,24 @@ def _floats(values: Sequence[float]) -> ctypes.Array:
     return (ctypes.c_float * len(values))(*values)
 
 
+#: float32 kernels whose mergekit method computes in float32 itself (rounding only its result)
+FLOAT32_INSIDE = ("linear", "slerp")
+#: task-vector methods whose bf16/f16 compute runs in the exact-dtype kernel (kr_tv_exact, with
+#: TIES's trim); dare_* in bf16/f16 run the torch reference
+HALF_TASK_VECTORS = ("task_arithmetic", "ties")
+
+
+def float32_kernel_fits(
+    method: str, compute: torch.dtype | None, stored: torch.dtype, out_dtype: torch.dtype
+) -> bool:
+    """Whether a float32 kernel gives mergekit's result for this compute dtype: float32
+    compute; or linear/slerp (float32 inside mergekit too) from inputs stored in the compute
+    dtype, stored in it (one rounding of the float32 result, as mergekit's ``.to(dtype)``)."""
+    if compute in (None, torch.float32):
+        return True
+    return method in FLOAT32_INSIDE and stored == compute == out_dtype
+
+
 def fused_merge(
     method: str,
     tensors: Sequence[torch.Tensor],
@@ -424,8 +442,16 @@ def fused_merge(
     """
     if method not in FUSED_METHODS:
         return None
-    if (method in EXACT) != (compute_dtype is not None):
-        return None
+    half_task_vectors = False
+    if method in EXACT:
+        if compute_dtype is None:
+            return None
+    elif float32_kernel_fits(method, compute_dtype, tensors[0].dtype, out_dtype):
+        compute_dtype = None
+    elif method in HALF_TASK_VECTORS:
+        half_task_vectors = True  # bf16/f16 compute: the exact task-vector kernel
+    else:
+        return None  # a bf16/f16 compute the float32 kernels do not round as mergekit: torch
     if method in RANDOM and (generator is None or generator.device.type != "cpu"):
         return None
     if method in ("della", "della_linear"):
@@ -461,10 +487,14 @@ def fused_merge(
     flats = [t.reshape(-1) for t in tensors]
     if method == "linear":
         weights = [float(p["weight"]) for p in per_model]
-        divisor = sum(weights) if params["normalize"] else 0.0
-        bad = _linear(lib, flats, weights, divisor, in_code, out, out_code)
+        divisor = _float32_sum(weights) if params["normalize"] else 0.0
+        bad = _linear(lib, flats, weights, divisor, in_code, out, out_code, fused=True)
     elif method == "slerp":
         bad = _slerp(lib, flats, base_index, float(params["t"]), in_code, out, out_code)
+    elif half_task_vectors:
+        bad = _half_task_vectors(
+            lib, method, flats, base_index, params, per_model, (in_code, c_code, out_code), out
+        )
     elif method in EXACT:
         codes = (in_code, c_code, out_code)
         bad = _exact(
@@ -775,7 +805,7 @@ def _sce(lib, base, others, select_topk: float, codes, out: Output) -> int:
     def run(s, e, v):
         return lib.kr_tv_exact(
             e - s, k, base[s:e].data_ptr(), _at(others, s, e), in_code, w, None, keep_all, s,
-            0, None, 1, 1, 1, 1.0, 1.0, c_code, v, out_code,
+            0, None, 1, 1, 1, 1.0, 1.0, c_code, v, out_code, None, None, None,
         )  # fmt: skip
 
     return _spans(out, run)
@@ -858,10 +888,87 @@ def _della(
         return lib.kr_tv_exact(
             e - s, k, base[s:e].data_ptr(), _at(inputs, s, e), in_code, w, keep_ptrs, None,
             s, int(rescale), ratio_arr, 0, int(consensus), int(normalize), divisor, lam, c_code,
-            v, out_code,
+            v, out_code, None, None, None,
         )  # fmt: skip
 
     return _spans(out, run)
+
+
+def _trim_thresholds(lib, base, inputs, in_code, densities, c_code):
+    """TIES's thresholds per task vector (two radix-select counting passes, the deltas rounded
+    to the compute dtype): (trim flags, threshold keys, quotas of ties still to keep)."""
+    k, n = len(inputs), base.numel()
+    trim, thresholds, quotas = [0] * k, [0] * k, [0] * k
+    for j in range(k):
+        if densities[j] <= 0:
+            trim[j], thresholds[j] = 1, 0xFFFFFFFF  # nothing is above it: keep nothing
+        elif densities[j] < 1:
+            trim[j] = 1
+    selected = [j for j in range(k) if trim[j] and densities[j] > 0]
+    if selected:
+        keep = {j: max(1, int(densities[j] * n)) for j in selected}
+        high = _histograms(
+            lib, base, inputs, in_code, selected, methods.HIGH_BINS, [-1] * k, c_code
+        )
+        edges = [-1] * k
+        above = {}
+        for j in selected:
+            edges[j], above[j] = methods.kth_from_top(high[j], keep[j])
+        low = _histograms(lib, base, inputs, in_code, selected, methods.LOW_BINS, edges, c_code)
+        for j in selected:
+            value, strictly_above = methods.kth_from_top(low[j], keep[j] - above[j])
+            thresholds[j] = (edges[j] << methods.KEY_SHIFT) | value
+            quotas[j] = keep[j] - above[j] - strictly_above
+            methods.record_ties(int(low[j][value]), quotas[j])
+    return trim, thresholds, quotas
+
+
+def _half_task_vectors(lib, method, flats, base_index, params, per_model, codes, out) -> int:
+    """task_arithmetic / TIES in bf16/f16 compute: mergekit's generalized task arithmetic op by
+    op in the compute dtype (kr_tv_exact), TIES's trim on the rounded deltas."""
+    in_code, c_code, out_code = codes
+    compute = next(d for d, c in _CODES.items() if c == c_code)
+    others = [i for i in range(len(flats)) if i != base_index]
+    base = flats[base_index]
+    inputs = [flats[i] for i in others]
+    k = len(inputs)
+    weights = torch.tensor([float(per_model[i]["weight"]) for i in others], dtype=compute)
+    consensus = method == "ties"
+    normalize = bool(params["normalize"])
+    divisor = 1.0
+    if normalize and not consensus:  # mergekit: the weights' sum in the compute dtype
+        total = float(weights.sum())
+        divisor = 1.0 if abs(total) < 1e-8 else total
+    trim = thresholds = quotas = None
+    if consensus:
+        densities = [float(per_model[i].get("density", 1.0)) for i in others]
+        flags, keys, left = _trim_thresholds(lib, base, inputs, in_code, densities, c_code)
+        trim = (ctypes.c_uint8 * k)(*flags)
+        thresholds = (ctypes.c_uint32 * k)(*keys)
+        quotas = (ctypes.c_int64 * k)(*left)  # carried from span to span
+    w = _floats(weights.tolist())
+    lam = float(params["lambda"])
+
+    def run(s, e, v):
+        return lib.kr_tv_exact(
+            e - s, k, base[s:e].data_ptr(), _at(inputs, s, e), in_code, w, None, None, s, 0,
+            None, 0, int(consensus), int(normalize), divisor, lam, c_code, v, out_code, trim,
+            thresholds, quotas,
+        )  # fmt: skip
+
+    return _spans(out, run)
+
+
+def _float32_sum(values: Sequence[float]) -> float:
+    """The sum of the values in float32 (as mergekit sums its float32 weight tensor)."""
+    return float(torch.tensor(list(values), dtype=torch.float32).sum())
+
+
+def _divisor(weights: Sequence[float]) -> float:
+    """mergekit's normalising divisor without consensus: the float32 sum of the weights, 1
+    when it is below 1e-8 in magnitude."""
+    total = _float32_sum(weights)
+    return 1.0 if abs(total) < 1e-8 else total
 
 
 def _spans(out: Output, kernel) -> int:
@@ -881,7 +988,8 @@ def _at(tensors: Sequence[torch.Tensor], start: int, end: int) -> ctypes.Array:
     return _pointers([t[start:end] for t in tensors])
 
 
-def _linear(lib, flats, weights, divisor, in_code, out: Output, out_code) -> int:
+def _linear(lib, flats, weights, divisor, in_code, out: Output, out_code, fused=False) -> int:
+    """Weighted sum (``fused``: by fused multiply-adds, as mergekit's ``addcmul_``)."""
     bad = 0
     w = _floats(weights)
     for start, end in out.spans():
@@ -895,6 +1003,7 @@ def _linear(lib, flats, weights, divisor, in_code, out: Output, out_code) -> int
             divisor,
             view.data_ptr(),
             out_code,
+            int(fused),
         )
         out.write(start, end)
     return bad
@@ -924,24 +1033,7 @@ def _task_vectors(
     quotas = [0] * k
     densities = [float(per_model[i].get("density", 1.0)) for i in others]
     if method == "ties":
-        for j in range(k):
-            if densities[j] <= 0:
-                trim[j], thresholds[j] = 1, 0xFFFFFFFF  # nothing is above it: keep nothing
-            elif densities[j] < 1:
-                trim[j] = 1
-        selected = [j for j in range(k) if trim[j] and densities[j] > 0]
-        if selected:
-            keep = {j: max(1, int(densities[j] * n)) for j in selected}
-            high = _histograms(lib, base, inputs, in_code, selected, methods.HIGH_BINS, [-1] * k)
-            edges = [-1] * k
-            above = {}
-            for j in selected:
-                edges[j], above[j] = methods.kth_from_top(high[j], keep[j])
-            low = _histograms(lib, base, inputs, in_code, selected, methods.LOW_BINS, edges)
-            for j in selected:
-                value, strictly_above = methods.kth_from_top(low[j], keep[j] - above[j])
-                thresholds[j] = (edges[j] << methods.KEY_SHIFT) | value
-                quotas[j] = keep[j] - above[j] - strictly_above
+        trim, thresholds, quotas = _trim_thresholds(lib, base, inputs, in_code, densities, 0)
     dropped = [j for j in range(k) if densities[j] < 1] if method in RANDOM else []
     scales = [1.0] * k
     masks: dict[int, torch.Tensor] = {}
@@ -958,7 +1050,7 @@ def _task_vectors(
         _floats(scales),
         int(method in ("ties", "dare_ties")),
         int(bool(params["normalize"])),
-        methods.task_vector_divisor(weights),
+        _divisor(weights),
         float(params["lambda"]),
     )
     # with rescale the keep masks came from its pass: the draws are not made a second time
@@ -1071,7 +1163,9 @@ def _rescales(lib, base, inputs, in_code, densities, dropped, generator):
     return scales, masks
 
 
-def _histograms(lib, base, inputs, in_code, selected, bins, edges) -> dict[int, torch.Tensor]:
+def _histograms(
+    lib, base, inputs, in_code, selected, bins, edges, c_code
+) -> dict[int, torch.Tensor]:
     counts = {j: torch.zeros(bins, dtype=torch.int32) for j in selected}
     tables = (ctypes.c_void_p * len(inputs))(
         *(counts[j].data_ptr() if j in counts else None for j in range(len(inputs)))
@@ -1084,5 +1178,6 @@ def _histograms(lib, base, inputs, in_code, selected, bins, edges) -> dict[int, 
         in_code,
         tables,
         (ctypes.c_int32 * len(inputs))(*edges),
+        c_code,
     )
     return counts

@@ -5,18 +5,20 @@ index of the base model among them (or None), the resolved global parameters and
 per-model parameters, and returns the merged tensor; casting to the output dtype is the
 caller's job. No I/O, no knowledge of tensor names: the planner resolved everything.
 
-Two dtype contracts (see `MethodSpec.exact_dtype`):
+One dtype contract: every method computes in the dtype of the tensors it is given, with
+mergekit 0.1.5's operations in mergekit's order, so a bf16 input rounds where mergekit rounds;
+where mergekit casts to float32 inside the method (linear, slerp, karcher's norms, ...), so does
+ours, and the result is rounded back to the input dtype as mergekit's is. The caller (the
+engine) hands it mergekit's compute dtype — the recipe's ``dtype``, else the promoted dtype of
+the inputs — or float32 when the user asked for it (``merge run --compute-dtype float32``).
+Then the result is mergekit's, bit for bit, except for the summation order of whole-tensor
+reductions (norms, L1 sums: float64 here), which even torch varies with the thread count, and
+slerp's angle (float64 here, float32 in mergekit: rounding noise).
 
-- ``exact_dtype=True`` (passthrough, model_stock, della, della_linear, sce, nuslerp,
-  multislerp, karcher, arcee_fusion, nearswap, ram, ramplus_tl): the method computes in the
-  dtype of the tensors it is given, with mergekit 0.1.5's operations in mergekit's order, so a
-  bf16 input rounds where mergekit rounds; where mergekit casts to float32 inside the method, so
-  does ours. The caller hands it mergekit's compute dtype (the recipe's ``dtype``, else the
-  promoted dtype of the inputs); then the result is mergekit's, bit for bit, except for the
-  summation order of whole-tensor reductions (norms, means), which even torch varies with the
-  thread count.
-- otherwise (linear, slerp, task_arithmetic, ties, dare_*, breadcrumbs*): float32 compute
-  (float64 stays float64), which equals mergekit for float32 recipes.
+Ties are broken by index: TIES keeps, of the entries equal to the k-th largest magnitude, the
+lowest indices; Breadcrumbs and DELLA sort stably. mergekit's argsort/sort leave ties in an
+arbitrary order; with its sort made stable it gives our result. `count_ties` counts, per merge,
+the TIES entries that this rule decided.
 
 The task-vector methods are one core, `task_vector_merge` — base + combine(sparsify(model_i -
 base)) — with different settings, as in the TIES, DARE, DELLA, SCE and RAM papers and in
@@ -28,7 +30,10 @@ DELLA (magnitude-ranked random drop), SCE (variance selection, data weights, con
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,8 +64,8 @@ class MethodSpec:
     max_non_base: int | None = None
     #: draws random numbers: the caller passes a seeded ``generator`` per tensor
     random: bool = False
-    #: computes in the dtype it is given, as mergekit (module docstring)
-    exact_dtype: bool = False
+    #: computes in the dtype it is given, as mergekit (module docstring): every method does
+    exact_dtype: bool = True
     #: cross-parameter check of one tensor's resolved values: (params, per_model of the
     #: non-base inputs) -> a problem ("density 0.9 + epsilon 0.15 must be below 1") or None
     check: Callable[[dict[str, Any], Sequence[dict[str, Any]]], str | None] | None = None
@@ -105,6 +110,55 @@ class MergeInputError(ValueError):
         self.hint = hint
 
 
+class TieCount:
+    """TIES entries decided by the tie rule in one merge (shared by the merging threads).
+
+    Per trimmed task vector where more entries equal the k-th largest magnitude than places are
+    left for them: ``tied`` counts those entries, ``kept`` the places (the lowest indices win).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.vectors = 0
+        self.tied = 0
+        self.kept = 0
+
+    def add(self, tied: int, kept: int) -> None:
+        with self._lock:
+            self.vectors += 1
+            self.tied += tied
+            self.kept += kept
+
+    def record(self) -> dict[str, Any]:
+        """The provenance entry."""
+        return {
+            "rule": "of the entries equal to the trim threshold, the lowest indices are kept",
+            "task_vectors": self.vectors,
+            "tied_entries": self.tied,
+            "kept_by_index": self.kept,
+        }
+
+
+_TIES: ContextVar[TieCount | None] = ContextVar("kruising_ties", default=None)
+
+
+@contextmanager
+def count_ties(counter: TieCount | None) -> Iterator[None]:
+    """Within the block (this thread), TIES trims add their tie decisions to ``counter``."""
+    token = _TIES.set(counter)
+    try:
+        yield
+    finally:
+        _TIES.reset(token)
+
+
+def record_ties(equal: int, quota: int) -> None:
+    """A trim with ``equal`` entries at its threshold and ``quota`` places left for them."""
+    counter = _TIES.get()
+    if counter is not None and equal > quota:
+        counter.add(equal, quota)
+
+
 def _compute_dtype(tensor: Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
@@ -145,25 +199,31 @@ def linear(
     out_dtype: torch.dtype | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
-    """Weighted sum of the tensors, divided by the sum of weights when ``normalize``."""
+    """Weighted sum of the tensors, divided by the sum of weights when ``normalize``.
+
+    As mergekit: float32 (float64 stays float64) from the inputs' values, the weights and
+    their sum in float32, the result rounded to the inputs' dtype (then to ``out_dtype``).
+    """
     first = tensors[0]
     dtype = _compute_dtype(first)
-    total = float(sum(weights))
-    if normalize and total == 0:
+    coefficients = torch.tensor([float(w) for w in weights], dtype=dtype, device=first.device)
+    total = coefficients.sum()
+    if normalize and float(total) == 0:
         raise ValueError("linear weights sum to 0 with normalize: true")
     flats = [_flat(t) for t in tensors]
     n = first.numel()
-    out = _output(out, n, out_dtype or dtype, first.device)
+    out = _output(out, n, out_dtype or first.dtype, first.device)
+    round_first = first.dtype != dtype and out.dtype != first.dtype
     blocks = _blocks(n, first.device)
     acc_full = torch.empty(blocks[0][1] - blocks[0][0], dtype=dtype, device=first.device)
     for start, end in blocks:
         acc = acc_full[: end - start]
         acc.zero_()
-        for flat, weight in zip(flats, weights, strict=True):
-            acc.add_(flat[start:end], alpha=float(weight))
+        for i, flat in enumerate(flats):
+            acc.addcmul_(flat[start:end], coefficients[i])  # mergekit's op
         if normalize:
             acc.div_(total)
-        out[start:end].copy_(acc)
+        out[start:end].copy_(acc.to(first.dtype) if round_first else acc)
     return out.reshape(first.shape)
 
 
@@ -192,7 +252,8 @@ def slerp(
     (|cos| > ``dot_threshold``) this falls back to linear interpolation, as mergekit does.
     """
     dtype = _compute_dtype(v0)
-    out_dtype = out_dtype or dtype
+    out_dtype = out_dtype or v0.dtype
+    round_first = v0.dtype != dtype and out_dtype != v0.dtype  # mergekit: result in v0's dtype
     if t in (0, 1):
         end = v0 if t == 0 else v1
         return _output(out, end.numel(), out_dtype, end.device).copy_(_flat(end)).reshape(end.shape)
@@ -216,8 +277,8 @@ def slerp(
         x, y = xa[: end - start], xb[: end - start]
         x.copy_(a[start:end])
         y.copy_(b[start:end])
-        x.mul_(coef_a).add_(y, alpha=coef_b)
-        out[start:end].copy_(x)
+        x.mul_(coef_a).add_(y.mul_(coef_b))  # mergekit's coef_a * x + coef_b * y
+        out[start:end].copy_(x.to(v0.dtype) if round_first else x)
     return out.reshape(v0.shape)
 
 
@@ -286,6 +347,7 @@ class _Magnitude:
         self.low_parts: list[Tensor] = []
         self.threshold: Tensor | None = None
         self.quota = 0
+        self.equal = 0  # entries at the threshold (the tie rule decides when > quota)
 
     @staticmethod
     def keys(delta: Tensor) -> Tensor:
@@ -307,13 +369,13 @@ class _Magnitude:
 
     def pick_threshold(self, device: torch.device) -> None:
         lows = torch.cat(self.low_parts)
-        low, above_in_bucket = kth_from_top(
-            torch.bincount(lows, minlength=LOW_BINS), self.k - self.above
-        )
+        counts = torch.bincount(lows, minlength=LOW_BINS)
+        low, above_in_bucket = kth_from_top(counts, self.k - self.above)
         strictly_above = self.above + above_in_bucket
         value = (self.bucket << KEY_SHIFT) | low
         self.threshold = torch.tensor(value, dtype=torch.int32, device=device)
         self.quota = self.k - strictly_above
+        self.equal = int(counts[low])
         self.low_parts = []
 
     def exact_threshold(self, delta: Tensor) -> None:
@@ -322,6 +384,7 @@ class _Magnitude:
         kth = torch.kthvalue(magnitude.cpu(), self.n - self.k + 1).values
         self.threshold = kth.to(delta.device)
         self.quota = self.k - int((magnitude > self.threshold).sum())
+        self.equal = int((magnitude == self.threshold).sum())
 
     def mask(self, delta: Tensor) -> Tensor:
         keys = self.keys(delta)
@@ -364,7 +427,7 @@ def outlier_magnitude_mask(delta: Tensor, density: float, gamma: float) -> Tenso
     keep = int(density * n)
     top = int(gamma * n)
     bottom = max(0, n - keep - top)
-    order = torch.argsort(delta.abs().reshape(-1).float())
+    order = torch.argsort(delta.abs().reshape(-1).float(), stable=True)  # ties in index order
     mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
     mask[order[bottom : bottom + keep]] = True
     return mask.reshape(delta.shape)
@@ -543,6 +606,7 @@ def task_vector_merge(
         for i, trim in live.items():
             if trim.threshold is None:
                 trim.exact_threshold(flats[i].to(dtype) - flat_base.to(dtype))
+            record_ties(trim.equal, trim.quota)
     elif sparsify == "outliers":
         for i in range(k_models):
             if active[i]:
@@ -616,8 +680,19 @@ def task_vector_merge(
             after.add_(d.abs().sum(dim=1))
 
         sweep(norms)
+        # mergekit's factor: the ratio of the L1 norms in its work dtype (DARE's, as DELLA's;
+        # the tensor's own for the magnitude trims); the norms summed in float64 (`della_ratio`)
+        ratio_dtype = dtype
+        if exact and sparsify == "random":
+            ratio_dtype = della_work_dtype(torch.empty(0, dtype=dtype, device=device))
         for i, (b_sum, a_sum) in enumerate(zip(before.tolist(), after.tolist(), strict=True)):
-            if active[i] and b_sum >= RESCALE_FLOOR and a_sum >= RESCALE_FLOOR:
+            if not active[i]:
+                continue
+            if exact:
+                ratio = della_ratio(torch.tensor(b_sum), torch.tensor(a_sum), ratio_dtype)
+                if ratio is not None:
+                    scales[i] = float(ratio)
+            elif b_sum >= RESCALE_FLOOR and a_sum >= RESCALE_FLOOR:
                 scales[i] = b_sum / a_sum
 
     if mix == "sce":
@@ -1225,7 +1300,7 @@ def _task_vector_spec(
     sparsify: str | None,
     consensus: str | None,
 ) -> MethodSpec:
-    exact = sparsify == "magprune"
+    magprune = sparsify == "magprune"
     return MethodSpec(
         name=name,
         pretty_name=pretty,
@@ -1233,10 +1308,9 @@ def _task_vector_spec(
         fn=_task_vector_method,
         parameters=PARAMETERS[name],
         needs_base=True,
-        options={"sparsify": sparsify, "consensus": consensus, "exact": exact},
+        options={"sparsify": sparsify, "consensus": consensus, "exact": True},
         random=sparsify in ("random", "magprune"),
-        exact_dtype=exact,
-        check=_della_check if exact else None,
+        check=_della_check if magprune else None,
     )
 
 

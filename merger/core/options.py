@@ -17,7 +17,11 @@ class MergeOptions:
     - ``seed``: the seed of the random methods (``dare_*``, ``della*``, ``arcee_fusion``);
     - ``progress``: show a progress bar on stderr;
     - ``lora_merge_cache``: keep each ``model+lora`` input merged in this folder (mergekit's
-      ``--lora-merge-cache``); None: the adapter is applied as each tensor is read.
+      ``--lora-merge-cache``); None: the adapter is applied as each tensor is read;
+    - ``compute_dtype``: None computes as mergekit does, in the recipe's ``dtype`` (bf16
+      arithmetic for a bf16 recipe, rounding where mergekit's torch ops round); ``float32``
+      computes every tensor in float32 instead (float64 stays float64) — a recorded choice
+      (provenance, model card), as it gives other tensors than mergekit for half recipes.
     """
 
     device: str = "auto"
@@ -28,3 +32,4 @@ class MergeOptions:
     seed: int = 0
     progress: bool = True
     lora_merge_cache: str | None = None
+    compute_dtype: str | None = None

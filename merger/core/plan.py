@@ -47,8 +47,8 @@ class TensorTask:
     in_dtype: torch.dtype | None  # recipe `dtype`: inputs are cast to it first (mergekit)
     out_dtype: torch.dtype
     group: str  # e.g. "slice 0, layer 3" or "embed": the unit provenance reports
-    #: for exact-dtype methods: mergekit's compute dtype (recipe `dtype`, else the promoted
-    #: stored dtypes); the inputs are cast to it before the method runs. None: float32 compute.
+    #: the dtype the method computes in: mergekit's (recipe `dtype`, else the promoted stored
+    #: dtypes), or float32 with `build_plan(compute_dtype=torch.float32)` (float64 stays)
     compute_dtype: torch.dtype | None = None
     #: a vocabulary tensor under `tokenizer:`/`tokenizer_source`: the inputs re-indexed to
     #: the output tokenizer first (merger.core.tokenizer); None: merged as stored
@@ -220,8 +220,17 @@ def _resolve(
     return spec.default
 
 
-def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePlan:
-    """Resolve the whole merge up front; raise one KruisingError listing every problem."""
+def build_plan(
+    recipe: MergeRecipe,
+    sources: dict[str, ModelSource],
+    compute_dtype: torch.dtype | None = None,
+) -> MergePlan:
+    """Resolve the whole merge up front; raise one KruisingError listing every problem.
+
+    ``compute_dtype``: None computes as mergekit (in the recipe's ``dtype``); float32 computes
+    every tensor in at least float32 (``merge run --compute-dtype float32``); the stored
+    dtypes stay mergekit's either way.
+    """
     method = method_for(
         recipe
     )  # names and literal ranges: checked by MergeRecipe (merger.core.params)
@@ -340,17 +349,14 @@ def build_plan(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> MergePla
             problem = method.check(params, non_base)
             if problem:
                 errors.setdefault(problem, f"{problem} (first at {where})")
-        compute = None
-        if method.exact_dtype:  # mergekit: loaded in `dtype`, else the promoted stored dtype
-            compute = in_dtype
-            if compute is None:
-                compute = sources[refs[0]].tensors[in_names[0]].dtype
-                for ref, name in zip(refs[1:], in_names[1:], strict=True):
-                    compute = torch.promote_types(compute, sources[ref].tensors[name].dtype)
-            dtype = out_dtype or method.result_dtype(compute)
-        else:
-            stored = sources[refs[base_index or 0]].tensors[in_names[0]].dtype
-            dtype = out_dtype or in_dtype or stored
+        compute = in_dtype  # mergekit: loaded in `dtype`, else the promoted stored dtype
+        if compute is None:
+            compute = sources[refs[0]].tensors[in_names[0]].dtype
+            for ref, name in zip(refs[1:], in_names[1:], strict=True):
+                compute = torch.promote_types(compute, sources[ref].tensors[name].dtype)
+        dtype = out_dtype or method.result_dtype(compute)
+        if compute_dtype is not None:
+            compute = torch.promote_types(compute, compute_dtype)
         tasks.append(
             TensorTask(
                 out_name,

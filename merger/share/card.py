@@ -79,6 +79,7 @@ def build_model_card(
     language: Sequence[str] | None = None,
     model_name: str | None = None,
     repo_id: str | None = None,
+    compute: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """The card of a child merged by ``recipe`` (whose YAML source is ``recipe_text``).
 
@@ -86,7 +87,8 @@ def build_model_card(
     languages they declare. ``repo_id`` marks a card bound for that Hub repo: it fills the
     ``merge pull`` command (a placeholder without) and ``base_model`` keeps only the parents that
     are Hub ids, as mergekit's cards do (a local path means nothing on the Hub, and the Hub's
-    metadata check expects model ids); the body still lists every parent.
+    metadata check expects model ids); the body still lists every parent. ``compute``: the
+    provenance's ``compute_dtype`` record (which dtype the tensors were computed in).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -117,6 +119,7 @@ def build_model_card(
         license_line=license_line,
         scorecard=scorecard,
         repo_id=repo_id,
+        compute=compute,
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
@@ -240,6 +243,7 @@ def _body(
     license_line: str,
     scorecard: Mapping[str, Any] | None,
     repo_id: str | None,
+    compute: Mapping[str, Any] | None = None,
 ) -> str:
     method = recipe.merge_method
     title, url = METHOD_REFERENCES.get(method, (method, ""))
@@ -252,6 +256,19 @@ def _body(
         f"made with kruising from a mergekit recipe, using the {method_md} merge method "
         f"(`merge_method: {method}`)" + (f" with {_model_md(base)} as the base." if base else "."),
     ]
+    flag = ""
+    if compute:
+        dtypes = "/".join(compute.get("dtypes") or []) or "the stored dtype"
+        if compute.get("choice") == "float32":
+            flag = " --compute-dtype float32"
+            lines += [
+                "",
+                f"Computed in {dtypes} (`merge run --compute-dtype float32`), not in the "
+                "recipe's `dtype` as mergekit computes it: the tensors differ from mergekit's "
+                "child by rounding.",
+            ]
+        else:
+            lines += ["", f"Computed as mergekit computes it, in {dtypes} (the recipe's `dtype`)."]
     if dutch:
         lines += ["", "A Dutch merge: a parent is Dutch, or the child was scored on Dutch probes."]
     lines += ["", "## Parents", "", "| role | model |", "|---|---|"]
@@ -275,7 +292,7 @@ def _body(
         "",
         "```bash",
         f"merge pull {repo_id or REPO_PLACEHOLDER} --out recipe.yaml",
-        "merge run recipe.yaml --out child",
+        f"merge run recipe.yaml --out child{flag}",
         "```",
         "",
         "`merge pull` takes the recipe from this repository and validates it; `merge run` merges the "
@@ -381,6 +398,7 @@ def write_model_card(
     recipe: MergeRecipe,
     *,
     scorecard: Mapping[str, Any] | None = None,
+    compute: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``child_dir/README.md`` for a child merged by ``recipe``; return its path.
 
@@ -395,6 +413,7 @@ def write_model_card(
         licenses=licenses,
         language=languages,
         model_name=_child_name(child_dir),
+        compute=compute,
     )
     target = child_dir / "README.md"
     card.save(target)
@@ -476,7 +495,18 @@ def render_child_card(
         language=languages,
         model_name=name,
         repo_id=repo_id,
+        compute=_provenance_compute(child_dir),
     )
+
+
+def _provenance_compute(child_dir: Path) -> Mapping[str, Any] | None:
+    """The child's recorded compute dtype (kruising_provenance.json), if it has one."""
+    try:
+        record = json.loads((child_dir / "kruising_provenance.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    compute = record.get("compute_dtype") if isinstance(record, dict) else None
+    return compute if isinstance(compute, dict) else None
 
 
 def update_card_scores(child_dir: Path, scorecard: Mapping[str, Any]) -> Path:

@@ -24,9 +24,12 @@ def _models(n: int, dtype: torch.dtype, k: int = 3, seed: int = 0) -> list[torch
 
 
 def _both(method, tensors, base_index, params, per_model, out_dtype):
+    """The float32 kernel (no compute dtype: float32 compute) and the reference computing
+    in float32 (the engine hands it the inputs in its compute dtype)."""
     fused = kernels.fused_merge(method, tensors, base_index, params, per_model, out_dtype)
     assert fused is not None
-    reference = METHODS[method](tensors, base_index, params, per_model, out_dtype=out_dtype)
+    wide = [t.float() for t in tensors]
+    reference = METHODS[method](wide, base_index, params, per_model, out_dtype=out_dtype)
     return fused, reference
 
 
@@ -213,8 +216,9 @@ def test_dare_draws_as_the_reference(method, rescale, in_dtype):
     assert fused is not None and fused[1] == 0
     assert stream.written == stream.spans()
     reference = METHODS[method](
-        tensors, 0, params, per_model, torch.Generator().manual_seed(7), torch.bfloat16
-    )
+        [t.float() for t in tensors], 0, params, per_model, torch.Generator().manual_seed(7),
+        torch.bfloat16,
+    )  # fmt: skip
     if rescale:  # the L1 norms are summed in another order: the scale may differ by an ulp
         torch.testing.assert_close(stream.result.float(), reference.float(), rtol=1e-2, atol=1e-3)
         assert (stream.result != reference).float().mean() < 1e-3
@@ -526,3 +530,56 @@ def test_model_stock_kernel_is_the_reference(stored, compute, shape, filter_wise
     assert bad == 0
     assert merged.shape == reference.shape
     assert torch.equal(merged, reference)
+
+
+@needs_kernels
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_half_compute_task_vectors_are_bit_identical_to_the_reference(method, stored, compute):
+    """bf16/f16 compute (mergekit's for such a recipe): the exact kernel rounds every op as
+    the torch reference does, TIES's trim included, and counts the same tie decisions."""
+    from merger.core.methods import TieCount, count_ties
+
+    tensors = _models(50_011, stored)
+    per_model = [
+        {"weight": 1.0},
+        {"weight": 0.7, "density": 0.4},
+        {"weight": -0.4, "density": 0.9},
+    ]
+    for params in (TV_PARAMS, TV_PARAMS | {"normalize": False, "lambda": 1.5}):
+        fused_ties, reference_ties = TieCount(), TieCount()
+        with count_ties(fused_ties):
+            fused = kernels.fused_merge(
+                method, tensors, 0, params, per_model, compute, None, None, compute
+            )
+        assert fused is not None and fused[1] == 0
+        with count_ties(reference_ties):
+            reference = METHODS[method](
+                [t.to(compute) for t in tensors], 0, params, per_model, out_dtype=compute
+            )
+        assert torch.equal(fused[0], reference)
+        assert fused_ties.record() == reference_ties.record()
+        if method == "ties":  # half-precision deltas tie at the threshold: the rule decided
+            assert reference_ties.tied > reference_ties.kept > 0
+    wide = kernels.fused_merge(method, tensors, 0, TV_PARAMS, per_model, torch.float32)
+    assert not torch.equal(wide[0].to(compute), reference)  # the compute dtype matters
+
+
+@needs_kernels
+def test_half_compute_goes_to_the_reference_where_no_kernel_rounds_as_mergekit():
+    tensors = _models(1_000, torch.bfloat16)
+    per_model = [{"weight": 1.0}, {"weight": 0.5, "density": 0.5}, {"weight": 0.5}]
+    bf16 = torch.bfloat16
+    assert kernels.fused_merge("dare_ties", tensors, 0, TV_PARAMS, per_model, bf16,
+                               None, torch.Generator(), bf16) is None  # fmt: skip
+    weights = [{"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}]
+    params = {"normalize": True}
+    # linear: float32 inside mergekit too, one rounding when stored and computed alike
+    assert kernels.fused_merge("linear", tensors, None, params, weights, bf16, None, None, bf16)
+    # a float32 output of a bf16 compute rounds twice in mergekit (to bf16, then widened)
+    wide = torch.float32
+    assert (
+        kernels.fused_merge("linear", tensors, None, params, weights, wide, None, None, bf16)
+        is None
+    )

@@ -30,11 +30,20 @@ def test_linear_weights_and_normalize(pair):
     assert torch.equal(linear([a], [2.0]), a)
 
 
-def test_linear_computes_in_float32_from_bf16(pair):
+def test_linear_computes_in_float32_from_bf16_and_rounds_as_mergekit(pair):
+    """mergekit's linear: float32 arithmetic on bf16 inputs, the result rounded to bf16 —
+    also before a wider output dtype (its ``.to(dtype)`` comes first)."""
     a, b = (x.bfloat16() for x in pair)
-    out = linear([a, b], [0.5, 0.5])
-    assert out.dtype == torch.float32
-    assert torch.allclose(out, (a.float() + b.float()) / 2)
+    weights = [0.3, 0.7]
+    w = torch.tensor(weights)
+    exact = torch.zeros(a.shape).addcmul_(a, w[0]).addcmul_(b, w[1]).div_(w.sum())
+    out = linear([a, b], weights)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, exact.bfloat16())
+    wide = linear([a, b], weights, out_dtype=torch.float32)
+    assert wide.dtype == torch.float32
+    assert torch.equal(wide, exact.bfloat16().float())
+    assert not torch.equal(exact, exact.bfloat16().float())  # the rounding is observable
 
 
 def test_slerp_endpoints_are_exact(pair):
