@@ -330,7 +330,7 @@ def score_model(
     try:
         with bar, cpu_threads_for(model):
             plan = prepared.plan_for(model, batch_size)
-            results = run_plan(model, plan, on_batch=advance)
+            results = run_plan(model, plan, on_batch=advance, greedy=False)
             # 2. Greedy continuations for the language-consistency probes.
             continuations: dict[str, list[str]] = {}
             for probe in gen_probes:

@@ -39,7 +39,7 @@ Request = tuple[tuple[int, ...], tuple[int, ...]]
 @dataclass(frozen=True)
 class Loglikelihood:
     logprob: float
-    greedy: bool
+    greedy: bool | None  # None: not checked (``run_plan(..., greedy=False)``)
     tokens: int
 
 
@@ -128,13 +128,15 @@ def loglikelihoods(
     batch_size: int = 16,
     on_batch: Callable[[int], None] | None = None,
     share_prompts: bool = True,
+    greedy: bool = True,
 ) -> list[Loglikelihood]:
     """Summed log-probability of each continuation given its context (see module docstring).
 
-    ``on_batch(n)`` is called with the number of requests each batch finished.
+    ``on_batch(n)`` is called with the number of requests each batch finished; ``greedy=False``
+    leaves out the greedy check (see ``run_plan``).
     """
     plan = plan_loglikelihoods(model, requests, batch_size=batch_size, share_prompts=share_prompts)
-    return run_plan(model, plan, on_batch=on_batch)
+    return run_plan(model, plan, on_batch=on_batch, greedy=greedy)
 
 
 @dataclass
@@ -551,9 +553,18 @@ def _plan_rows(requests, batch_size, pad, device, chunk) -> list[_Batch]:
 
 @torch.inference_mode()
 def run_plan(
-    model, plan: LoglikelihoodPlan, *, on_batch: Callable[[int], None] | None = None
+    model,
+    plan: LoglikelihoodPlan,
+    *,
+    on_batch: Callable[[int], None] | None = None,
+    greedy: bool = True,
 ) -> list[Loglikelihood]:
-    """Score a planned set of requests on ``model`` (which must fit the plan)."""
+    """Score a planned set of requests on ``model`` (which must fit the plan).
+
+    ``greedy=False`` skips the greedy check (``Loglikelihood.greedy`` is then None), which lets
+    a float32 CPU model take the fused projection (``_Projector``): the same log-probabilities
+    to float noise (1e-5 per token), in fewer passes over the logits.
+    """
     if not plan.fits(model, share_prompts=plan.kind in ("packed", "shared")):
         raise ValueError(
             f"this plan was laid out for a {plan.kind} path on {plan.device} with pad "
@@ -561,6 +572,9 @@ def run_plan(
         )
     decoder, head = _decoder_and_head(model)
     cache_arg = _cache_argument(decoder) if plan.kind == "shared" else None
+    score = _score_positions
+    if not greedy and head is not None and _Projector.takes(head):
+        score = _Projector(head)
     results: list[Loglikelihood | None] = [None] * plan.n_requests
     for b in plan.batches:
         if plan.kind == "packed":
@@ -570,7 +584,7 @@ def run_plan(
                 position_ids=b.positions,
                 use_cache=False,
             )[0]
-            logprobs, greedy = _score_positions(head, hidden[b.rows, b.cols], b)
+            logprobs, hits = score(head, hidden[b.rows, b.cols], b)
         elif plan.kind == "shared":
             out = decoder(
                 input_ids=b.ids,
@@ -590,14 +604,14 @@ def run_plan(
                     **{cache_arg: cache},
                 )[0]
                 hidden = torch.cat([hidden, second[b.x_rows, b.x_cols]])
-            logprobs, greedy = _score_positions(head, hidden, b)
+            logprobs, hits = score(head, hidden, b)
         elif plan.kind == "rows":
             hidden = decoder(input_ids=b.ids, attention_mask=b.mask)[0]
-            logprobs, greedy = _score_positions(head, hidden[b.rows, b.cols], b)
+            logprobs, hits = score(head, hidden[b.rows, b.cols], b)
         else:
             logits = model(input_ids=b.ids, attention_mask=b.mask).logits
-            logprobs, greedy = _score_positions(lambda x: x, logits[b.rows, b.cols], b)
-        _collect(results, b, logprobs, greedy)
+            logprobs, hits = _score_positions(lambda x: x, logits[b.rows, b.cols], b)
+        _collect(results, b, logprobs, hits if greedy else None)
         if on_batch is not None:
             on_batch(sum(len(w) for w in b.owners))
     return results  # type: ignore[return-value]
@@ -638,18 +652,90 @@ def _score_positions(head, hidden: torch.Tensor, b: _Batch) -> tuple[torch.Tenso
     return logprobs, greedy
 
 
-def _collect(results: list, b: _Batch, logprobs: torch.Tensor, greedy: torch.Tensor) -> None:
+class _Projector:
+    """Log-prob of each target token from hidden states, fused for a float32 CPU head.
+
+    The same numbers as ``_score_positions`` to float noise, in fewer passes over the logits:
+    the head's weight is scaled by log2(e) once per run, with one extra column of ones; each
+    hidden state gets the extra entry ``-c`` (``c``: the base-2 logit of one of its targets),
+    so a single matrix product yields ``logit * log2 e - c`` (the shift of the log-sum-exp
+    folded into the product), and ``exp2_`` then ``sum`` finish it: three passes where the
+    reference takes nine (product, max, subtract, scale, exp2, sum). The vocabulary runs in
+    blocks of ``BLOCK`` rows, so a block of logits stays in cache between those passes.
+
+    The target's own term is ``2^0``, so the sum is at least 1 (nothing underflows); it
+    overflows only when some token's logit exceeds the target's by more than 110 bits, and
+    such positions (a target with a log-prob below about -75) are scored again by
+    ``_score_positions``. It gives no greedy check: ``run_plan(..., greedy=False)``.
+    """
+
+    BLOCK = 4096
+
+    @staticmethod
+    def takes(head) -> bool:
+        weight = getattr(head, "weight", None)
+        return (
+            isinstance(head, torch.nn.Linear)
+            and head.bias is None
+            and weight is not None
+            and weight.device.type == "cpu"
+            and weight.dtype == torch.float32
+        )
+
+    def __init__(self, head) -> None:
+        weight = head.weight.detach()
+        self.head = head
+        self.hidden_size = weight.shape[1]
+        ones = torch.ones(weight.shape[0], 1, dtype=weight.dtype)
+        self.weight = torch.cat([weight * LOG2_E, ones], dim=1)  # [V, H + 1]
+
+    def __call__(self, head, hidden: torch.Tensor, b: _Batch) -> tuple[torch.Tensor, None]:
+        if hidden.dtype != torch.float32 or hidden.device.type != "cpu":
+            logprobs, _ = _score_positions(head, hidden, b)
+            return logprobs, None
+        n = hidden.shape[0]
+        weight, block = self.weight, self.BLOCK
+        # one target per position sets its shift: the first entry that position predicts
+        first = torch.full((n,), -1, dtype=torch.long)
+        order = torch.arange(b.index.shape[0] - 1, -1, -1)
+        first[b.index[order]] = order  # the last write wins: the lowest entry
+        has = first >= 0
+        shift_token = torch.where(has, b.targets[first.clamp(min=0)], 0)
+        shift = (hidden * weight[shift_token, : self.hidden_size]).sum(-1)
+        shifted = torch.cat([hidden, -shift[:, None]], dim=1)  # [N, H + 1]
+        total = torch.empty(n, dtype=torch.float32)
+        for lo, hi, entries in b.chunks:
+            if entries.numel() == 0:
+                total[lo:hi] = 1.0
+                continue
+            x = shifted[lo:hi]
+            acc = torch.zeros(hi - lo, dtype=torch.float32)
+            for v in range(0, weight.shape[0], block):
+                acc += torch.mm(x, weight[v : v + block].T).exp2_().sum(-1)
+            total[lo:hi] = acc
+        picked = (shifted[b.index] * weight[b.targets]).sum(-1)  # logit * log2 e - c, per entry
+        logprobs = (picked - total.log2()[b.index]) * math.log(2)
+        bad = ~torch.isfinite(total[b.index])
+        if bool(bad.any()):  # a sum overflowed: score those entries the reference way
+            redo = torch.nonzero(bad).flatten()
+            reference, _ = _score_positions(head, hidden, b)
+            logprobs[redo] = reference[redo]
+        return logprobs, None
+
+
+def _collect(results: list, b: _Batch, logprobs: torch.Tensor, greedy: torch.Tensor | None) -> None:
     """Sum per-token scores into per-request results (``b.owners[s]``: requests of segment s)."""
     n = len(b.owners)
     sums = torch.zeros(n, dtype=torch.float64, device=logprobs.device)
     sums.index_add_(0, b.segment, logprobs.double())
-    misses = torch.zeros(n, dtype=torch.long, device=logprobs.device)
-    misses.index_add_(0, b.segment, (~greedy).long())
+    misses: list[int | None] = [None] * n
+    if greedy is not None:
+        counted = torch.zeros(n, dtype=torch.long, device=logprobs.device)
+        counted.index_add_(0, b.segment, (~greedy).long())
+        misses = counted.tolist()
     tokens = torch.bincount(b.segment, minlength=n)
-    for who, lp, miss, count in zip(
-        b.owners, sums.tolist(), misses.tolist(), tokens.tolist(), strict=True
-    ):
-        value = Loglikelihood(lp, miss == 0, count)
+    for who, lp, miss, count in zip(b.owners, sums.tolist(), misses, tokens.tolist(), strict=True):
+        value = Loglikelihood(lp, None if miss is None else miss == 0, count)
         for i in who:
             results[i] = value
 

@@ -359,3 +359,38 @@ def test_item_longer_than_the_model_context_is_named(make_tiny_mistral, tmp_path
     )
     with pytest.raises(EvalError, match=r"do not fit the model's 16 positions \(lang:z1\)"):
         score_model(model, tokenizer, str(tmp_path))
+
+
+def test_the_fused_projection_leaves_every_score_as_it_was(tiny, monkeypatch):
+    """score_model takes the fused head; forced onto the reference head, the scorecard is the same
+    (per-item decisions identical, every number to float noise)."""
+    from eval import scoring
+
+    _, model, tokenizer = tiny
+    taken = []
+    original = scoring._Projector.takes
+    monkeypatch.setattr(scoring._Projector, "takes", lambda head: taken.append(1) or original(head))
+    fused = score_model(model, tokenizer, "all")
+    assert taken and original(model.get_output_embeddings())
+    monkeypatch.setattr(scoring._Projector, "takes", lambda head: False)
+    exact = score_model(model, tokenizer, "all")
+    for key in TIMINGS:
+        fused.pop(key), exact.pop(key)
+    assert fused.keys() == exact.keys()
+    for name, items in exact["per_item"].items():
+        for field, values in items.items():
+            if field in ("ids", "acc", "acc_norm", "lang_share", "tokens", "bytes"):
+                assert fused["per_item"][name][field] == values, (name, field)
+            else:
+                assert fused["per_item"][name][field] == pytest.approx(values, rel=1e-5, abs=1e-5)
+    for name, metrics in exact["probes"].items():
+        for metric, value in metrics.items():
+            if isinstance(value, float):
+                assert fused["probes"][name][metric] == pytest.approx(value, rel=1e-4), (
+                    name,
+                    metric,
+                )
+            else:
+                assert fused["probes"][name][metric] == value
+    for key in ("dutch_score", "english_score"):
+        assert fused[key] == pytest.approx(exact[key], rel=1e-5)

@@ -283,3 +283,46 @@ def test_batched_greedy_continuations_equal_one_prompt_at_a_time(tiny):
     batched = greedy_continuations(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
     assert batched == alone
     assert all(alone)
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared", "rows"])
+def test_the_fused_projection_gives_the_reference_log_probs(tiny, monkeypatch, layout):
+    """``greedy=False`` takes the fused head (what score_model uses): the same numbers."""
+    model, tokenizer = tiny
+    requests = make_requests(tokenizer)
+    kwargs = use_layout(monkeypatch, layout)
+    plan = scoring.plan_loglikelihoods(model, requests, batch_size=5, **kwargs)
+    calls = []
+    original = scoring._Projector.__call__
+    monkeypatch.setattr(
+        scoring._Projector, "__call__", lambda self, *a: calls.append(1) or original(self, *a)
+    )
+    fused = scoring.run_plan(model, plan, greedy=False)
+    assert len(calls) == len(plan.batches)  # the fused path ran, once per batch
+    exact = scoring.run_plan(model, plan)
+    for (ctx, cont), got, want in zip(requests, fused, exact, strict=True):
+        assert got.greedy is None and got.tokens == want.tokens
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-5 * len(cont))
+        assert got.logprob == pytest.approx(reference(model, ctx, cont)[0], abs=1e-4)
+
+
+def test_a_log_sum_exp_that_would_overflow_is_scored_the_reference_way(make_tiny_mistral, tiny):
+    """A target 150 bits below the top token: the shifted sum overflows, the reference scores it."""
+    from transformers import AutoModelForCausalLM
+
+    _, tokenizer = tiny
+    model = AutoModelForCausalLM.from_pretrained(
+        make_tiny_mistral("scoring", seed=3), dtype=torch.float32
+    ).eval()
+    ctx = tuple(tokenizer("Het weer is", add_special_tokens=True)["input_ids"])
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=torch.tensor([ctx]))[0][0, -1]
+        head = model.get_output_embeddings().weight
+        head[7] = hidden * (120 / hidden.dot(hidden))  # logit 120 nats: 173 bits above the rest
+    requests = [(ctx, (100,)), (ctx, (7,)), (ctx, (100, 7))]
+    fused = loglikelihoods(model, requests, greedy=False)
+    exact = loglikelihoods(model, requests)
+    assert exact[0].logprob < -110 and math.isfinite(fused[0].logprob)
+    for got, want, (c, x) in zip(fused, exact, requests, strict=True):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert got.logprob == pytest.approx(reference(model, c, x)[0], abs=1e-3)

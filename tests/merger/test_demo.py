@@ -294,3 +294,23 @@ def test_report_html_renders_with_its_plots_in_a_real_browser(demo, tmp_path):
     if keep:  # a place to look at it
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(keep) / "report-test-family.png")
+
+
+def test_the_expected_duration_names_the_build_the_rest_and_the_fast_way():
+    """What `merge demo` prints first: the family build when it is not cached (and the last
+    build's time when one was recorded), the rest, and `--size test` for the default size."""
+    from merger.demo import EXPECTED_SECONDS, _span, expected_duration
+
+    cold = expected_duration("default", cached=False, last_build=None)
+    assert cold.startswith("expected: the default family is built first, once")
+    assert _span(*EXPECTED_SECONDS["default"]["family"]) in cold
+    assert f"then about {_span(*EXPECTED_SECONDS['default']['rest'])}" in cold
+    assert "`--size test` runs the whole chain" in cold and "its last build" not in cold
+    assert "its last build here took 19 min" in expected_duration("default", False, 1140.0)
+    warm = expected_duration("default", cached=True, last_build=1140.0)
+    assert "family is cached" in warm and "built first" not in warm and "--size test" in warm
+    test = expected_duration("test", cached=True, last_build=None)
+    assert (
+        test
+        == f"expected: about {_span(*EXPECTED_SECONDS['test']['rest'])} on a 2-core CPU (the test family is cached)."
+    )
