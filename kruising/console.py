@@ -89,9 +89,23 @@ def run_cli(app: Callable[[], object], verbose: Callable[[], bool]) -> None:
     failure: its clean-ups run, one line says so, and the exit code is 128 + the signal.
     """
     import signal
+    import threading
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _raise_interrupted)
+    handled = (signal.SIGTERM, signal.SIGINT)
+    saved = {}
+    _received.clear()
+    if threading.current_thread() is threading.main_thread():  # only it may set handlers
+        saved = {signum: signal.signal(signum, _raise_interrupted) for signum in handled}
+    try:
+        _run(app, verbose)
+    finally:  # a caller in the same process (a test, a script) gets its handlers back
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def _run(app: Callable[[], object], verbose: Callable[[], bool]) -> None:
+    import signal
+
     try:
         app()
     except KruisingError as exc:
@@ -105,8 +119,9 @@ def run_cli(app: Callable[[], object], verbose: Callable[[], bool]) -> None:
     except (KeyboardInterrupt, SystemExit) as exc:
         if isinstance(exc, SystemExit) and not _received:
             raise  # a normal exit, or a failure typer or click reported
-        for each in (signal.SIGTERM, signal.SIGINT):  # a second signal now ends it at once
-            signal.signal(each, signal.SIG_DFL)
+        if _received:  # a second signal now ends it at once
+            for each in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(each, signal.SIG_DFL)
         signum = _received[0] if _received else signal.SIGINT
         name = signal.Signals(signum).name
         console.print(

@@ -893,3 +893,20 @@ def test_demo_overwrite_replaces_only_a_demo_report(tmp_path):
     report = _prepare(tmp_path / "report", False, family)
     (report / "summary.json").write_text("{}")
     assert _prepare(report, True, family) == report and not (report / "summary.json").exists()
+
+
+def test_run_cli_gives_a_caller_in_the_same_process_its_signal_handlers_back():
+    import signal
+
+    from kruising.console import run_cli
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(SystemExit):
+        run_cli(lambda: sys_exit_2(), lambda: False)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def sys_exit_2():
+    import sys
+
+    sys.exit(2)
