@@ -66,14 +66,24 @@ def run_command(
             "default); recorded in the provenance and model card."
         ),
     ] = None,
+    intermediate_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--intermediate-dir",
+            "-I",
+            help="Multi-document recipes (mergekit-multimerge): where each named stage's child "
+            "goes (reused when complete). Default: OUT.stages next to --out.",
+        ),
+    ] = None,
 ) -> None:
     """Merge the models of RECIPE into a child checkpoint folder.
 
-    The child is built in a temporary sibling and renamed into place when complete.
+    The child is built in a temporary sibling and renamed into place when complete. A
+    RECIPE of several YAML documents runs its named stages in order, then the unnamed one.
     """
-    from merger.core.recipe import load_recipe
+    from merger.core.multidoc import check_recipe_file
 
-    load_recipe(recipe)  # a bad recipe fails before torch is imported (well under a second)
+    check_recipe_file(recipe)  # a bad recipe fails before torch is imported (well under a second)
     from merger.core.engine import run_recipe_file
     from merger.core.options import MergeOptions
 
@@ -87,7 +97,7 @@ def run_command(
         lora_merge_cache=str(lora_merge_cache) if lora_merge_cache else None,
         compute_dtype=compute_dtype,
     )
-    run_recipe_file(recipe, out, options)
+    run_recipe_file(recipe, out, options, intermediate_dir=intermediate_dir)
 
 
 @app.command("moe", cls=Command)

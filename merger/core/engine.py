@@ -348,9 +348,25 @@ def compute_record(plan: MergePlan, override: torch.dtype | None) -> dict[str, A
     }
 
 
-def run_recipe_file(recipe_path: Path, out: Path, options: MergeOptions | None = None) -> Path:
-    """`merge run RECIPE --out DIR`: merge the recipe file into a child folder."""
+def run_recipe_file(
+    recipe_path: Path,
+    out: Path,
+    options: MergeOptions | None = None,
+    *,
+    intermediate_dir: Path | None = None,
+) -> Path:
+    """`merge run RECIPE --out DIR`: merge the recipe file into a child folder; a file of
+    several documents (mergekit-multimerge) stage by stage (merger.core.multidoc)."""
+    from merger.core.multidoc import is_multi_document, run_stages
+
     recipe_path = Path(recipe_path)
+    try:
+        text = recipe_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = None  # load_recipe says what is wrong
+    if text is not None and is_multi_document(text):
+        options = options or MergeOptions()
+        return run_stages(text, str(recipe_path), out, options, intermediate_dir)
     recipe = load_recipe(recipe_path)
     return run_recipe(recipe, out, options, recipe_text=recipe_path.read_text())
 

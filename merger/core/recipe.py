@@ -456,7 +456,7 @@ class MergeRecipe(Strict):
     tokenizer_source: TokenizerSource = None
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
-    #: mergekit-multi's stage name; mergekit-yaml ignores it, so do we (kept for round trips).
+    #: mergekit-multimerge's stage name (merger.core.multidoc); a single recipe ignores it.
     name: str | None = None
 
     @model_validator(mode="after")
@@ -733,7 +733,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> MergeRecipe:
     data, lines, problems = compose_yaml(text, source)
     for problem in problems:
         if problem.message == INVALID_YAML + SEVERAL_DOCUMENTS:
-            problem.message += ": multi-stage recipes (mergekit-multi) are not supported"
+            problem.message += ": a multi-stage recipe (mergekit-multimerge) runs with merge run"
     if not problems and data is None:
         problems.append(
             RecipeProblem(
