@@ -51,3 +51,71 @@ def run_mergekit(text: str, out: Path, **options) -> Path:
     config = MergeConfiguration.model_validate(yaml.safe_load(text))
     run_merge(config, str(out), options=MergeOptions(device="cpu", quiet=True, **options))
     return out
+
+
+#: tiny configs of architectures mergekit defines, one per naming family: GPT-2
+#: (`transformer.h.N`, tied head, `n_layer`), GPT-NeoX (`gpt_neox.layers.N`), Phi-2 (biases,
+#: lm_head bias, `final_layernorm`), Qwen2 (q/k/v biases, tied head), Gemma2 (four norms per
+#: layer, `layer_types`), Falcon (`transformer.h.N`, fused query_key_value)
+TINY_ARCHITECTURES = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=4, n_head=4, n_positions=64)),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64),
+    ),
+    "phi": (
+        "PhiConfig",
+        "PhiForCausalLM",
+        dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=64,
+        ),
+    ),
+    "falcon": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            new_decoder_architecture=True,
+            tie_word_embeddings=False,  # falcon.json's lm_head has no tied name
+        ),
+    ),
+}
+
+
+def save_tiny_model(folder: Path, kind: str, seed: int, dtype: str = "bfloat16") -> Path:
+    """A random tiny checkpoint of a `TINY_ARCHITECTURES` kind (vocabulary 128, no tokenizer)."""
+    import torch
+    import transformers
+
+    config_class, model_class, settings = TINY_ARCHITECTURES[kind]
+    config = getattr(transformers, config_class)(vocab_size=128, **settings)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(config)
+    model.to(getattr(torch, dtype)).save_pretrained(folder)
+    return folder

@@ -38,11 +38,21 @@ def write_config(plan: MergePlan, folder: Path) -> dict[str, Any]:
         config.pop("torch_dtype", None)
     if plan.tokenizer is not None:  # mergekit's _update_config_vocab
         config["vocab_size"] = plan.tokenizer.rows
-    if recipe.slices:
-        config["num_hidden_layers"] = plan.num_layers
-        for key in ("layer_types",):  # per-layer lists must match the new depth
+    if plan.sliced:  # mergekit sets the definition's layer-count key (dotted: a sub-config)
+        key = (plan.architecture and plan.architecture.num_layers_key) or "num_hidden_layers"
+        *parents, last = key.split(".")
+        target = config
+        for part in parents:
+            target = target[part] = dict(target.get(part) or {})
+        target[last] = plan.num_layers
+        # per-layer lists follow the layers. mergekit 0.1.5 leaves them as they were, and
+        # transformers then refuses its config (`num_hidden_layers` (6) must be equal to the
+        # number of `layer_types` (4)) and mergekit stops: its child has no config to match
+        for key in ("layer_types",):
             if isinstance(config.get(key), list):
-                config[key] = (config[key] * plan.num_layers)[: plan.num_layers]
+                config[key] = [
+                    plan.sources[ref].config[key][index] for ref, index in plan.layer_sources or []
+                ]
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
 

@@ -11,7 +11,6 @@ lm_head) slice's models. Every value is range-checked here, before any tensor is
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,18 +19,17 @@ import torch
 
 from kruising.console import console
 from kruising.errors import KruisingError
+from merger.core.arch import Architecture, Weight, architecture_of, check_layout, layers_held
 from merger.core.io import ModelSource
 from merger.core.methods import METHODS, MethodSpec
 from merger.core.recipe import MergeRecipe, canonical_dtype, evaluate_setting
 
-LAYER_NAME = re.compile(r"^(?P<prefix>.*?\blayers\.)(?P<index>\d+)\.(?P<suffix>.+)$")
 TORCH_DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
-TIED_HEAD = ("lm_head.weight", "model.embed_tokens.weight")
 
 
 @dataclass
@@ -89,6 +87,12 @@ class MergePlan:
     donor: str  # the model whose config, generation config and tokenizer the child starts from
     #: the output tokenizer when the recipe builds one (merger.core.tokenizer); None: copied
     tokenizer: Any = None
+    #: mergekit's definition of the inputs' architecture (tensor names, layer-count key)
+    architecture: Architecture | None = None
+    #: the recipe gave slices: the child's config gets the new layer count (mergekit)
+    sliced: bool = False
+    #: each child layer's origin: (model ref, layer index) of its slice's first source
+    layer_sources: list[tuple[str, int]] | None = None
 
     @property
     def read_bytes(self) -> int:
@@ -127,7 +131,7 @@ def method_for(recipe: MergeRecipe) -> MethodSpec:
 DEFAULT_MODULE = "default"
 
 
-def _out_slices(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> list[OutSlice]:
+def _out_slices(recipe: MergeRecipe, layers: dict[str, int]) -> list[OutSlice]:
     """The output slices, as mergekit normalises a recipe: `models` (top level or of the one
     module) becomes one slice over every layer of every model, the base model added when it
     is not listed; `modules: {default: ...}` is that module's models or slices."""
@@ -164,10 +168,10 @@ def _out_slices(recipe: MergeRecipe, sources: dict[str, ModelSource]) -> list[Ou
                 )
             )
         return out
-    members = [SliceSource(m.model, 0, sources[m.model].num_layers, m.parameters) for m in models]
+    members = [SliceSource(m.model, 0, layers[m.model], m.parameters) for m in models]
     if recipe.base_model and recipe.base_model not in {m.model for m in models}:
         base = recipe.base_model
-        members.append(SliceSource(base, 0, sources[base].num_layers, None))
+        members.append(SliceSource(base, 0, layers[base], None))
     return [OutSlice(members, None, None, module_parameters)]
 
 
@@ -236,9 +240,16 @@ def build_plan(
     )  # names and literal ranges: checked by MergeRecipe (merger.core.params)
     in_dtype = parse_dtype(recipe.dtype, "dtype")
     out_dtype = parse_dtype(recipe.out_dtype, "out_dtype")
+    architecture = architecture_of(sources)
+    layers = {
+        ref: architecture.num_layers(ref, source.config, source.path)
+        for ref, source in sources.items()
+    }
     for ref, source in sources.items():
-        _check_layer_count(ref, source)
-    slices = _out_slices(recipe, sources)
+        _check_layer_count(architecture, ref, source, layers[ref])
+        check_layout(architecture, ref, source.tensors, layers[ref])
+    slices = _out_slices(recipe, layers)
+    sliced = bool(recipe.slices or (recipe.modules and recipe.modules[DEFAULT_MODULE].slices))
     for i, s in enumerate(slices):
         n_inputs = len(s.sources)
         refs = [src.model for src in s.sources]
@@ -256,7 +267,7 @@ def build_plan(
                 "every source of a slice needs a layer_range of the same length",
             )
         for src in s.sources:
-            n_layers = sources[src.model].num_layers
+            n_layers = layers[src.model]
             if not 0 <= src.start < src.end <= n_layers:
                 raise KruisingError(
                     f"slices[{i}]: layer_range [{src.start}, {src.end}] is outside "
@@ -281,18 +292,25 @@ def build_plan(
                 "list the right number of models",
             )
 
-    from merger.core.tokenizer import is_vocab_tensor, plan_tokenizer
+    from merger.core.tokenizer import plan_tokenizer
 
     tokenizer = plan_tokenizer(recipe, sources)  # every tokenizer check, before any tensor
     errors: dict[str, str] = {}
     tasks: list[TensorTask] = []
     donor = recipe.base_model or next(iter(sources))
-    first_layer_names = _layer_suffixes(sources[slices[0].sources[0].model])
-    outer = [n for n in sources[donor].tensors if not LAYER_NAME.match(n)]
-    pre = [n for n in outer if "embed" in n]
-    post = [n for n in outer if "embed" not in n]
+    # the child's layer count, as in mergekit's output config (${num_layers} in templates)
+    out_layers = layers[donor]
+    if sliced:
+        out_layers = sum(s.sources[0].end - s.sources[0].start for s in slices)
 
-    def add(out_name: str, in_names: list[str], s: OutSlice, t: float, group: str) -> None:
+    def add(
+        out_name: str,
+        in_names: list[str],
+        s: OutSlice,
+        t: float,
+        group: str,
+        vocabulary: bool = False,  # indexed by token ids (the definition's vocabulary_axis)
+    ) -> None:
         refs = [src.model for src in s.sources]
         base = s.base_model or recipe.base_model
         base_index = refs.index(base) if base is not None and base in refs else None
@@ -314,7 +332,7 @@ def build_plan(
             )
             return
         vocab = None
-        if tokenizer is not None and is_vocab_tensor(out_name):
+        if tokenizer is not None and vocabulary:
             vocab, problem = tokenizer.vocab_task(out_name, refs, shapes, base)
             if problem:
                 errors.setdefault(problem, problem)
@@ -373,63 +391,101 @@ def build_plan(
             )
         )
 
-    def outer_inputs(name: str, s: OutSlice) -> list[str]:
+    def add_weight(out: Weight, ins: list[Weight], s: OutSlice, t: float, group: str) -> None:
+        """mergekit's `plan_tensor`: each input's stored name (name, alias, tied name); an
+        optional weight no input stores is skipped."""
+        refs = [src.model for src in s.sources]
+        if len(ins) < len(refs):  # mergekit zips the last slice's models with the first's
+            errors.setdefault(
+                out.name,
+                f"the last slice has more sources than the first: mergekit merges {out.name} "
+                f"over only its first {len(ins)}",
+            )
+            return
+        ins = ins[: len(refs)]
+        if out.optional and not any(
+            w.present_in(sources[ref].tensors) for ref, w in zip(refs, ins, strict=False)
+        ):
+            return
+        if out.force_dtype is not None:
+            errors.setdefault(
+                out.name, f"{out.name} has a forced dtype ({out.force_dtype}) in mergekit"
+            )
+            return
         names = []
-        for src in s.sources:
-            model = sources[src.model]
-            if name not in model.tensors and name == TIED_HEAD[0] and TIED_HEAD[1] in model.tensors:
-                names.append(TIED_HEAD[1])  # tied embeddings: the head is the embedding
-            else:
-                names.append(name)
-        return names
+        for ref, w in zip(refs, ins, strict=False):
+            stored = w.stored_name(sources[ref].tensors)
+            if stored is None and out.optional:  # mergekit merges it over the other models
+                errors.setdefault(
+                    out.name,
+                    f"optional tensor {out.name} is missing in model {ref} but stored by "
+                    "another input",
+                )
+                return
+            names.append(stored or w.name)
+        add(out.name, names, s, t, group, vocabulary=out.vocabulary_axis is not None)
 
-    for name in pre:
-        add(name, outer_inputs(name, slices[0]), slices[0], 0.0, "embeddings")
+    # mergekit's `plan_module`: pre weights over the first slice's models, each slice's
+    # layers, post weights over the last slice's models
+    for weight in architecture.pre_weights(out_layers):
+        add_weight(weight, [weight] * len(slices[0].sources), slices[0], 0.0, "embeddings")
     out_layer = 0
+    layer_sources = []
     for i, s in enumerate(slices):
         length = s.sources[0].end - s.sources[0].start
         for offset in range(length):
+            layer_sources.append((s.sources[0].model, s.sources[0].start + offset))
             t = offset / (length - 1) if length > 1 else 1.0
-            for prefix, suffix in first_layer_names:
-                out_name = f"{prefix}{out_layer}.{suffix}"
-                in_names = [f"{prefix}{src.start + offset}.{suffix}" for src in s.sources]
-                add(out_name, in_names, s, t, f"slice {i}, layer {out_layer}")
+            outs = architecture.layer_weights(out_layer, out_layers)
+            ins = [
+                architecture.layer_weights(src.start + offset, layers[src.model])
+                for src in s.sources
+            ]
+            for j, weight in enumerate(outs):
+                add_weight(weight, [w[j] for w in ins], s, t, f"slice {i}, layer {out_layer}")
             out_layer += 1
-    for name in post:
-        if all(name not in sources[src.model].tensors for src in slices[-1].sources):
-            continue
-        add(name, outer_inputs(name, slices[-1]), slices[-1], 0.0, "head")
+    if sliced and isinstance(sources[donor].config.get("layer_types"), list):
+        for ref, index in layer_sources:  # the child's layer_types, one per layer
+            types = sources[ref].config.get("layer_types")
+            if not isinstance(types, list) or index >= len(types):
+                errors.setdefault(
+                    f"layer_types {ref}",
+                    f"config.json of {ref}: layer_types has no entry for layer {index}",
+                )
+    for weight in architecture.post_weights(out_layers):
+        add_weight(weight, [weight] * len(slices[0].sources), slices[-1], 0.0, "head")
 
     if errors:
         problems = list(errors.values())
         shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
         raise KruisingError("; ".join(shown), _hint_for(problems[0]))
-    return MergePlan(recipe, method, tasks, sources, recipe.base_model, out_layer, donor, tokenizer)
+    return MergePlan(
+        recipe,
+        method,
+        tasks,
+        sources,
+        recipe.base_model,
+        out_layer,
+        donor,
+        tokenizer,
+        architecture=architecture,
+        sliced=sliced,
+        layer_sources=layer_sources,
+    )
 
 
-def _check_layer_count(ref: str, source: ModelSource) -> None:
-    """config.json's num_hidden_layers against the layers the shards hold: a config that
-    claims more (damaged, or a billion to make the plan loop for hours) is refused."""
-    if source.pickle_files:
+def _check_layer_count(arch: Architecture, ref: str, source: ModelSource, claimed: int) -> None:
+    """The config's layer count against the layers the shards hold: a config that claims
+    more (damaged, or a billion to make the plan loop for hours) is refused."""
+    if arch.override_num_layers is not None:
         return
-    held = {int(m["index"]) for n in source.tensors if (m := LAYER_NAME.match(n))}
-    claimed = source.num_layers
-    if claimed > (max(held) + 1 if held else 0):
+    held = layers_held(arch, source.tensors)
+    if claimed > held:
         raise KruisingError(
-            f"{source.path / 'config.json'}: num_hidden_layers is {claimed}, but the shards of "
-            f"{ref} hold {len(held)} layers",
+            f"{source.path / 'config.json'}: {arch.num_layers_key or 'num_hidden_layers'} is "
+            f"{claimed}, but the shards of {ref} hold {held} layers",
             "a damaged or mismatched config.json; re-download or re-save this checkpoint",
         )
-
-
-def _layer_suffixes(source: ModelSource) -> list[tuple[str, str]]:
-    """The (prefix, suffix) pairs of layer 0's tensors, in file order."""
-    pairs = []
-    for name in source.tensors:
-        match = LAYER_NAME.match(name)
-        if match and match["index"] == "0":
-            pairs.append((match["prefix"], match["suffix"]))
-    return pairs
 
 
 def _shape_problem(name: str, refs: list[str], shapes: list[tuple[int, ...]]) -> str:

@@ -18,16 +18,27 @@ from merger.core.plan import build_plan
 from merger.core.recipe import load_recipe, parse_recipe
 
 HERE = Path(__file__).resolve().parent
-LAYER_TENSORS = ("self_attn.o_proj.weight", "mlp.up_proj.weight")
+LAYER_TENSORS = (
+    "input_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
+MISTRAL = {"architectures": ["MistralForCausalLM"], "model_type": "mistral"}
 
 
 def fake_source(ref: str, layers: int) -> ModelSource:
-    """A model that has (2, 2) float32 tensors: embeddings, ``layers`` layers, norm, head."""
+    """A Mistral with (2, 2) float32 tensors: embeddings, ``layers`` layers, norm, head."""
     names = ["model.embed_tokens.weight"]
     names += [f"model.layers.{i}.{suffix}" for i in range(layers) for suffix in LAYER_TENSORS]
     names += ["model.norm.weight", "lm_head.weight"]
     tensors = {name: TensorInfo(Path("/none"), torch.float32, (2, 2), 0, 16) for name in names}
-    return ModelSource(ref, Path("/none"), {"num_hidden_layers": layers}, tensors)
+    return ModelSource(ref, Path("/none"), {**MISTRAL, "num_hidden_layers": layers}, tensors)
 
 
 def plan_of(recipe, layers: int):
