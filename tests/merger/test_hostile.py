@@ -30,9 +30,14 @@ LAYERS = 2
 def tiny_tensors(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     names = {"model.embed_tokens.weight": (16, 8), "model.norm.weight": (8,)}
-    for i in range(LAYERS):
+    for i in range(LAYERS):  # every tensor of mergekit's mistral.json layer
         names[f"model.layers.{i}.mlp.up_proj.weight"] = (12, 8)
         names[f"model.layers.{i}.input_layernorm.weight"] = (8,)
+        for proj, shape in (("q", (8, 8)), ("k", (4, 8)), ("v", (4, 8)), ("o", (8, 8))):
+            names[f"model.layers.{i}.self_attn.{proj}_proj.weight"] = shape
+        names[f"model.layers.{i}.post_attention_layernorm.weight"] = (8,)
+        names[f"model.layers.{i}.mlp.gate_proj.weight"] = (12, 8)
+        names[f"model.layers.{i}.mlp.down_proj.weight"] = (8, 12)
     names["lm_head.weight"] = (16, 8)
     return {n: torch.randn(s, generator=g).to(dtype) for n, s in names.items()}
 
