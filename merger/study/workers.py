@@ -5,8 +5,9 @@ storage itself provides, so two workers never start the same variant:
 
 - PostgreSQL: a session advisory lock (``pg_advisory_lock``), held by the worker's own
   connection; the server drops it when the worker dies, on any host.
-- SQLite and the journal file: ``flock`` on ``<file>.lock`` next to the study file; the kernel
-  drops it when the worker dies (SQLite is one machine's; the journal works on NFSv4 too).
+- SQLite and the journal file: ``flock`` on ``<file>.claims`` next to the study file (not
+  ``<file>.lock``: optuna's journal takes that name for its own lock); the kernel drops it when
+  the worker dies (SQLite is one machine's; the journal works on NFSv4 too).
 
 Under the lock a worker fails the trials of dead workers (optuna's heartbeat), counts what the
 study holds, and either takes a variant (a queued retry first, else the sampler's proposal,
@@ -107,7 +108,7 @@ def claim_lock(url: str) -> ClaimLock:
 
     path = sqlite_path(url) or journal_path(url)
     if path is not None:
-        return FileLock(path.with_name(path.name + ".lock"))
+        return FileLock(path.with_name(path.name + ".claims"))
     if url.startswith("postgresql"):
         try:
             return AdvisoryLock(url)

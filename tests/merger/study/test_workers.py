@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from merger.study.workers import worker_envs
+from merger.study.workers import claim_lock, worker_envs
 
 pytestmark = pytest.mark.workers
 
@@ -330,3 +330,35 @@ def test_workers_flags_that_cannot_work_are_one_error(tmp_path, flags, message):
     result = CliRunner().invoke(app, ["sweep", str(spec), *flags])
     assert result.exit_code != 0
     assert message in " ".join(str(result.output).split()) or message in str(result.exception)
+
+
+def test_a_journal_sweep_claims_under_its_own_lock_file(tmp_path):
+    """optuna's journal locks `<file>.lock` while it appends; the claim lock is another file, so
+    a worker holding a claim never waits on its own journal writes."""
+    from optuna.trial import TrialState
+
+    from merger.core.recipe import parse_recipe
+    from merger.study.spec import parse_spec
+    from merger.study.sweep import run_sweep
+
+    recipe = parse_recipe(
+        "merge_method: linear\nmodels:\n  - model: /m/a\n    parameters: {weight: 1.0}\n"
+        "  - model: /m/b\n    parameters: {weight: 1.0}\ndtype: float32\n",
+        "r.yaml",
+    )
+    spec = parse_spec(
+        'name: journal\nrecipe: {}\nsearch: {"models[1].parameters.weight": '
+        "{type: float, low: 0.0, high: 1.0}}\nsampler: random\ntrials: 2\n",
+        "s.yaml",
+    )
+    storage = f"journal://{tmp_path}/studies.log"
+    assert claim_lock(storage).path.name == "studies.log.claims"  # optuna's: studies.log.lock
+    run_sweep(
+        spec,
+        recipe,
+        storage=storage,
+        evaluator=lambda v: {"dutch_score": 0.5, "english_score": 0.5, "seconds": 0, "probes": {}},
+        progress=False,
+    )
+    assert [t.state for t in load(storage, "journal").trials] == [TrialState.COMPLETE] * 2
+    assert (tmp_path / "studies.log.claims").is_file()
