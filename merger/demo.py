@@ -148,7 +148,10 @@ def expected_duration(size: str, cached: bool, last_build: float | None) -> str:
     spans = EXPECTED_SECONDS.get(size, EXPECTED_SECONDS["default"])
     rest = _span(*spans["rest"])
     if cached:
-        text = f"expected: about {rest} on a 2-core CPU (the {size} family is cached)"
+        text = (
+            f"expected: about {rest} on a 2-core CPU (the {size} family is cached; longer when "
+            "the machine is busy)"
+        )
     else:
         build = _span(*spans["family"])
         text = (
