@@ -110,10 +110,11 @@ def _prepare(out: Path, overwrite: bool, family_dir: Path) -> Path:
 
 
 # Wall seconds measured for `merge demo` on 2 CPU cores (README, "Sweeps and the demo"): the
-# family build (once; cached after) and the rest, quiet machine .. machine shared with other jobs.
+# family build (once; cached after) and the rest, quiet machine .. machine shared with other jobs
+# (the test size's rest took 1,103 s at a load average of 12-17, the default's 350 s at 12-14).
 EXPECTED_SECONDS = {
-    "default": {"family": (80, 1200), "rest": (15, 60)},
-    "test": {"family": (10, 120), "rest": (10, 45)},
+    "default": {"family": (80, 1200), "rest": (15, 1200)},
+    "test": {"family": (10, 120), "rest": (10, 1200)},
 }
 
 
