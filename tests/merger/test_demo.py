@@ -314,3 +314,25 @@ def test_the_expected_duration_names_the_build_the_rest_and_the_fast_way():
         test
         == f"expected: about {_span(*EXPECTED_SECONDS['test']['rest'])} on a 2-core CPU (the test family is cached; longer when the machine is busy)."
     )
+
+
+def test_the_readme_names_what_the_demo_writes(demo):
+    """The README's report table and its `out/demo/...` examples name files the demo writes,
+    and every top-level entry of the report folder is in that table."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    out = demo["out"]
+    table = readme[readme.index("| in `DIR/` | what |") :].split("\n\n")[0]
+    listed = set()
+    for line in table.splitlines()[2:]:
+        first_cell = line.split("|")[1]
+        listed |= {name.rstrip("/") for name in re.findall(r"`([^`]+)`", first_cell)}
+    for name in listed:
+        assert (out / name).exists(), name
+    # every entry the demo writes is listed (not its hidden marker, not the study's lock)
+    written = {p.name for p in out.iterdir() if not p.name.startswith((".", "study.db."))}
+    assert written <= listed, sorted(written - listed)
+    for path in set(re.findall(r"out/demo/([A-Za-z0-9_./-]+)", readme)):
+        path = path.rstrip(".")
+        if "rank1" in path:  # written by the `merge export` line, not by the demo
+            continue
+        assert (out / path).exists(), path
