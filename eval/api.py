@@ -223,6 +223,7 @@ def prepare_suite(
 ) -> PreparedSuite:
     """Encode ``suite`` for ``tokenizer`` and ``model``'s context length (see ``PreparedSuite``)."""
     from eval.scoring import rolling_requests
+    from pretrain.perplexity import text_tokens
 
     if tokenizer is None:
         raise EvalError(f"{name} has no tokenizer", "pass the tokenizer the model was trained with")
@@ -248,7 +249,7 @@ def prepare_suite(
                 requests.append(_sentence_request(tokenizer, item.good))
                 requests.append(_sentence_request(tokenizer, item.bad))
             elif isinstance(item, TextItem):
-                ids = tokenizer(item.text, add_special_tokens=False)["input_ids"]
+                ids = text_tokens(tokenizer, item.text)  # pretrain.perplexity's definition
                 requests.extend(rolling_requests(ids, bos, max_length))
                 extra.setdefault(probe.name, []).append(len(item.text.encode("utf-8")))
             else:

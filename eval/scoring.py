@@ -25,13 +25,15 @@ on a model, so a sweep that scores many variants of one model lays them out once
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from kruising.device import cpu_threads_for  # noqa: F401  (eval's callers import it here)
+from pretrain.perplexity import perplexity_metrics  # noqa: F401  (one definition, shared)
 
 Request = tuple[tuple[int, ...], tuple[int, ...]]
 
@@ -98,26 +100,6 @@ def _decoder_and_head(model):
     if decoder is None or decoder is model or head is None or not plain or softcap:
         return None, None
     return decoder, head
-
-
-@contextlib.contextmanager
-def cpu_threads_for(model):
-    """Run a small model on CPU with one thread: thread hand-offs cost more than its matmuls.
-
-    That includes the [positions, hidden] x [hidden, 32k] vocabulary projection: on two cores it
-    runs 1.8x faster on two threads when the other core is idle, but 3-5x slower when another
-    process keeps that core busy, so it stays on one too.
-    """
-    small = getattr(model.config, "hidden_size", 4096) <= 256
-    if model_device(model).type != "cpu" or not small or torch.get_num_threads() == 1:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @torch.inference_mode()
@@ -760,14 +742,6 @@ def rolling_requests(token_ids: Sequence[int], bos: int, max_length: int) -> lis
         requests.append((context, chunk))
         pos += len(chunk)
     return requests
-
-
-def perplexity_metrics(logprob: float, tokens: int, n_bytes: int) -> dict[str, float]:
-    """Perplexity per token and bits per byte from a summed natural-log probability."""
-    return {
-        "ppl": math.exp(-logprob / tokens),
-        "bits_per_byte": -logprob / (math.log(2) * n_bytes),
-    }
 
 
 @torch.inference_mode()

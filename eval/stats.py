@@ -72,7 +72,9 @@ def _values(kind: str, items: Mapping[str, Sequence[float]], idx: np.ndarray | N
         return {"lang_share": take("lang_share").mean(axis)}
     if kind == "text":
         lp, tok, byt = take("logprob").sum(axis), take("tokens").sum(axis), take("bytes").sum(axis)
-        return {"ppl": np.exp(-lp / tok), "bits_per_byte": -lp / math.log(2) / byt}
+        from pretrain.perplexity import perplexity_metrics  # the one definition
+
+        return perplexity_metrics(lp, tok, byt)
     raise ValueError(f"unknown probe kind {kind!r}")
 
 

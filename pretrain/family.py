@@ -19,7 +19,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -67,7 +67,16 @@ SIZES: dict[str, dict[str, Any]] = {
     },
 }
 
-_CODE_FILES = ("world.py", "family.py", "train.py", "data.py", "config.py", "tokenizer.py")
+_CODE_FILES = (
+    "world.py",
+    "family.py",
+    "train.py",
+    "data.py",
+    "config.py",
+    "tokenizer.py",
+    "perplexity.py",
+    "state.py",
+)
 
 
 def fingerprint(size: str, seed: int) -> str:
@@ -171,7 +180,35 @@ def _write_corpora(folder: Path, size: str, seed: int) -> dict[str, Path]:
     return paths
 
 
+def family_threads() -> int:
+    """torch intra-op threads for the build: 1 unless KRUISING_FAMILY_THREADS says otherwise.
+
+    The members are tiny (64 wide): an op takes microseconds, and splitting it over threads
+    only adds a barrier per op. On a busy machine a thread waits there until the other one is
+    scheduled again, spinning meanwhile, so a build with a thread per core ran 15x slower than
+    quiet (README, bench/family_under_load.py). One thread has no barrier to wait at (eval
+    scores small models on one thread for the same reason: kruising.device.cpu_threads_for)."""
+    value = os.environ.get("KRUISING_FAMILY_THREADS", "1")
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise PretrainError(
+            f"KRUISING_FAMILY_THREADS must be a whole number >= 1, got {value!r}",
+            "unset it (1 thread, the fastest for the tiny family) or set e.g. 2",
+        )
+    return threads
+
+
 def _build(tmp: Path, size: str, seed: int, fp: str, progress: bool) -> None:
+    from kruising.device import torch_threads
+
+    with torch_threads(family_threads()):
+        _build_members(tmp, size, seed, fp, progress)
+
+
+def _build_members(tmp: Path, size: str, seed: int, fp: str, progress: bool) -> None:
     from kruising.console import console
     from pretrain.config import PretrainConfig, Source
     from pretrain.train import run
@@ -314,11 +351,17 @@ def _sequence_logprobs(
 
 
 def perplexity(model, tokenizer, texts: list[str]) -> float:
-    """exp(mean next-token NLL) over `texts`, each scored as BOS + text + EOS."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    seqs = [[bos, *tokenizer(t, add_special_tokens=False)["input_ids"], eos] for t in texts]
+    """Held-out perplexity of `texts` as `pretrain.perplexity` defines it (BOS + text, every
+    text token scored, EOS not), the definition `merge eval` uses. Each text fits the model's
+    positions, so one window per text is lm-eval's rolling windows."""
+    from pretrain.perplexity import perplexity_metrics, text_tokens
+
+    bos = tokenizer.bos_token_id
+    scored = [text_tokens(tokenizer, t) for t in texts]
+    seqs = [[bos, *ids] for ids in scored]
     total = sum(_sequence_logprobs(model, seqs, [1] * len(seqs)))
-    return math.exp(-total / sum(len(s) - 1 for s in seqs))
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return perplexity_metrics(total, sum(len(ids) for ids in scored), n_bytes)["ppl"]
 
 
 def _with_continuation(tokenizer, prompt: str, continuation: str) -> tuple[list[int], int]:

@@ -326,3 +326,22 @@ def test_a_log_sum_exp_that_would_overflow_is_scored_the_reference_way(make_tiny
     for got, want, (c, x) in zip(fused, exact, requests, strict=True):
         assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
         assert got.logprob == pytest.approx(reference(model, c, x)[0], abs=1e-3)
+
+
+def test_family_json_and_merge_eval_share_one_perplexity(tiny):
+    """pretrain.family's perplexity (family.json, README) is merge eval's, to rounding: BOS +
+    text, every text token scored, EOS not (pretrain/perplexity.py)."""
+    from eval.api import score_model
+    from eval.schema import Probe, TextItem
+    from pretrain.family import perplexity
+
+    model, tokenizer = tiny
+    texts = ["Op zaterdag gaat de markt al om acht uur open.", "Bassie en Adriaan treden op."]
+    items = tuple(TextItem(id=str(i), text=t) for i, t in enumerate(texts))
+    card = score_model(model, tokenizer, probes=[Probe("ppl_x", "text", "nl", items)])
+    ours = perplexity(model, tokenizer, texts)
+    assert card["probes"]["ppl_x"]["ppl"] == pytest.approx(ours, rel=1e-5)
+    with_eos = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"],
+                 tokenizer.eos_token_id] for t in texts]  # fmt: skip
+    lp = sum(reference(model, (s[0],), s[1:])[0] for s in with_eos)
+    assert ours != pytest.approx(math.exp(-lp / sum(len(s) - 1 for s in with_eos)), rel=1e-3)
