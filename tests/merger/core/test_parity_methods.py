@@ -432,8 +432,20 @@ models:
         l1_ours = float((mine[n].float() - b.float()).abs().sum())
         l1_theirs = float((expected.float() - b.float()).abs().sum())
         l1_full = float((finetune[n].float() - b.float()).abs().sum())
-        assert abs(l1_ours / l1_theirs - 1) < 0.06, n
-        assert abs(l1_ours / l1_full - 1) < 0.06, n
+        # the spread of a rescaled L1 norm: each changed entry |d| counts |d|/p with chance p,
+        # so its relative sd is sqrt((1-p)/p * sum d^2) / sum |d| (p: the lowest keep chance;
+        # mergekit's draws are not seeded, so the bound is statistical, not a fixed number)
+        delta = (finetune[n].double() - b.double()).abs()
+        p = density - spread
+        rel = float(((1 - p) / p * (delta**2).sum()).sqrt() / delta.sum())
+        # and each kept entry is stored as bf16(base + d/p): up to half an ulp of that value off,
+        # which next to a small delta is not small (the rounding bound, as a fraction of sum |d|)
+        kept_value = (b.double().abs() + delta / p)[delta > 0]
+        ulp = torch.exp2(torch.floor(torch.log2(kept_value)) - 7)
+        rounding = float(p * ulp.sum() / 2 / delta.sum())
+        bound = 6 * rel + rounding + 0.01
+        assert abs(l1_ours / l1_theirs - 1) < 2 * bound, (n, rel, rounding)
+        assert abs(l1_ours / l1_full - 1) < bound, (n, rel, rounding)
         checked += 1
     assert checked >= 10
 
