@@ -67,9 +67,20 @@ def mergekit_run():
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
+    def stable(function):
+        def call(*args, **kwargs):
+            return function(*args, **{**kwargs, "stable": True})
+
+        return call
+
     def run(text: str, out: Path) -> Path:
+        # mergekit's sorts made stable, so index order is its tie rule too (ours: entries tied
+        # at a threshold are ranked in index order; mergekit's torch.argsort order is arbitrary)
         config = MergeConfiguration.model_validate(yaml.safe_load(text))
-        run_merge(config, str(out), options=MergeOptions(device="cpu", quiet=True))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch, "argsort", stable(torch.argsort))
+            patch.setattr(torch, "sort", stable(torch.sort))
+            run_merge(config, str(out), options=MergeOptions(device="cpu", quiet=True))
         return out
 
     return run
