@@ -590,6 +590,8 @@ def bench_method(
         result.cat_s = min(result.cat_s, time_cat(inputs))
         cmd = [sys.executable, "-m", "merger.cli", "run", str(recipe), "--out", str(ours_out)]
         cmd += ["--device", args.device]
+        if args.compute_dtype:
+            cmd += ["--compute-dtype", args.compute_dtype]
         run = run_measured(cmd, logs / f"{method}-ours-{rep}.log", env)
         result.ours.append(run)
         print(f"  {method} ours     run {rep + 1}: {_run_text(run)}", flush=True)
@@ -717,6 +719,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4, help="decoder layers per model")
     parser.add_argument("--small", action="store_true", help="tiny shapes: a smoke run in seconds")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
+    parser.add_argument(
+        "--compute-dtype",
+        default=None,
+        help="passed to `merge run` (float32: compute in float32, not in the recipes' bf16 "
+        "as mergekit does; then ours differs from mergekit by rounding)",
+    )
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.methods == ["all"]:
