@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -39,6 +40,25 @@ def write_mini_suite(folder: Path, text_probe: str, text: str) -> Path:
     (folder / "kennis.jsonl").write_text("\n".join(json.dumps(i) for i in MINI_CLOZE) + "\n")
     (folder / f"{text_probe}.jsonl").write_text(json.dumps({"id": "1", "text": text}) + "\n")
     return folder
+
+
+@contextmanager
+def mergekit_sorts_stable():
+    """torch.argsort/torch.sort made stable inside a mergekit run, so index order is its tie
+    rule too (ours: entries tied at a threshold are ranked in index order)."""
+    import pytest
+    import torch
+
+    def stable(function):
+        def call(*args, **kwargs):
+            return function(*args, **{**kwargs, "stable": True})
+
+        return call
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "argsort", stable(torch.argsort))
+        patch.setattr(torch, "sort", stable(torch.sort))
+        yield
 
 
 def run_mergekit(text: str, out: Path, **options) -> Path:

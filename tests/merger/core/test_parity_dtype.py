@@ -22,7 +22,7 @@ from merger.core import kernels
 from merger.core.engine import run_recipe
 from merger.core.options import MergeOptions
 from merger.core.recipe import parse_recipe
-from tests.helpers import load_tensors
+from tests.helpers import load_tensors, mergekit_sorts_stable
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -107,14 +107,6 @@ def parents(make_tiny_mistral):
     }
 
 
-def _stable(function):
-    def stable(*args, **kwargs):
-        kwargs["stable"] = True
-        return function(*args, **kwargs)
-
-    return stable
-
-
 @pytest.fixture(scope="module")
 def stable_mergekit(tmp_path_factory):
     """mergekit's child of a recipe text, with torch.argsort/sort stable inside its run."""
@@ -129,9 +121,7 @@ def stable_mergekit(tmp_path_factory):
         if text not in done:
             out = tmp_path_factory.mktemp("mergekit-stable") / "child"
             config = MergeConfiguration.model_validate(yaml.safe_load(text))
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(torch, "argsort", _stable(torch.argsort))
-                patch.setattr(torch, "sort", _stable(torch.sort))
+            with mergekit_sorts_stable():
                 run_merge(config, str(out), options=MergekitOptions(device="cpu", quiet=True))
             done[text] = out
         return done[text]

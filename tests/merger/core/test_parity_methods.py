@@ -24,7 +24,7 @@ import torch
 from merger.core.engine import run_recipe
 from merger.core.options import MergeOptions
 from merger.core.recipe import parse_recipe
-from tests.helpers import load_tensors
+from tests.helpers import load_tensors, mergekit_sorts_stable
 
 CPU = MergeOptions(device="cpu")
 
@@ -67,19 +67,11 @@ def mergekit_run():
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    def stable(function):
-        def call(*args, **kwargs):
-            return function(*args, **{**kwargs, "stable": True})
-
-        return call
-
     def run(text: str, out: Path) -> Path:
         # mergekit's sorts made stable, so index order is its tie rule too (ours: entries tied
         # at a threshold are ranked in index order; mergekit's torch.argsort order is arbitrary)
         config = MergeConfiguration.model_validate(yaml.safe_load(text))
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(torch, "argsort", stable(torch.argsort))
-            patch.setattr(torch, "sort", stable(torch.sort))
+        with mergekit_sorts_stable():
             run_merge(config, str(out), options=MergeOptions(device="cpu", quiet=True))
         return out
 
