@@ -63,24 +63,6 @@ MAX_MODELS = 16
 #: (kernels.c refuses to build without them): one definition of each.
 DEFINES = {"KR_KEY_SHIFT": methods.KEY_SHIFT, "KR_HIGH_BINS": methods.HIGH_BINS}
 #: the methods with a fused kernel (others, and DARE's rescale, run the torch reference)
-FUSED_METHODS = (
-    "linear",
-    "slerp",
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "dare_linear",
-    "passthrough",
-    "nearswap",
-    "ram",
-    "ramplus_tl",
-    "della",
-    "della_linear",
-    "sce",
-    "nuslerp",
-    "multislerp",
-    "model_stock",
-)
 #: exact-dtype methods (`methods.MethodSpec.exact_dtype`): their kernels compute in the
 #: compute dtype with mergekit's rounding, from the inputs as stored
 EXACT = (
@@ -95,6 +77,8 @@ EXACT = (
     "multislerp",
     "model_stock",
 )
+#: every method with a fused CPU kernel: the float32 ones, then the exact-dtype ones
+FUSED_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear") + EXACT
 #: exact-dtype methods whose kernels sum whole tensors (or rows) in float64 where torch sums in
 #: float32 in its own order: in a half-float compute dtype both round to the same value (the
 #: torch path's child bit for bit), in float32 they need not, so float32 runs the reference
