@@ -75,16 +75,53 @@ def run_command(
             "goes (reused when complete). Default: OUT.stages next to --out.",
         ),
     ] = None,
+    lora_merge_dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="mergekit's --lora-merge-dtype: a model+lora input's model is cast to this "
+            "dtype before its adapter is added. Default: its stored dtype."
+        ),
+    ] = None,
+    copy_tokenizer: Annotated[
+        bool,
+        typer.Option(
+            help="Copy the donor's tokenizer into the child (mergekit's --copy-tokenizer); a "
+            "tokenizer the recipe builds is written either way."
+        ),
+    ] = True,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            help="--engine mergekit: let mergekit run the inputs' own model code "
+            "(the native engine runs none)."
+        ),
+    ] = False,
+    allow_crimes: Annotated[
+        bool,
+        typer.Option(help="--engine mergekit: let mergekit mix architectures."),
+    ] = False,
+    mergekit_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--mergekit-option",
+            help="--engine mergekit: any other field of mergekit's MergeOptions, KEY=VALUE "
+            "(repeatable), e.g. clone_tensors=true.",
+        ),
+    ] = None,
 ) -> None:
     """Merge the models of RECIPE into a child checkpoint folder.
 
     The child is built in a temporary sibling and renamed into place when complete. A
     RECIPE of several YAML documents runs its named stages in order, then the unnamed one.
+    With --engine mergekit the recipe goes to mergekit as written: what our parser would
+    refuse is a warning (file:line), what mergekit refuses an error, before any work.
     """
     from merger.core.multidoc import check_recipe_file
 
-    check_recipe_file(recipe)  # a bad recipe fails before torch is imported (well under a second)
+    if engine != "mergekit":  # a bad recipe fails before torch is imported (well under a second)
+        check_recipe_file(recipe)
     from merger.core.engine import run_recipe_file
+    from merger.core.mergekit_engine import split_option
     from merger.core.options import MergeOptions
 
     options = MergeOptions(
@@ -96,6 +133,11 @@ def run_command(
         seed=seed,
         lora_merge_cache=str(lora_merge_cache) if lora_merge_cache else None,
         compute_dtype=compute_dtype,
+        lora_merge_dtype=lora_merge_dtype,
+        copy_tokenizer=copy_tokenizer,
+        trust_remote_code=trust_remote_code,
+        allow_crimes=allow_crimes,
+        mergekit_options=tuple(split_option(o) for o in mergekit_option or ()),
     )
     run_recipe_file(recipe, out, options, intermediate_dir=intermediate_dir)
 

@@ -11,6 +11,9 @@ Here the same sum is formed as each adapted tensor is read (`LoraSource`), so no
 written first; with ``--lora-merge-cache DIR`` the merged model is kept in DIR under
 mergekit's folder name (``<model>_<crc>_<adapter>_<crc>``) and reused by later runs (also a
 copy mergekit made there). The child's config and tokenizer are the model's, as mergekit's.
+``--lora-merge-dtype D`` (mergekit's ``lora_merge_dtype``: ``from_pretrained(torch_dtype=D)``)
+casts every floating tensor of the model to D before the adapter is added, so the merged
+model is D throughout; a cached copy in another dtype is refused (mergekit would reuse it).
 Adapters with parts that are more than A and B (DoRA, LoRA biases, ``modules_to_save``,
 trainable tokens) are refused with a hint.
 """
@@ -22,7 +25,7 @@ import json
 import math
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +100,13 @@ class LoraSource(ModelSource):
     inner: ModelSource | None = None
     adapter: ModelSource | None = None
     layers: dict[str, LoraLayer] = field(default_factory=dict)
+    #: --lora-merge-dtype: the model's floating tensors cast to it first (mergekit loads it so)
+    dtype: torch.dtype | None = None
 
     def read(self, name: str) -> torch.Tensor:
         weight = self.inner.read(name)
+        if self.dtype is not None and weight.is_floating_point():
+            weight = weight.to(self.dtype)
         layer = self.layers.get(name)
         if layer is None:
             return weight
@@ -222,22 +229,35 @@ def open_adapter(ref: str) -> tuple[Path, dict[str, Any], dict[str, TensorInfo]]
 
 
 def open_lora_input(
-    ref: str, *, allow_pickle: bool = False, cache: Path | None = None
+    ref: str,
+    *,
+    allow_pickle: bool = False,
+    cache: Path | None = None,
+    dtype: str | None = None,
 ) -> ModelSource:
-    """Open ``model+adapter``: streamed (`LoraSource`), or the merged copy in ``cache``."""
+    """Open ``model+adapter``: streamed (`LoraSource`), or the merged copy in ``cache``;
+    ``dtype`` is mergekit's ``lora_merge_dtype`` (None: the model's stored dtypes)."""
     model_ref, adapter_ref = split_lora_ref(ref)
     model = open_model(model_ref, allow_pickle=allow_pickle)
     adapter_path, config, header = open_adapter(adapter_ref)
     layers = _adapter_layers(adapter_ref, config, header, model)
     adapter = ModelSource(adapter_ref, adapter_path, config, header)
+    cast = getattr(torch, dtype.removeprefix("torch.")) if dtype else None
+    tensors = dict(model.tensors)
+    if cast is not None:
+        tensors = {
+            name: replace(info, dtype=cast) if info.dtype.is_floating_point else info
+            for name, info in tensors.items()
+        }
     source = LoraSource(
         ref,
         model.path,
         model.config,
-        dict(model.tensors),
+        tensors,
         inner=model,
         adapter=adapter,
         layers=layers,
+        dtype=cast,
     )
     if cache is None:
         return source
@@ -248,6 +268,14 @@ def open_lora_input(
         console.print(f"LoRA {ref}: reusing the merged copy in {folder}")
     source.close()
     merged = open_model(str(folder))
+    stored = {info.dtype for info in merged.tensors.values() if info.dtype.is_floating_point}
+    if cast is not None and stored != {cast}:
+        merged.close()
+        raise KruisingError(
+            f"the merged copy of {ref} in {folder} is {'/'.join(sorted(map(str, stored)))}, "
+            f"not --lora-merge-dtype {dtype}",
+            "delete that folder (it is rebuilt on the next run), or use another --lora-merge-cache",
+        )
     missing = sorted(set(model.tensors) - set(merged.tensors))
     if missing:
         raise KruisingError(

@@ -50,17 +50,24 @@ from merger.core.recipe import MergeRecipe, load_recipe
 
 
 def open_sources(
-    recipe: MergeRecipe, *, allow_pickle: bool = False, lora_cache: str | None = None
+    recipe: MergeRecipe,
+    *,
+    allow_pickle: bool = False,
+    lora_cache: str | None = None,
+    lora_dtype: str | None = None,
 ) -> dict[str, ModelSource]:
     """Every model the recipe names, base first, opened from its shard headers; a
-    ``model+lora`` input with its adapter applied (merger.core.adapter)."""
+    ``model+lora`` input with its adapter applied (merger.core.adapter), its model cast to
+    ``lora_dtype`` first when given (mergekit's ``--lora-merge-dtype``)."""
     from merger.core.adapter import open_lora_input
 
     sources = {}
     for ref in recipe.referenced_models():
         if "+" in ref:
             cache = Path(lora_cache) if lora_cache else None
-            sources[ref] = open_lora_input(ref, allow_pickle=allow_pickle, cache=cache)
+            sources[ref] = open_lora_input(
+                ref, allow_pickle=allow_pickle, cache=cache, dtype=lora_dtype
+            )
         else:
             sources[ref] = open_model(ref, allow_pickle=allow_pickle)
     return sources
@@ -359,16 +366,43 @@ def run_recipe_file(
     several documents (mergekit-multimerge) stage by stage (merger.core.multidoc)."""
     from merger.core.multidoc import is_multi_document, run_stages
 
+    options = options or MergeOptions()
     recipe_path = Path(recipe_path)
     try:
         text = recipe_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         text = None  # load_recipe says what is wrong
+    if options.engine == "mergekit" and text is not None:
+        _check_engine_options(options)
+        from merger.core import mergekit_engine
+
+        if is_multi_document(text):
+            return mergekit_engine.run_stages_with_mergekit(
+                text, str(recipe_path), Path(out), options, intermediate_dir
+            )
+        return mergekit_engine.run_with_mergekit(text, str(recipe_path), Path(out), options)
     if text is not None and is_multi_document(text):
-        options = options or MergeOptions()
+        _check_engine_options(options)
         return run_stages(text, str(recipe_path), out, options, intermediate_dir)
     recipe = load_recipe(recipe_path)
     return run_recipe(recipe, out, options, recipe_text=recipe_path.read_text())
+
+
+def _check_engine_options(options: MergeOptions) -> None:
+    """The engine's name, and the options the native engine cannot honour (an error)."""
+    from merger.core.mergekit_engine import check_lora_dtype, check_native
+
+    if options.engine not in ("native", "mergekit"):
+        raise KruisingError(f"unknown engine {options.engine!r}", "use --engine native or mergekit")
+    check_lora_dtype(options.lora_merge_dtype)
+    if options.engine == "native":
+        check_native(options)
+    elif compute_override(options) is not None:
+        raise KruisingError(
+            "--compute-dtype float32 is a native-engine choice: mergekit computes in the "
+            "recipe's dtype",
+            "drop --compute-dtype, or run with --engine native",
+        )
 
 
 def run_recipe(
@@ -387,21 +421,19 @@ def run_recipe(
 
     options = options or MergeOptions()
     recipe_text = recipe_text if recipe_text is not None else recipe_to_yaml(recipe)
-    if options.engine not in ("native", "mergekit"):
-        raise KruisingError(f"unknown engine {options.engine!r}", "use --engine native or mergekit")
+    _check_engine_options(options)
+    if options.engine == "mergekit":
+        from merger.core.mergekit_engine import run_with_mergekit
+
+        return run_with_mergekit(recipe_text, "<recipe>", Path(out), options)
     compute = compute_override(options)
     torch_device = resolve_device(options.device)
     max_shard = parse_size(options.out_shard_size)
-    if options.engine == "mergekit" and compute is not None:
-        raise KruisingError(
-            "--compute-dtype float32 is a native-engine choice: mergekit computes in the "
-            "recipe's dtype",
-            "drop --compute-dtype, or run with --engine native",
-        )
-    if options.engine == "mergekit":
-        return _run_with_mergekit(recipe, recipe_text, Path(out), options, torch_device, max_shard)
     sources = open_sources(
-        recipe, allow_pickle=options.allow_pickle, lora_cache=options.lora_merge_cache
+        recipe,
+        allow_pickle=options.allow_pickle,
+        lora_cache=options.lora_merge_cache,
+        lora_dtype=options.lora_merge_dtype,
     )
     plan = build_plan(recipe, sources, compute)
     check_chat_template(recipe.chat_template)
@@ -440,6 +472,7 @@ def run_recipe(
             seed=options.seed,
             compute=compute_record(plan, compute),
             ties=ties.record() if plan.method.name in TIE_RULE_METHODS else None,
+            copy_tokenizer=options.copy_tokenizer,
         )
         output.commit(tmp, out, overwrite=options.overwrite)
     except OSError as exc:  # the disk: full, gone read-only, an I/O error
@@ -468,10 +501,13 @@ def _write_child_files(
     recipe_text: str,
     sources: dict[str, ModelSource],
     plan: MergePlan | None,
+    copy_tokenizer: bool = True,
     **provenance,
 ) -> None:
     """Everything but the tensors. Without a plan (mergekit did the merge), mergekit has
-    already written config, generation config and tokenizer."""
+    already written config, generation config and tokenizer. ``copy_tokenizer=False``
+    (mergekit's ``--no-copy-tokenizer``): no tokenizer files copied from the donor; one the
+    recipe builds is still written, as mergekit writes it."""
     from merger.core.child import (
         write_config,
         write_generation_config,
@@ -483,77 +519,18 @@ def _write_child_files(
     if plan is not None:
         config = write_config(plan, folder)
         write_generation_config(plan, folder, config)
-        write_tokenizer(plan, folder)
+        if copy_tokenizer or plan.tokenizer is not None:
+            write_tokenizer(plan, folder)
+        elif recipe.chat_template:
+            from merger.core.mergekit_engine import warn
+
+            warn(
+                "--no-copy-tokenizer: the recipe's chat_template is not saved (no tokenizer is "
+                "written), as in mergekit"
+            )
     (folder / "mergekit_config.yml").write_text(recipe_text)
     write_model_card(folder, recipe_text, recipe, compute=provenance.get("compute"))
     write_provenance(folder, recipe, sources, plan, recipe_text=recipe_text, **provenance)
-
-
-def _run_with_mergekit(
-    recipe: MergeRecipe,
-    recipe_text: str,
-    out: Path,
-    options: MergeOptions,
-    device: torch.device,
-    max_shard: int,
-) -> Path:
-    """Hand the recipe to mergekit's Python API (for methods we do not implement)."""
-    import pydantic
-    import yaml
-
-    console.print("engine mergekit: importing mergekit (a few seconds)")
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions as MergekitOptions
-
-    sources = open_sources(
-        recipe, allow_pickle=options.allow_pickle, lora_cache=options.lora_merge_cache
-    )
-    try:
-        config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
-    except (yaml.YAMLError, pydantic.ValidationError, ValueError) as exc:
-        raise KruisingError(f"mergekit rejected the recipe: {exc}", "fix the recipe") from None
-    tmp = output.prepare(
-        out, overwrite=options.overwrite, inputs=[s.path for s in sources.values()]
-    )
-    started = time.perf_counter()
-    try:
-        mergekit_options = MergekitOptions(
-            device=str(device),
-            cuda=device.type == "cuda",
-            out_shard_size=max_shard,
-            random_seed=options.seed,
-            copy_tokenizer=True,
-            write_model_card=False,
-            quiet=True,
-            lora_merge_cache=options.lora_merge_cache,
-        )
-        run_merge(config, str(tmp), options=mergekit_options)
-        _write_child_files(
-            tmp,
-            recipe,
-            recipe_text,
-            sources,
-            None,
-            device=str(device),
-            seconds=time.perf_counter() - started,
-            engine="mergekit",
-            seed=options.seed,
-        )
-        output.commit(tmp, out, overwrite=options.overwrite)
-    except KruisingError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, Exception):
-            raise KruisingError(
-                f"mergekit failed: {type(exc).__name__}: {exc}",
-                "run with --verbose for mergekit's traceback",
-            ) from exc
-        raise
-    console.print(f"wrote {out} with mergekit in {time.perf_counter() - started:.1f} s")
-    return out
 
 
 # --- in memory (the sweep) --------------------------------------------------------------------

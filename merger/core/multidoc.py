@@ -285,7 +285,12 @@ def _open_except(recipe: MergeRecipe, virtual: dict[str, ModelSource], options):
             sources[ref] = virtual[ref]
         elif "+" in ref:
             cache = Path(options.lora_merge_cache) if options.lora_merge_cache else None
-            sources[ref] = open_lora_input(ref, allow_pickle=options.allow_pickle, cache=cache)
+            sources[ref] = open_lora_input(
+                ref,
+                allow_pickle=options.allow_pickle,
+                cache=cache,
+                dtype=getattr(options, "lora_merge_dtype", None),
+            )
         else:
             sources[ref] = open_model(ref, allow_pickle=options.allow_pickle)
     return sources

@@ -21,7 +21,17 @@ class MergeOptions:
     - ``compute_dtype``: None computes as mergekit does, in the recipe's ``dtype`` (bf16
       arithmetic for a bf16 recipe, rounding where mergekit's torch ops round); ``float32``
       computes every tensor in float32 instead (float64 stays float64) — a recorded choice
-      (provenance, model card), as it gives other tensors than mergekit for half recipes.
+      (provenance, model card), as it gives other tensors than mergekit for half recipes;
+    - ``lora_merge_dtype``: mergekit's ``--lora-merge-dtype``: a ``model+lora`` input's model
+      is cast to this dtype before its adapter is added (and so stored, read and merged in it);
+      None: the stored dtype;
+    - ``copy_tokenizer``: mergekit's ``--copy-tokenizer``; False: no tokenizer files are copied
+      from the donor (a tokenizer the recipe builds is still written, as in mergekit);
+    - ``trust_remote_code``, ``allow_crimes``: mergekit's options of those names, for
+      ``--engine mergekit`` (the native engine runs no model code and merges one architecture:
+      asked for natively they are an error, merger.core.mergekit_engine.check_native);
+    - ``mergekit_options``: any other field of mergekit's ``MergeOptions`` as ``(key, value)``
+      text pairs (``--mergekit-option KEY=VALUE``), for ``--engine mergekit`` only.
     """
 
     device: str = "auto"
@@ -33,3 +43,8 @@ class MergeOptions:
     progress: bool = True
     lora_merge_cache: str | None = None
     compute_dtype: str | None = None
+    lora_merge_dtype: str | None = None
+    copy_tokenizer: bool = True
+    trust_remote_code: bool = False
+    allow_crimes: bool = False
+    mergekit_options: tuple[tuple[str, str], ...] = ()
