@@ -49,7 +49,8 @@ def run(
     OUTPUT_DIR/metrics.jsonl and OUTPUT_DIR/loss.png. Under `accelerate launch` every process
     runs this same command. Resuming with a changed lr, schedule, batch, context, source or seed
     is an error naming the keys, unless --allow-config-change; a larger max_steps or max_tokens
-    continues a finished run from its final checkpoint.
+    continues a finished run from its final checkpoint. Resuming a run that is already complete
+    trains nothing, says so with its final loss, and exits 0 ("already_complete": true in --json).
     """
     from pretrain.config import load_config
     from pretrain.train import run as train_run
@@ -67,6 +68,7 @@ def run(
                     "tokens_per_s": result.tokens_per_s,
                     "seconds": result.seconds,
                     "mfu": result.mfu,
+                    "already_complete": result.already_complete,
                 }
             )
         )

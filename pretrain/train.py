@@ -34,13 +34,14 @@ class RunResult:
     model_dir: Path
     steps: int
     tokens: int
-    final_loss: float
+    final_loss: float | None
     eval_loss: float | None
-    tokens_per_s: float
+    tokens_per_s: float | None
     seconds: float
     mfu: float | None
     main_process: bool = True
     n_params: int = 0
+    already_complete: bool = False  # resumed at its last step: nothing was trained
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -239,6 +240,68 @@ def resume_changes(
     return {**changes, **extension}
 
 
+def stored_losses(state: dict[str, Any], out: Path) -> tuple[float | None, float | None]:
+    """Training and held-out loss at a checkpoint's step: from its trainer_state.json, or, for a
+    checkpoint written before it held them, from that step's rows in metrics.jsonl."""
+    if "loss" in state:
+        return state["loss"], state.get("eval_loss")
+    loss = eval_loss = None
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+                row = json.loads(line)
+                if row["step"] == state["step"]:
+                    loss = row.get("loss", loss)
+                    eval_loss = row.get("eval_loss", eval_loss)
+    return loss, eval_loss
+
+
+def _model_is_current(out: Path, checkpoint: Path) -> bool:
+    """out/model holds the weights of `checkpoint`: written (by the run's end) after it, and
+    `checkpoint` is the run's newest, so no later training can have replaced it."""
+    model_dir, found = out / "model", checkpoints(out / "checkpoints")
+    weights = list(model_dir.glob("*.safetensors"))
+    if not (model_dir / "config.json").is_file() or not weights or not found:
+        return False
+    if found[-1].resolve() != checkpoint.resolve():
+        return False
+    written = min(f.stat().st_mtime for f in [model_dir / "config.json", *weights])
+    return written >= (checkpoint / STATE_FILE).stat().st_mtime
+
+
+def _complete_message(
+    config: PretrainConfig,
+    checkpoint: Path,
+    state: dict[str, Any],
+    losses: tuple[float | None, float | None],
+    rewrite: bool,
+) -> str:
+    """A resume of a run at its last step: what it holds and how to go on."""
+    loss, eval_loss = losses
+    figures = [f"{int(state['tokens_seen']):,} tokens"]
+    figures.append(f"final loss {loss:.4f}" if loss is not None else "final loss not recorded")
+    if eval_loss is not None:
+        figures.append(f"eval loss {eval_loss:.4f}")
+    changes = [
+        k for k in trajectory_changes(state.get("config") or {}, config) if k not in LENGTH_KEYS
+    ]
+    return (
+        f"resume: the run in {config.output_dir} is already complete: {checkpoint.name} is its "
+        f"final step, {state['step']} of {state['total_steps']} ({', '.join(figures)}); "
+        "nothing to train"
+        + (f", writing {Path(config.output_dir) / 'model'} from it" if rewrite else "")
+        + ". To train further, raise max_steps (or max_tokens) and resume again: the run goes on "
+        "from this checkpoint"
+        + (
+            f" (the config also changes {', '.join(changes)}: that needs --allow-config-change)"
+            if changes and state.get("config")
+            else ""
+        )
+        + "."
+    )
+
+
 # ---- schedule, flops --------------------------------------------------------------------------
 
 
@@ -393,9 +456,24 @@ def run(
     show = config.progress and main
     history: list[dict[str, Any]] = []
     changed: dict[str, list[Any]] = {}
+    complete = False  # resumed at the run's last step: nothing to train
     if resume_dir is not None:
         stored_state = json.loads((resume_dir / STATE_FILE).read_text())
-        changed = resume_changes(config, stored_state, world, allow_config_change)
+        done, total = int(stored_state["step"]), config.total_steps(world)
+        if done == stored_state.get("total_steps") == total:
+            # the run as configured is done: nothing trains, so there is nothing to compare
+            rewrite = not _model_is_current(out, resume_dir)
+            losses = stored_losses(stored_state, out)
+            if main:
+                console.print(_complete_message(config, resume_dir, stored_state, losses, rewrite))
+            if not rewrite:  # exit 0: the run asked for exists (README, "Resume and extension")
+                tokens = int(stored_state["tokens_seen"])
+                return RunResult(
+                    out / "model", done, tokens, *losses, None, 0.0, None, main,
+                    already_complete=True,
+                )  # fmt: skip
+        else:
+            changed = resume_changes(config, stored_state, world, allow_config_change)
         history = list(stored_state.get("config_changes", []))
         if changed:
             history.append({"step": int(stored_state["step"]), "changes": changed})
@@ -459,6 +537,7 @@ def run(
         restore_scheduler(scheduler, step)
         stream.load_state(StreamState.from_json(state["data"]))
         _apply_hyperparameters(optimizer, scheduler, config)
+        complete = step >= total
 
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     model_config = accelerator.unwrap_model(model).config
@@ -626,6 +705,8 @@ def run(
                         "data": stream.state.to_json(),
                         "config": config.model_dump(mode="json"),
                         "config_changes": history,
+                        "loss": round(loss_value, 6),  # what a resume of a finished run reports
+                        **({"eval_loss": round(eval_loss, 6)} if evaluate else {}),  # type: ignore[arg-type]
                     },
                     config.keep_last,
                 )
@@ -634,14 +715,18 @@ def run(
 
     seconds = time.perf_counter() - t_start
     # training throughput: eval and checkpoint time left out (the bar showed the same measure)
-    tps = (tokens_seen - tokens_at_start) / max(train_seconds, 1e-9)
+    tps: float | None = (tokens_seen - tokens_at_start) / max(train_seconds, 1e-9)
     mfu = tps * fpt / (peak * world) if peak else None
+    final_loss: float | None = loss_value
+    if complete:  # nothing trained: the checkpoint's figures, not NaN
+        final_loss, eval_loss = stored_losses(state, out)
+        tps = mfu = None
     model_dir = out / "model"
     _save_final(accelerator, model, tokenizer, model_dir)
     metrics.close()
     if main and config.plot:
         plot_loss(out / "metrics.jsonl", out / "loss.png")
-    if show:
+    if show and not complete:
         console.print(
             f"done: {step} steps, {tokens_seen:,} tokens, final loss {loss_value:.4f}"
             + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "")
@@ -656,8 +741,9 @@ def run(
             + f"; model in {model_dir}"
         )
     return RunResult(
-        model_dir, step, tokens_seen, loss_value, eval_loss, tps, seconds, mfu, main, n_params
-    )
+        model_dir, step, tokens_seen, final_loss, eval_loss, tps, seconds, mfu, main, n_params,
+        already_complete=complete,
+    )  # fmt: skip
 
 
 def _chat_renderer(tokenizer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -325,6 +326,50 @@ def test_a_finished_run_is_extended_from_its_final_checkpoint(tmp_path):
     assert rows[4] == {"step": 4, "tokens": 4 * 128, "config_change": {"max_steps": [4, 7]}}
     with pytest.raises(PretrainError, match="shorter than the checkpoint's step 7"):
         run(_resume(tmp_path, max_steps=5, schedule="constant"))
+
+
+def test_resuming_a_complete_run_says_so_and_reports_its_stored_losses(tmp_path, capsys):
+    from typer.testing import CliRunner
+
+    from pretrain.cli import app
+
+    settings = {"max_steps": 4, "checkpoint_every": 2, "holdout_docs": 20, "eval_every": 2}
+    first = run(cfg(tiny(tmp_path, **settings)))
+    model = tmp_path / "run" / "model" / "model.safetensors"
+    written = model.stat().st_mtime_ns
+    capsys.readouterr()
+    again = run(_resume(tmp_path, **settings))
+    said = " ".join(capsys.readouterr().err.split())
+    assert "is already complete: step-00000004 is its final step, 4 of 4" in said
+    assert f"final loss {first.final_loss:.4f}, eval loss {first.eval_loss:.4f}" in said
+    assert "raise max_steps (or max_tokens)" in said and "writing" not in said
+    assert again.already_complete and again.steps == 4 and again.tokens == first.tokens
+    assert again.final_loss == round(first.final_loss, 6) and not math.isnan(again.final_loss)
+    assert again.eval_loss == round(first.eval_loss, 6) and again.tokens_per_s is None
+    assert model.stat().st_mtime_ns == written  # model/ is current: not written again
+    # the command exits 0 with the figures in --json
+    config = _write_cfg(tmp_path / "resume.yaml", {**tiny(tmp_path, resume="latest", **settings)})
+    data = yaml.safe_load(config.read_text())
+    del data["model"]
+    config.write_text(yaml.safe_dump(data))
+    cli = CliRunner().invoke(app, ["run", str(config), "--json"])
+    assert cli.exit_code == 0, cli.output
+    summary = json.loads(cli.stdout.strip().splitlines()[-1])
+    assert summary["already_complete"] is True and summary["final_loss"] == again.final_loss
+    # model/ gone (a crash before it was written): written again from the final checkpoint
+    shutil.rmtree(tmp_path / "run" / "model")
+    capsys.readouterr()
+    rewritten = run(_resume(tmp_path, **settings))
+    assert "writing " in " ".join(capsys.readouterr().err.split())
+    assert rewritten.already_complete and rewritten.final_loss == again.final_loss
+    assert model.is_file()
+    # a checkpoint from before losses were stored: the figures come from metrics.jsonl
+    state_file = tmp_path / "run" / "checkpoints" / "step-00000004" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["loss"], state["eval_loss"]
+    state_file.write_text(json.dumps(state))
+    older = run(_resume(tmp_path, **settings))
+    assert (older.final_loss, older.eval_loss) == (again.final_loss, again.eval_loss)
 
 
 def test_eight_bit_adamw_is_a_clear_error_without_cuda_or_bitsandbytes(tmp_path, monkeypatch):
