@@ -142,7 +142,8 @@ def _out_slices(recipe: MergeRecipe, layers: dict[str, int]) -> list[OutSlice]:
             raise KruisingError(
                 f"modules.{unknown[0]}: a decoder-only model has one module, "
                 f"{DEFAULT_MODULE!r} (mergekit's name for it)",
-                f"write modules: {{{DEFAULT_MODULE}: {{models: ...}}}}, or use models:/slices:",
+                f"write modules: {{{DEFAULT_MODULE}: {{models: ...}}}}, or use models:/slices:; "
+                "a multi-module (e.g. vision + text) architecture runs with --engine mergekit",
             )
         module = recipe.modules[DEFAULT_MODULE]
         models, slices, module_parameters = module.models, module.slices, module.parameters
