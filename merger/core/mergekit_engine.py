@@ -1,8 +1,8 @@
 """`merge run --engine mergekit`: the recipe handed to mergekit 0.1.5's Python API as written.
 
 mergekit accepts more than our strict parser (merger.core.recipe): keys it does not know (it
-drops them), values we refuse natively (a method we do not implement, ``override_architecture``,
-a LoRA in ``tokenizer_source``). With this engine our parser's findings are warnings, one line
+drops them), values we refuse natively (``override_architecture``, ``dtype: int64``, a density
+above 1). With this engine our parser's findings are warnings, one line
 each, ``warning: recipe.yml:7: models[0].parameters.densty: unknown key``, and only what
 mergekit itself rejects is an error — checked before any work, with mergekit's own code: its
 ``MergeConfiguration``, its dtype names, and its planner (``MergePlanner._plan``, which reads
@@ -237,6 +237,13 @@ def dry_plan(config, mk_options, where: str) -> None:
     from mergekit.merge import _model_out_config
     from mergekit.plan import MergePlanner
 
+    if not mk_options.lora_merge_cache and any(m.lora for m in config.referenced_models()):
+        # mergekit's own refusal (ModelReference.merged), raised only once it loads the input
+        error = _rejected(where, RuntimeError("Need to specify cache dir to merge adapters"))
+        raise KruisingError(
+            error.message,
+            "pass --lora-merge-cache DIR (mergekit merges each model+lora input there first)",
+        )
     try:
         arch = get_architecture_info(config, mk_options)
         LoaderCache().setup(options=mk_options)

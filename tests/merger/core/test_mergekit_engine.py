@@ -188,6 +188,51 @@ def test_bad_mergekit_options_are_one_line_errors(pairs, pattern, parents, tmp_p
     assert_no_child(tmp_path / "c")
 
 
+def test_the_cli_flags_reach_mergekit(parents, tmp_path, capsys, capture_run_merge):
+    recipe = write_recipe(tmp_path, LENIENT, **parents)
+    argv = ["run", str(recipe), "--out", str(tmp_path / "c"), "--engine", "mergekit"]
+    argv += ["--device", "cpu", "--seed", "3", "--out-shard-size", "2MB", "--trust-remote-code"]
+    argv += ["--allow-crimes", "--no-copy-tokenizer", "--lora-merge-dtype", "bfloat16"]
+    argv += ["--lora-merge-cache", str(tmp_path / "cache")]
+    argv += ["--mergekit-option", "clone_tensors=true", "--mergekit-option", "num-threads=1"]
+    code, err = merge_cli(argv, capsys)
+    assert code == 1 and "mergekit failed: Captured" in err
+    [(_, _, got)] = capture_run_merge
+    assert (got.random_seed, got.out_shard_size, got.lora_merge_dtype) == (3, 2_000_000, "bfloat16")
+    assert got.trust_remote_code and got.allow_crimes and not got.copy_tokenizer
+    assert got.lora_merge_cache == str(tmp_path / "cache")
+    assert got.clone_tensors and got.num_threads == 1
+    (tmp_path / "native").mkdir()
+    plain = write_recipe(tmp_path / "native", NATIVE_OK, **parents)
+    for flag in ("--trust-remote-code", "--allow-crimes"):
+        code, err = merge_cli(["run", str(plain), "--out", str(tmp_path / "n"), flag], capsys)
+        assert code == 1 and f"error: {flag}" in err
+    assert_no_child(tmp_path / "n")
+
+
+def test_model_lora_with_the_mergekit_engine(lora_models, tmp_path):  # noqa: F811
+    text = (
+        "merge_method: linear\nmodels:\n  - model: {a}+{plain}\n    parameters: {{weight: 1.0}}\n"
+        "  - model: {b}\n    parameters: {{weight: 1.0}}\ndtype: float32\n"
+    ).format(**{k: str(v) for k, v in lora_models.items()})
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(text)
+    with pytest.raises(
+        KruisingError, match=r"mergekit rejects the recipe: RuntimeError: Need to specify cache dir"
+    ) as info:
+        run_recipe_file(recipe, tmp_path / "no-cache", MergeOptions(**MK))
+    assert "--lora-merge-cache" in info.value.hint
+    assert_no_child(tmp_path / "no-cache")
+    cache = str(tmp_path / "cache")
+    theirs = load_tensors(
+        run_recipe_file(recipe, tmp_path / "mk", MergeOptions(**MK, lora_merge_cache=cache))
+    )
+    ours = load_tensors(run_recipe_file(recipe, tmp_path / "ours", MergeOptions(device="cpu")))
+    assert set(ours) == set(theirs)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
+
+
 def test_option_that_is_not_key_value(parents, tmp_path, capsys):
     recipe = write_recipe(tmp_path, LENIENT, **parents)
     code, err = merge_cli(
