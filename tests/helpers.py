@@ -68,7 +68,10 @@ def run_mergekit(text: str, out: Path, **options) -> Path:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
+    from merger.core.mergekit_engine import forget_loaders
+
     config = MergeConfiguration.model_validate(yaml.safe_load(text))
+    forget_loaders()  # mergekit's loader cache outlives a run: no loader of an earlier test
     run_merge(config, str(out), options=MergeOptions(device="cpu", quiet=True, **options))
     return out
 

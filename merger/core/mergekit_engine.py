@@ -316,6 +316,18 @@ def run_with_mergekit(
     return _merge(config, recipe_text or text, Path(out), options, mk_options, str(device))
 
 
+def forget_loaders() -> None:
+    """Empty mergekit's process-wide loader cache (`LoaderCache.loaders`, a class attribute
+    keyed by model reference and never emptied): else a second merge in this process reads
+    the first one's loaders — a ``model+lora`` merged with another ``lora_merge_dtype`` or
+    cache, or a folder merged again since (a stage of a multi-document recipe)."""
+    from mergekit.io.tasks import LoaderCache
+
+    cache = LoaderCache()
+    cache.flush_all()
+    cache.loaders.clear()
+
+
 def _merge(config, recipe_text: str, out: Path, options: MergeOptions, mk_options, device) -> Path:
     from mergekit.merge import run_merge
 
@@ -338,6 +350,7 @@ def _merge(config, recipe_text: str, out: Path, options: MergeOptions, mk_option
                     "--no-copy-tokenizer: the recipe's chat_template is not saved (no tokenizer "
                     "is written; mergekit says so too)"
                 )
+            forget_loaders()
             run_merge(config, str(tmp), options=mk_options, config_source=recipe_text)
             _write_child_files(
                 tmp,
