@@ -203,8 +203,10 @@ def family_threads() -> int:
 
 def _build(tmp: Path, size: str, seed: int, fp: str, progress: bool) -> None:
     from kruising.device import torch_threads
+    from kruising.malloc import kept_freed_memory
 
-    with torch_threads(family_threads()):
+    # freed step tensors reused instead of faulted in again every step (kruising.malloc)
+    with torch_threads(family_threads()), kept_freed_memory():
         _build_members(tmp, size, seed, fp, progress)
 
 
