@@ -306,6 +306,36 @@ def test_the_fused_projection_gives_the_reference_log_probs(tiny, monkeypatch, l
         assert got.logprob == pytest.approx(reference(model, ctx, cont)[0], abs=1e-4)
 
 
+@pytest.mark.parametrize(("rows", "block"), [(256, 1024), (3, 7), (1, 32000), (5, 31999)])
+def test_the_fused_projection_in_any_blocking_equals_a_float64_log_softmax(tiny, rows, block):
+    """Positions ``ROWS`` at a time and the vocabulary in blocks of ``BLOCK`` (a ragged last
+    block, a block of the whole vocabulary, one position at a time): every request's log-prob
+    is a float64 log-softmax's within 1e-6 per token (float32 sums of 32k terms)."""
+    model, tokenizer = tiny
+    requests = make_requests(tokenizer)
+    plan = scoring.plan_loglikelihoods(model, requests, batch_size=4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scoring._Projector, "ROWS", rows)
+        patch.setattr(scoring._Projector, "BLOCK", block)
+        fused = scoring.run_plan(model, plan, greedy=False)
+    for (ctx, cont), got in zip(requests, fused, strict=True):
+        want, _ = reference(model, ctx, cont)
+        assert got.tokens == len(cont)
+        assert abs(got.logprob - want) <= 1e-6 * len(cont) + 1e-6
+
+
+def test_the_fused_projection_leaves_the_model_and_its_head_as_they_were(tiny):
+    """The scaled, transposed copy of the head is the projector's own: the model is untouched."""
+    model, tokenizer = tiny
+    head = model.get_output_embeddings()
+    before = head.weight.detach().clone()
+    projector = scoring._Projector(head)
+    assert projector.columns.is_contiguous() and projector.columns.shape == before.T.shape
+    assert projector.columns.data_ptr() != head.weight.data_ptr()
+    scoring.loglikelihoods(model, make_requests(tokenizer), greedy=False)
+    assert torch.equal(head.weight, before)
+
+
 def test_a_log_sum_exp_that_would_overflow_is_scored_the_reference_way(make_tiny_mistral, tiny):
     """A target 150 bits below the top token: the shifted sum overflows, the reference scores it."""
     from transformers import AutoModelForCausalLM
