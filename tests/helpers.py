@@ -61,6 +61,39 @@ def mergekit_sorts_stable():
         yield
 
 
+@contextmanager
+def mergekit_models_in_recipe_order():
+    """mergekit's ``MergeConfiguration.referenced_models`` in our order: the base model first,
+    then every model in order of appearance (mergekit returns ``list(set(...))``, whose order
+    changes per process with ``PYTHONHASHSEED`` and with the order models were added). That
+    order decides a union tokenizer's ids for new tokens and the base when there is none."""
+    import pytest
+    from mergekit.config import MergeConfiguration
+
+    real = MergeConfiguration.referenced_models
+
+    def in_order(config):
+        found = []
+        if config.base_model:
+            found.append(config.base_model)
+        for model_in in config.models or []:
+            found.append(model_in.model)
+        for s in config.slices or []:
+            found.extend(src.model for src in s.sources)
+        for module in (config.modules or {}).values():
+            for model_in in module.models or []:
+                found.append(model_in.model)
+            for s in module.slices or []:
+                found.extend(src.model for src in s.sources)
+        ordered = list(dict.fromkeys(found))
+        assert set(ordered) == set(real(config))  # the same models, only ordered
+        return ordered
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MergeConfiguration, "referenced_models", in_order)
+        yield
+
+
 def run_mergekit(text: str, out: Path, **options) -> Path:
     """Merge recipe YAML with mergekit 0.1.5's Python API (in-process, CPU) into ``out``."""
     import yaml

@@ -17,9 +17,13 @@ every input to it before the merge method runs; so do we, with the same steps:
   else the mean over the models that have it; rows padded up to ``pad_to_multiple_of`` are the
   mean of the real rows. All in the promoted dtype of the inputs (after the cast to ``dtype``).
 
-One difference, on purpose: mergekit walks its models in set order (it changes with
-``PYTHONHASHSEED``), so with three or more tokenizers the ids of a union's new tokens can
-differ from run to run; here the order is the recipe's (base first). Every case where
+One difference, on purpose: mergekit walks its models in set order
+(``MergeConfiguration.referenced_models`` is ``list(set(...))``: the order changes with
+``PYTHONHASHSEED``, the model paths and the order they were added), so with three or more
+tokenizers the ids of a union's new tokens (and, without a base model, which tokenizer is the
+base) can differ from run to run; here the order is the recipe's: the base model first, then
+every model in order of appearance. The parity tests run mergekit with that order pinned
+(`tests.helpers.mergekit_models_in_recipe_order`). Every case where
 mergekit would fail mid-merge (a token source it cannot find, a ``force`` without a source)
 is refused here, when the plan is built, before any tensor is read.
 """

@@ -3,8 +3,11 @@ mergekit 0.1.5 (tensors, tokenizer files and ids, config), and every tokenizer c
 plan, before any tensor is merged.
 
 The inputs are bf16-stored tiny Mistrals with the Mistral tokenizer, two of them with added
-tokens (so their embeddings have more rows). Every recipe names a base model: without one
-mergekit takes the base tokenizer from a Python set (its order changes per process).
+tokens (so their embeddings have more rows). mergekit walks its models in the order of a Python
+set (it changes per process, with ``PYTHONHASHSEED`` and the recipe's order): that order gives a
+union's new tokens their ids and, without a base model, picks the base tokenizer. Ours is the
+recipe's order (base first); mergekit runs here with that order pinned
+(`tests.helpers.mergekit_models_in_recipe_order`), so every row is compared exactly.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from merger.core.engine import run_recipe
 from merger.core.options import MergeOptions
 from merger.core.recipe import parse_recipe
 from tests.conftest import tiny_mistral_config
-from tests.helpers import load_tensors, run_mergekit
+from tests.helpers import load_tensors, mergekit_models_in_recipe_order, run_mergekit
 
 RTOL, ATOL = 1e-5, 1e-6
 SAMPLE = "<|im_start|>user Bassie en Adriaan<|im_end|> eten <kaas> en <nieuw>. The ACM</s>"
@@ -54,7 +57,11 @@ def vocab_models(tmp_path_factory, mistral_tokenizer):
 
 @pytest.fixture(scope="session")
 def mergekit_run():
-    return run_mergekit
+    def run(text, out, **options):
+        with mergekit_models_in_recipe_order():
+            return run_mergekit(text, out, **options)
+
+    return run
 
 
 RECIPES = {
@@ -70,6 +77,19 @@ models:
 tokenizer_source: union
 dtype: float32
 out_dtype: bfloat16
+""",
+    # no base model: the first model's tokenizer is the base (c, the largest), then b, then a
+    "union_no_base": """
+merge_method: linear
+models:
+  - model: {c}
+    parameters: {{weight: 0.2}}
+  - model: {b}
+    parameters: {{weight: 0.5}}
+  - model: {a}
+    parameters: {{weight: 0.3}}
+tokenizer_source: union
+dtype: float32
 """,
     # the block: sources per token, zero, model_token by token and by id, force, padding
     "block": """
@@ -129,33 +149,11 @@ dtype: bfloat16
 }
 
 
-def in_mergekit_order(text: str) -> str:
-    """The recipe with its models in mergekit's order of tokenizers for a union: the order of
-    the Python set `referenced_models()` returns (which changes per process); ours is the
-    recipe's, so the test lists them as mergekit will walk them."""
-    import yaml
-    from mergekit.config import MergeConfiguration
-
-    data = yaml.safe_load(text)
-    order = [str(m) for m in MergeConfiguration.model_validate(data).referenced_models()]
-    data["models"].sort(key=lambda m: order.index(m["model"]))
-    return yaml.safe_dump(data, sort_keys=False)
-
-
-#: union_task_arithmetic differed from mergekit in 2 of 4 runs (128 entries of the two added
-#: tokens' rows, up to 0.063): mergekit's union walks a Python set whose order changes per
-#: process; not understood yet, so it is an expected failure that is reported, not hidden
-_FLAKY = pytest.mark.xfail(strict=False, reason="mergekit's union order changes per process")
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=_FLAKY) if n == "union_task_arithmetic" else n for n in sorted(RECIPES)],
-)
+@pytest.mark.parametrize("name", sorted(RECIPES))
 def test_tokenizer_recipes_match_mergekit(name, vocab_models, mergekit_run, tmp_path):
     from transformers import AutoTokenizer
 
-    text = in_mergekit_order(RECIPES[name].format(**{k: str(v) for k, v in vocab_models.items()}))
+    text = RECIPES[name].format(**{k: str(v) for k, v in vocab_models.items()})
     ours = run_recipe(
         parse_recipe(text), tmp_path / "ours", MergeOptions(device="cpu"), recipe_text=text
     )
