@@ -113,3 +113,30 @@ def postgres_url(postgres_cluster, request):
     """A fresh, empty database on the session's cluster, named after the test; its URL."""
     name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
     return postgres_cluster.database(name)
+
+
+@pytest.fixture(scope="session")
+def prebuilt_kernels(tmp_path_factory):
+    """Our kernel library, built once (or taken from this machine's cache): (path, compiler).
+
+    Tests that rebuild the kernels into a fresh cache copy it instead of compiling again
+    (test_kernels.py's test_built_once_into_the_cache runs the real compiler)."""
+    import shutil
+
+    from merger.core import kernels
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler: the kernels are not built here")
+    copy = tmp_path_factory.mktemp("kernels") / "ours.so"
+    cached = kernels._cache_dir() / kernels._library_name(compiler)
+    trusted = False
+    if cached.is_file():
+        fd = os.open(cached, os.O_RDONLY)
+        trusted = kernels._distrust(cached, fd) is None
+        os.close(fd)
+    if trusted:
+        shutil.copyfile(cached, copy)
+    else:
+        kernels._compile(compiler, copy)
+    return copy, compiler

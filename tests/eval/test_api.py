@@ -193,9 +193,24 @@ def test_aggregates_are_the_documented_weighted_means(tiny, small_suite):
     assert sum(WEIGHTS[k] for k in ("cultuur", "afkortingen", "grammatica", "taalvastheid")) == 1
 
 
-def test_same_input_gives_the_same_scorecard(tiny):
+@pytest.fixture(scope="module")
+def card_all(tiny):
+    """The tiny model's scorecard on the whole "all" suite (batch size 16, the default, and the
+    fused head), scored once for the tests that compare another scoring with it."""
+    from eval import scoring
+
     _, model, tokenizer = tiny
-    a = score_model(model, tokenizer, "all", batch_size=16)
+    taken = []  # score_model asked whether the fused head takes this model's head
+    original = scoring._Projector.takes
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scoring._Projector, "takes", lambda head: taken.append(1) or original(head))
+        card = score_model(model, tokenizer, "all", batch_size=16)
+    return card, bool(taken)
+
+
+def test_same_input_gives_the_same_scorecard(tiny, card_all):
+    _, model, tokenizer = tiny
+    a = dict(card_all[0])
     b = score_model(model, tokenizer, "all", batch_size=16)
     for key in TIMINGS:
         a.pop(key), b.pop(key)
@@ -361,17 +376,14 @@ def test_item_longer_than_the_model_context_is_named(make_tiny_mistral, tmp_path
         score_model(model, tokenizer, str(tmp_path))
 
 
-def test_the_fused_projection_leaves_every_score_as_it_was(tiny, monkeypatch):
+def test_the_fused_projection_leaves_every_score_as_it_was(tiny, card_all, monkeypatch):
     """score_model takes the fused head; forced onto the reference head, the scorecard is the same
     (per-item decisions identical, every number to float noise)."""
     from eval import scoring
 
     _, model, tokenizer = tiny
-    taken = []
-    original = scoring._Projector.takes
-    monkeypatch.setattr(scoring._Projector, "takes", lambda head: taken.append(1) or original(head))
-    fused = score_model(model, tokenizer, "all")
-    assert taken and original(model.get_output_embeddings())
+    fused, taken = dict(card_all[0]), card_all[1]
+    assert taken and scoring._Projector.takes(model.get_output_embeddings())
     monkeypatch.setattr(scoring._Projector, "takes", lambda head: False)
     exact = score_model(model, tokenizer, "all")
     for key in TIMINGS:

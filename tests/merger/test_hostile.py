@@ -616,30 +616,6 @@ int kr_unrelated(void) { return 1; }
 """
 
 
-@pytest.fixture(scope="module")
-def prebuilt_kernels(tmp_path_factory):
-    """Our kernel library, built once (or taken from this machine's cache): (path, compiler)."""
-    import shutil
-
-    from merger.core import kernels
-
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler: the kernels are not built here")
-    copy = tmp_path_factory.mktemp("kernels") / "ours.so"
-    cached = kernels._cache_dir() / kernels._library_name(compiler)
-    trusted = False
-    if cached.is_file():
-        fd = os.open(cached, os.O_RDONLY)
-        trusted = kernels._distrust(cached, fd) is None
-        os.close(fd)
-    if trusted:
-        shutil.copyfile(cached, copy)
-    else:
-        kernels._compile(compiler, copy)
-    return copy, compiler
-
-
 @pytest.fixture
 def kernel_cache(tmp_path, monkeypatch, prebuilt_kernels):
     """A fresh kernel cache holding our build: (the .so path, a planted library's path).

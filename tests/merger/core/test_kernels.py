@@ -229,7 +229,20 @@ def test_dare_draws_as_the_reference(method, rescale, in_dtype):
 
 
 @needs_kernels
-def test_a_damaged_cached_build_is_rebuilt(monkeypatch, tmp_path):
+def test_a_damaged_cached_build_is_rebuilt(monkeypatch, tmp_path, prebuilt_kernels):
+    # "compiling" copies our prebuilt library (the real compiler runs in the test above): the
+    # damage check, the rebuild, its digest and the loading are the real ones
+    import shutil
+
+    ours, _ = prebuilt_kernels
+    compiled = []
+
+    def copy_instead(command):
+        compiled.append(command)
+        shutil.copyfile(ours, command[command.index("-o") + 1])
+        return None
+
+    monkeypatch.setattr(kernels, "_run_compiler", copy_instead)
     monkeypatch.setenv("KRUISING_CACHE", str(tmp_path / "first"))
     _forget_the_build(monkeypatch)
     assert kernels.available()
@@ -242,6 +255,7 @@ def test_a_damaged_cached_build_is_rebuilt(monkeypatch, tmp_path):
     _forget_the_build(monkeypatch)
     assert kernels.available(), kernels.why_not()
     assert damaged.read_bytes()[:4] == b"\x7fELF"
+    assert len(compiled) == 2  # the damaged file was not loaded: it was built again
 
 
 # --- the exact-dtype kernels (issue #12): mergekit's rounding in the compute dtype ---------------
