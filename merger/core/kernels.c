@@ -954,12 +954,76 @@ KR_INLINE double sum8(const float *x, int64_t m)
     return s;
 }
 
+/* torch.norm's sum of squares on CPU (aten's vectorized last-dim norm, `norm_two_reduce_step`:
+ * float32 in 8 lanes, element i of the row into lane i % 8 in order, for the first
+ * `body` = n - n % vec elements (vec: 16 bf16 or 8 float32 values per vector); then
+ * lane 0 + 1 + ... + 7; then the remaining elements one by one. Every square and every add
+ * rounds to float32 (no fused multiply-add: -std=c11 contracts nothing). Its error grows with
+ * the row (0.65% on a 58.7M-entry tensor), so a bf16 norm differs from the exact one's rounding
+ * on large tensors: mergekit's norm is this one. `tn_add` takes squares `sq[0..m)` at position
+ * `off` of the row (a multiple of 8). kernels.py checks this against torch.norm at load. */
+typedef struct {
+    float lane[8];
+    float tail[16];
+    int ntail;
+} kr_tnorm;
+
+KR_INLINE int64_t tn_body(int64_t n, int cdt)
+{
+    const int64_t vec = cdt == KR_F32 ? 8 : 16;
+    return n - n % vec;
+}
+
+KR_INLINE void tn_add(kr_tnorm *a, const float *sq, int64_t off, int64_t m, int64_t body)
+{
+    int64_t mb = body - off < m ? body - off : m, i = 0;
+    if (mb < 0)
+        mb = 0;
+    float lane[8];
+    memcpy(lane, a->lane, sizeof(lane));
+    for (; i + 8 <= mb; i += 8)
+        for (int l = 0; l < 8; l++)
+            lane[l] += sq[i + l];
+    for (; i < mb; i++)
+        lane[(off + i) & 7] += sq[i];
+    memcpy(a->lane, lane, sizeof(lane));
+    for (; i < m && a->ntail < 16; i++)
+        a->tail[a->ntail++] = sq[i];
+}
+
+KR_INLINE float tn_sum(const kr_tnorm *a)
+{
+    float s = a->lane[0];
+    for (int l = 1; l < 8; l++)
+        s += a->lane[l];
+    for (int t = 0; t < a->ntail; t++)
+        s += a->tail[t];
+    return s;
+}
+
+/* torch.norm of `n` floats as aten computes it on CPU (a probe for kernels.py: the check that
+ * the installed torch sums as `tn_add` does). `cdt`: the dtype x is in (its vector width). */
+double kr_torch_norm_sq(int64_t n, const float *x, int cdt)
+{
+    kr_tnorm a = {{0}, {0}, 0};
+    int64_t body = tn_body(n, cdt);
+    float sq[CHUNK];
+    for (int64_t off = 0; off < n; off += CHUNK) {
+        int64_t m = n - off < CHUNK ? n - off : CHUNK;
+        for (int64_t i = 0; i < m; i++)
+            sq[i] = x[off + i] * x[off + i];
+        tn_add(&a, sq, off, m, body);
+    }
+    return tn_sum(&a);
+}
+
 KR_INLINE void nus_sq(int64_t rows, int64_t cols, const void *base, const void *x0,
                       const void *x1, int in_dtype, int cdt, double *sq0, double *sq1)
 {
     float b[CHUNK], a0[CHUNK], a1[CHUNK];
+    const int64_t body = tn_body(cols, cdt);
     for (int64_t r = 0; r < rows; r++) {
-        double s0 = 0.0, s1 = 0.0;
+        kr_tnorm s0 = {{0}, {0}, 0}, s1 = {{0}, {0}, 0};
         for (int64_t c = 0; c < cols; c += CHUNK) {
             int64_t off = r * cols + c, m = cols - c < CHUNK ? cols - c : CHUNK;
             nus_load(a0, a1, b, base, x0, x1, off, m, in_dtype, cdt);
@@ -967,11 +1031,11 @@ KR_INLINE void nus_sq(int64_t rows, int64_t cols, const void *base, const void *
                 a0[i] = a0[i] * a0[i]; /* float32 squares, as torch.norm's */
                 a1[i] = a1[i] * a1[i];
             }
-            s0 += sum8(a0, m);
-            s1 += sum8(a1, m);
+            tn_add(&s0, a0, c, m, body);
+            tn_add(&s1, a1, c, m, body);
         }
-        sq0[r] = s0;
-        sq1[r] = s1;
+        sq0[r] = tn_sum(&s0);
+        sq1[r] = tn_sum(&s1);
     }
 }
 
@@ -1084,6 +1148,7 @@ int64_t kr_nuslerp_out(int64_t start, int64_t n, int64_t cols, const void *base,
  *   2: sums[0] = sum mean^2, mean = sum_j u_j * w[j]     (its norm `mn`)
  *   3: sums[j] = sum u_j * mu, mu = mean / mn            (the dots)
  *   4: sums[0] = sum tg^2, tg = sum_j (u_j - dots[j] * mu) * w[j]
+ * (1, 2, 4: summed as torch.norm sums, `tn_add`; 3 in double: torch's .sum)
  *   5: out = (mu * cos_tn + tg * f) * scale (+ base)
  * Each product and difference rounds to the compute dtype as torch's does; a sum over the
  * models is float32 in model order (torch's sum over dim 0), a sum over the entries double
@@ -1094,9 +1159,14 @@ KR_INLINE int64_t ms_pass(int stage, int64_t n, int k, const void *base, const v
                           void *dst, int out_dtype)
 {
     float(*d)[CHUNK] = malloc(sizeof(float[CHUNK]) * (size_t)(k + 4));
-    if (d == NULL)
+    kr_tnorm *nsq = calloc((size_t)k, sizeof(kr_tnorm)); /* the norms, as torch.norm sums */
+    if (d == NULL || nsq == NULL) {
+        free(d);
+        free(nsq);
         return -1;
+    }
     float *b = d[k], *acc = d[k + 1], *mu = d[k + 2], *tmp = d[k + 3];
+    const int64_t body = tn_body(n, cdt);
     int64_t bad = 0;
     for (int64_t off = 0; off < n; off += CHUNK) {
         int64_t m = n - off < CHUNK ? n - off : CHUNK;
@@ -1119,7 +1189,7 @@ KR_INLINE int64_t ms_pass(int stage, int64_t n, int k, const void *base, const v
             if (stage == 1) {
                 for (int64_t i = 0; i < m; i++)
                     tmp[i] = x[i] * x[i];
-                sums[j] += sum8(tmp, m);
+                tn_add(&nsq[j], tmp, off, m, body);
             } else {
                 const float s = nrm[j];
                 for (int64_t i = 0; i < m; i++)
@@ -1140,7 +1210,7 @@ KR_INLINE int64_t ms_pass(int stage, int64_t n, int k, const void *base, const v
         if (stage == 2) {
             for (int64_t i = 0; i < m; i++)
                 tmp[i] = acc[i] * acc[i];
-            sums[0] += sum8(tmp, m);
+            tn_add(&nsq[0], tmp, off, m, body);
             continue;
         }
         for (int64_t i = 0; i < m; i++)
@@ -1166,7 +1236,7 @@ KR_INLINE int64_t ms_pass(int stage, int64_t n, int k, const void *base, const v
         if (stage == 4) {
             for (int64_t i = 0; i < m; i++)
                 tmp[i] = acc[i] * acc[i];
-            sums[0] += sum8(tmp, m);
+            tn_add(&nsq[0], tmp, off, m, body);
             continue;
         }
         for (int64_t i = 0; i < m; i++) {
@@ -1176,7 +1246,11 @@ KR_INLINE int64_t ms_pass(int stage, int64_t n, int k, const void *base, const v
         }
         bad += store_f32(dst, off, tmp, m, out_dtype);
     }
+    if (stage == 1 || stage == 2 || stage == 4)
+        for (int j = 0; j < (stage == 1 ? k : 1); j++)
+            sums[j] = tn_sum(&nsq[j]);
     free(d);
+    free(nsq);
     return bad;
 }
 
@@ -1203,10 +1277,17 @@ KR_INLINE int ms_stock_sums(int64_t rows, int64_t cols, int k, const void *base,
     float(*o)[CHUNK] = malloc(sizeof(float[CHUNK]) * (size_t)(k + 2));
     if (o == NULL)
         return -1;
+    kr_tnorm *nsq = calloc((size_t)k, sizeof(kr_tnorm)); /* as torch.norm sums */
+    if (nsq == NULL) {
+        free(o);
+        return -1;
+    }
     float *b = o[k], *tmp = o[k + 1];
     int pairs = k * (k - 1) / 2;
     int round_in = cdt != KR_F32 && cdt != in_dtype;
+    const int64_t body = tn_body(cols, cdt);
     for (int64_t r = 0; r < rows; r++) {
+        memset(nsq, 0, sizeof(kr_tnorm) * (size_t)k);
         for (int64_t c = 0; c < cols; c += CHUNK) {
             int64_t off = r * cols + c, m = cols - c < CHUNK ? cols - c : CHUNK;
             load_f32(b, base, off, m, in_dtype);
@@ -1222,7 +1303,7 @@ KR_INLINE int ms_stock_sums(int64_t rows, int64_t cols, int k, const void *base,
                     o[j][i] = rnd_fast(o[j][i] - b[i], cdt);
                     tmp[i] = o[j][i] * o[j][i];
                 }
-                sq[r * k + j] += sum8(tmp, m);
+                tn_add(&nsq[j], tmp, c, m, body);
             }
             int p = 0;
             for (int a = 0; a < k; a++)
@@ -1232,8 +1313,11 @@ KR_INLINE int ms_stock_sums(int64_t rows, int64_t cols, int k, const void *base,
                     dot[r * pairs + p] += sum8(tmp, m);
                 }
         }
+        for (int j = 0; j < k; j++)
+            sq[r * k + j] = tn_sum(&nsq[j]);
     }
     free(o);
+    free(nsq);
     return 0;
 }
 

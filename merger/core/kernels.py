@@ -11,9 +11,10 @@ check). Two kinds:
   methods): every operation rounds to the compute dtype exactly as torch rounds it (bf16/f16 ops
   compute in float32 and round; a Python scalar enters mul/div in float32, add/sub/compare in
   the tensor's dtype), so the result is the torch reference's — mergekit's operations — bit for
-  bit (nuslerp's, multislerp's and model_stock's norms and dot products are sums in another
-  order: fused in a half-float compute dtype, where they round to torch's value; in float32 the
-  torch path runs).
+  bit (nuslerp's, multislerp's and model_stock's norms are summed as torch.norm sums on CPU,
+  checked against it at first use (`_sums_as_torch_norm`); their dot products are sums in
+  another order, which round to torch's value in bf16; in float32 and float16 the torch path
+  runs).
 
 It returns None when it does not apply — another method, a GPU tensor, an unsupported dtype
 (float64), inputs stored in different dtypes, or no C compiler — and the engine then runs the
@@ -344,6 +345,36 @@ def _declare(lib: Any) -> None:
     lib.kr_model_stock_sums.argtypes = [i64, i64, i32, ptr, ptr, i32, i32, ptr, ptr]
     lib.kr_model_stock_out.restype = i64
     lib.kr_model_stock_out.argtypes = [i64, i64, i64, i32, ptr, ptr, i32, i32, ptr, ptr, ptr, i32]
+    lib.kr_torch_norm_sq.restype = ctypes.c_double
+    lib.kr_torch_norm_sq.argtypes = [i64, ptr, i32]
+
+
+_norm_checked: dict[torch.dtype, bool] = {}
+
+
+def _sums_as_torch_norm(lib: Any, dtype: torch.dtype) -> bool:
+    """Whether the kernels' `tn_add` sums squares as this process's ``torch.norm`` does on
+    CPU in ``dtype`` (float32 in 8 lanes, lane by lane, then the rest: checked once on probes
+    where another order rounds to another value). Those sums are the norms of nuslerp,
+    multislerp and model_stock; their error grows with the tensor (0.65% on 58.7M entries),
+    so the exact sum would round to another bf16 norm than mergekit's on large tensors. False
+    (the kernels leave those methods to the torch reference) where torch sums otherwise, as
+    in float16."""
+    with _lock:
+        if dtype not in _norm_checked:
+            ok = True
+            g = torch.Generator().manual_seed(0)
+            probes = [torch.full((2**21 + 11,), 0.7), torch.randn(3, 100_003, generator=g)]
+            probes[0][-3:] = 3.0  # 8 lanes give another bf16 norm than 16 lanes or the exact
+            for probe in probes:
+                x = probe.to(dtype)
+                for row in x.reshape(-1, x.shape[-1]):
+                    row32 = row.float().contiguous()
+                    sq = lib.kr_torch_norm_sq(row32.numel(), row32.data_ptr(), _CODES[dtype])
+                    ours = torch.tensor(sq, dtype=torch.float32).sqrt().to(dtype)
+                    ok = ok and torch.equal(ours, torch.norm(row))
+            _norm_checked[dtype] = ok
+        return _norm_checked[dtype]
 
 
 def available() -> bool:
@@ -592,6 +623,8 @@ def _nuslerp(lib, shape, flats, base_index, params, per_model, codes, out: Outpu
     on those sums, then the merge (pass 3). Per column (row_wise on a matrix): None."""
     in_code, c_code, out_code = codes
     compute = next(d for d, c in _CODES.items() if c == c_code)
+    if not _sums_as_torch_norm(lib, compute):
+        return None
     n = flats[0].numel()
     if params["nuslerp_flatten"] or len(shape) <= 1:
         rows, cols = 1, n
@@ -645,6 +678,8 @@ def _model_stock(lib, shape, flats, base_index, params, codes, out: Output):
     and pairwise dot products), the reference's torch ops on the sums for t, then the merge."""
     in_code, c_code, out_code = codes
     compute = next(d for d, c in _CODES.items() if c == c_code)
+    if not _sums_as_torch_norm(lib, compute):
+        return None
     base = flats[base_index]
     others = [flats[i] for i in range(len(flats)) if i != base_index]
     k, n = len(others), base.numel()
@@ -693,6 +728,8 @@ def _multislerp(lib, flats, base_index, params, per_model, codes, out: Output):
     direction vanishes (the reference's fallback or its error)."""
     in_code, c_code, out_code = codes
     compute = next(d for d, c in _CODES.items() if c == c_code)
+    if not _sums_as_torch_norm(lib, compute):
+        return None
     others = [flats[i] for i in range(len(flats)) if i != base_index]
     k, n = len(others), flats[0].numel()
     if k < 2 or n == 0:
