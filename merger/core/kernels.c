@@ -159,8 +159,45 @@ void kr_dots(int64_t n, const void *a, const void *b, int dtype, double *out)
     out[2] = ab;
 }
 
-static inline float rnd(float x, int cdt);
-static void load_c(float *dst, const void *src, int64_t off, int64_t m, int dtype, int cdt);
+/* Kernels that round to a compute dtype `cdt` are written once (always inlined) and
+ * instantiated per compute dtype (KR_BY_CDT), so that the rounding is branch-free and the
+ * loops vectorize. */
+#define KR_INLINE static inline __attribute__((always_inline))
+
+KR_INLINE float rnd(float x, int cdt)
+{
+    if (cdt == KR_BF16) {
+        uint32_t u, r;
+        memcpy(&u, &x, sizeof(u));
+        r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        r = (u & 0x7fffffffu) > 0x7f800000u ? u : r; /* NaN stays NaN */
+        memcpy(&x, &r, sizeof(x));
+        return x;
+    }
+#ifdef KR_HAVE_F16
+    if (cdt == KR_F16)
+        return (float)(_Float16)x;
+#endif
+    return x;
+}
+
+KR_INLINE void load_c(float *dst, const void *src, int64_t off, int64_t m, int dtype, int cdt);
+
+/* the exported kernels: one instance per compute dtype */
+#ifdef KR_HAVE_F16
+#define KR_BY_CDT(call)                                                                      \
+    switch (cdt) {                                                                           \
+    case KR_BF16: call(KR_BF16); break;                                                      \
+    case KR_F16: call(KR_F16); break;                                                        \
+    default: call(KR_F32); break;                                                            \
+    }
+#else
+#define KR_BY_CDT(call)                                                                      \
+    switch (cdt) {                                                                           \
+    case KR_BF16: call(KR_BF16); break;                                                      \
+    default: call(KR_F32); break;                                                            \
+    }
+#endif
 
 /* Radix-select histograms of the keys of |x_j - base| (magnitude_key; the inputs and the
  * difference rounded to the compute dtype `cdt` as torch rounds them), for the models with
@@ -168,8 +205,8 @@ static void load_c(float *dst, const void *src, int64_t off, int64_t m, int dtyp
  * edge[j] < 0: count the high bits of each key (count[j] has KR_HIGH_BINS entries);
  * edge[j] >= 0: count the low KR_KEY_SHIFT bits of the keys whose high bits equal edge[j]
  * (count[j] has 1 << KR_KEY_SHIFT entries). */
-void kr_tv_histogram(int64_t n, int k, const void *base, const void *const *src, int dtype,
-                     uint32_t *const *count, const int32_t *edge, int cdt)
+KR_INLINE void tv_histogram_(int64_t n, int k, const void *base, const void *const *src, int dtype,
+                             uint32_t *const *count, const int32_t *edge, int cdt)
 {
     float b[CHUNK], x[CHUNK];
     uint32_t key[CHUNK];
@@ -194,6 +231,14 @@ void kr_tv_histogram(int64_t n, int k, const void *base, const void *const *src,
             }
         }
     }
+}
+
+void kr_tv_histogram(int64_t n, int k, const void *base, const void *const *src, int dtype,
+                     uint32_t *const *count, const int32_t *edge, int cdt)
+{
+#define KR_CALL(c) tv_histogram_(n, k, base, src, dtype, count, edge, c)
+    KR_BY_CDT(KR_CALL)
+#undef KR_CALL
 }
 
 /* DARE's rescale: per model with draws[j], the L1 norm of its task vector before (before[j])
@@ -381,26 +426,9 @@ int64_t kr_tv_merge(int64_t n, int k, const void *base, const void *const *src, 
  * torch takes it: in float32 for mul and div (the reciprocal of `s / x` too), rounded to the
  * tensor's dtype first for add, sub and comparisons.
  */
-static inline float rnd(float x, int cdt)
-{
-    if (cdt == KR_BF16) {
-        uint32_t u;
-        memcpy(&u, &x, sizeof(u));
-        if ((u & 0x7fffffffu) > 0x7f800000u)
-            return x; /* NaN stays NaN */
-        u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-        memcpy(&x, &u, sizeof(x));
-        return x;
-    }
-#ifdef KR_HAVE_F16
-    if (cdt == KR_F16)
-        return (float)(_Float16)x;
-#endif
-    return x;
-}
 
 /* load m elements as float, rounded to the compute dtype (as `tensor.to(cdt)` first) */
-static void load_c(float *dst, const void *src, int64_t off, int64_t m, int dtype, int cdt)
+KR_INLINE void load_c(float *dst, const void *src, int64_t off, int64_t m, int dtype, int cdt)
 {
     load_f32(dst, src, off, m, dtype);
     if (cdt != KR_F32 && cdt != dtype)
@@ -409,8 +437,8 @@ static void load_c(float *dst, const void *src, int64_t off, int64_t m, int dtyp
 }
 
 /* passthrough: x (has_scale == 0) or x * scale */
-int64_t kr_scale(int64_t n, const void *src, int in_dtype, int has_scale, float scale, int cdt,
-                 void *dst, int out_dtype)
+KR_INLINE int64_t scale_(int64_t n, const void *src, int in_dtype, int has_scale, float scale, int cdt,
+                         void *dst, int out_dtype)
 {
     float x[CHUNK];
     int64_t bad = 0;
@@ -425,10 +453,20 @@ int64_t kr_scale(int64_t n, const void *src, int in_dtype, int has_scale, float 
     return bad;
 }
 
+int64_t kr_scale(int64_t n, const void *src, int in_dtype, int has_scale, float scale, int cdt,
+                 void *dst, int out_dtype)
+{
+    int64_t result = 0;
+#define KR_CALL(c) result = scale_(n, src, in_dtype, has_scale, scale, c, dst, out_dtype)
+    KR_BY_CDT(KR_CALL)
+#undef KR_CALL
+    return result;
+}
+
 /* nearswap: w = clamp(t / clamp(|a - b|, min=1e-6), 0, 1); w * b + (1 - w) * a.
  * torch computes `t / x` as reciprocal(x) * t. */
-int64_t kr_nearswap(int64_t n, const void *base, const void *other, int in_dtype, float t,
-                    int cdt, void *dst, int out_dtype)
+KR_INLINE int64_t nearswap_(int64_t n, const void *base, const void *other, int in_dtype, float t,
+                            int cdt, void *dst, int out_dtype)
 {
     float a[CHUNK], b[CHUNK];
     const float floor_ = rnd(1e-6f, cdt);
@@ -452,12 +490,22 @@ int64_t kr_nearswap(int64_t n, const void *base, const void *other, int in_dtype
     return bad;
 }
 
+int64_t kr_nearswap(int64_t n, const void *base, const void *other, int in_dtype, float t,
+                    int cdt, void *dst, int out_dtype)
+{
+    int64_t result = 0;
+#define KR_CALL(c) result = nearswap_(n, base, other, in_dtype, t, c, dst, out_dtype)
+    KR_BY_CDT(KR_CALL)
+#undef KR_CALL
+    return result;
+}
+
 /* RAM: d_j = x_j - base; entries with |d_j| > eps (eps in the compute dtype) count; where one
  * model counts, its entry (RAM+: times lam[j], in float32), where several do, each counting
  * entry / count; summed over the models; base + that. With lam the sum is float32 (torch
  * promotes to the float32 factors), else rounded to the compute dtype. */
-int64_t kr_ram(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
-               float eps, const float *lam, int cdt, void *dst, int out_dtype)
+KR_INLINE int64_t ram_(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
+                       float eps, const float *lam, int cdt, void *dst, int out_dtype)
 {
     float b[CHUNK], acc[CHUNK];
     float (*d)[CHUNK] = malloc(sizeof(float[CHUNK]) * (size_t)(k > 0 ? k : 1));
@@ -504,6 +552,16 @@ int64_t kr_ram(int64_t n, int k, const void *base, const void *const *src, int i
     return bad;
 }
 
+int64_t kr_ram(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
+               float eps, const float *lam, int cdt, void *dst, int out_dtype)
+{
+    int64_t result = 0;
+#define KR_CALL(c) result = ram_(n, k, base, src, in_dtype, eps, lam, c, dst, out_dtype)
+    KR_BY_CDT(KR_CALL)
+#undef KR_CALL
+    return result;
+}
+
 /* The task-vector merge in the compute dtype (mergekit's generalized task arithmetic, DELLA's
  * and SCE's mixes). Per model j: d = x_j - base; where keep[j] (a byte per element, of the
  * whole tensor; this call starts at element `first`) is given, d = d * keep and, with
@@ -519,12 +577,12 @@ int64_t kr_ram(int64_t n, int k, const void *base, const void *const *src, int i
  *        signs elected on the unweighted sum; sum of d * (w * agree) over clamp(sum of
  *        w * agree, min=1e-6).
  * base + the mix. Returns the non-finite count, -1 when the buffers cannot be allocated. */
-int64_t kr_tv_exact(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
-                    const float *w, const uint8_t *const *keep, const uint8_t *keep_all,
-                    int64_t first, int has_ratio, const float *ratio, int mode, int consensus,
-                    int normalize, float divisor, float lambda, int cdt, void *dst,
-                    int out_dtype, const uint8_t *trim, const uint32_t *threshold,
-                    int64_t *quota)
+KR_INLINE int64_t tv_exact_(int64_t n, int k, const void *base, const void *const *src,
+                            int in_dtype, const float *w, const uint8_t *const *keep,
+                            const uint8_t *keep_all, int64_t first, int has_ratio,
+                            const float *ratio, int mode, int consensus, int normalize,
+                            float divisor, float lambda, int cdt, void *dst, int out_dtype,
+                            const uint8_t *trim, const uint32_t *threshold, int64_t *quota)
 {
     float b[CHUNK], mixed[CHUNK], total[CHUNK], wsum[CHUNK];
     float (*d)[CHUNK] = malloc(sizeof(float[CHUNK]) * (size_t)(k > 0 ? k : 1));
@@ -639,6 +697,23 @@ int64_t kr_tv_exact(int64_t n, int k, const void *base, const void *const *src, 
     return bad;
 }
 
+int64_t kr_tv_exact(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
+                    const float *w, const uint8_t *const *keep, const uint8_t *keep_all,
+                    int64_t first, int has_ratio, const float *ratio, int mode, int consensus,
+                    int normalize, float divisor, float lambda, int cdt, void *dst,
+                    int out_dtype, const uint8_t *trim, const uint32_t *threshold,
+                    int64_t *quota)
+{
+    int64_t result = 0;
+#define KR_CALL(c)                                                                           \
+    result = tv_exact_(n, k, base, src, in_dtype, w, keep, keep_all, first, has_ratio, ratio, mode, \
+                       consensus, normalize, divisor, lambda, c, dst, out_dtype, trim, threshold, \
+                       quota)
+    KR_BY_CDT(KR_CALL)
+#undef KR_CALL
+    return result;
+}
+
 /* |v| as an unsigned key ordered as the magnitudes are (v already in the compute dtype) */
 static inline uint32_t abs_key(float v)
 {
@@ -727,7 +802,7 @@ void kr_della_probs(int64_t rows, int64_t cols, const void *base, const void *sr
 }
 
 /* sum |d * keep| of d = x - base (compute dtype), keep a byte per element, added to *l1 */
-void kr_masked_l1(int64_t n, const void *base, const void *src, int in_dtype, int cdt,
+KR_INLINE void masked_l1_(int64_t n, const void *base, const void *src, int in_dtype, int cdt,
                   const uint8_t *keep, double *l1)
 {
     float b[CHUNK], x[CHUNK];
@@ -744,10 +819,18 @@ void kr_masked_l1(int64_t n, const void *base, const void *src, int in_dtype, in
     *l1 += total;
 }
 
+void kr_masked_l1(int64_t n, const void *base, const void *src, int in_dtype, int cdt,
+                  const uint8_t *keep, double *l1)
+{
+#define KR_CALL(c) masked_l1_(n, base, src, in_dtype, c, keep, l1)
+    KR_BY_CDT(KR_CALL)
+#undef KR_CALL
+}
+
 /* RAM+'s counts per model: entries with |x_j - base| > eps that no other model sets
  * (unique[j]) and that others set too (shared[j]); added to the given int64 counts. */
-void kr_ram_counts(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
-                   float eps, int cdt, int64_t *unique, int64_t *shared)
+KR_INLINE void ram_counts_(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
+                           float eps, int cdt, int64_t *unique, int64_t *shared)
 {
     float b[CHUNK], x[CHUNK];
     uint8_t *nz = malloc((size_t)CHUNK * (size_t)(k > 0 ? k : 1));
@@ -784,10 +867,18 @@ void kr_ram_counts(int64_t n, int k, const void *base, const void *const *src, i
     free(nz);
 }
 
+void kr_ram_counts(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
+                   float eps, int cdt, int64_t *unique, int64_t *shared)
+{
+#define KR_CALL(c) ram_counts_(n, k, base, src, in_dtype, eps, c, unique, shared)
+    KR_BY_CDT(KR_CALL)
+#undef KR_CALL
+}
+
 /* SCE's selection variance of one element: torch.var(dim=0, unbiased=False) of the models'
  * task vectors, as torch computes it (Welford in float64), rounded to the compute dtype
  * (through float32, as torch casts a double); its float bits are the radix-select key. */
-static inline uint32_t sce_var_key(const float *const *d, int k, int64_t i, int cdt)
+KR_INLINE uint32_t sce_var_key(const float *const *d, int k, int64_t i, int cdt)
 {
     double mean = 0.0, m2 = 0.0;
     for (int j = 0; j < k; j++) {
@@ -802,7 +893,7 @@ static inline uint32_t sce_var_key(const float *const *d, int k, int64_t i, int 
     return u & 0x7fffffffu;
 }
 
-static int sce_load(float (*d)[CHUNK], const float **rows, float *b, const void *base,
+KR_INLINE int sce_load(float (*d)[CHUNK], const float **rows, float *b, const void *base,
                     const void *const *src, int k, int64_t off, int64_t m, int in_dtype, int cdt)
 {
     load_c(b, base, off, m, in_dtype, cdt);
@@ -818,8 +909,8 @@ static int sce_load(float (*d)[CHUNK], const float **rows, float *b, const void 
 /* SCE's radix-select counts over the variances: edge < 0: the number of non-zero variances
  * (*nonzero) and the histogram of the keys' high bits (count has KR_HIGH_BINS entries);
  * edge >= 0: the histogram of the low bits of the keys whose high bits are edge. */
-int kr_sce_counts(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
-                  int cdt, int32_t edge, uint32_t *count, int64_t *nonzero)
+KR_INLINE int sce_counts_(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
+                          int cdt, int32_t edge, uint32_t *count, int64_t *nonzero)
 {
     float b[CHUNK];
     const float *rows[64];
@@ -848,13 +939,23 @@ int kr_sce_counts(int64_t n, int k, const void *base, const void *const *src, in
     return 0;
 }
 
+int kr_sce_counts(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
+                  int cdt, int32_t edge, uint32_t *count, int64_t *nonzero)
+{
+    int result = 0;
+#define KR_CALL(c) result = sce_counts_(n, k, base, src, in_dtype, c, edge, count, nonzero)
+    KR_BY_CDT(KR_CALL)
+#undef KR_CALL
+    return result;
+}
+
 /* SCE's selection mask (a byte per element into keep): select 0 keeps all, 1 keeps nothing,
  * 2 keeps the variances above `threshold` and, of those equal to it, the first *quota in
  * index order; and the sum over elements of (d * keep)^2 per model (float64, the squares
  * rounded to the compute dtype) for the weights. */
-int kr_sce_mask(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
-                int cdt, int select, uint32_t threshold, int64_t *quota, uint8_t *keep,
-                double *squares)
+KR_INLINE int sce_mask_(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
+                        int cdt, int select, uint32_t threshold, int64_t *quota, uint8_t *keep,
+                        double *squares)
 {
     float b[CHUNK];
     const float *rows[64];
@@ -892,30 +993,23 @@ int kr_sce_mask(int64_t n, int k, const void *base, const void *const *src, int 
     return 0;
 }
 
+int kr_sce_mask(int64_t n, int k, const void *base, const void *const *src, int in_dtype,
+                int cdt, int select, uint32_t threshold, int64_t *quota, uint8_t *keep,
+                double *squares)
+{
+    int result = 0;
+#define KR_CALL(c)                                                                           \
+    result = sce_mask_(n, k, base, src, in_dtype, c, select, threshold, quota, keep, squares)
+    KR_BY_CDT(KR_CALL)
+#undef KR_CALL
+    return result;
+}
+
 /* nuslerp (flattened, or per row of `cols` entries). d_j = x_j - base (x_j without a base),
  * rounded to the compute dtype. The passes are written once (always inlined) and
  * instantiated per compute dtype, so that the rounding is branch-free and the loops vectorize.
  * Sums are in double, in 8 lanes (another order than torch's float32 sums: the same value
  * once rounded to a half-float compute dtype, the last float32 bit otherwise). */
-#define KR_INLINE static inline __attribute__((always_inline))
-
-KR_INLINE float rnd_fast(float x, int cdt)
-{
-    if (cdt == KR_BF16) {
-        uint32_t u, r;
-        memcpy(&u, &x, sizeof(u));
-        r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-        r = (u & 0x7fffffffu) > 0x7f800000u ? u : r; /* NaN stays NaN */
-        memcpy(&x, &r, sizeof(x));
-        return x;
-    }
-#ifdef KR_HAVE_F16
-    if (cdt == KR_F16)
-        return (float)(_Float16)x;
-#endif
-    return x;
-}
-
 KR_INLINE void nus_load(float *a0, float *a1, float *b, const void *base, const void *x0,
                         const void *x1, int64_t off, int64_t m, int in_dtype, int cdt)
 {
@@ -925,17 +1019,17 @@ KR_INLINE void nus_load(float *a0, float *a1, float *b, const void *base, const 
         load_f32(b, base, off, m, in_dtype);
     if (cdt != KR_F32 && cdt != in_dtype) {
         for (int64_t i = 0; i < m; i++) {
-            a0[i] = rnd_fast(a0[i], cdt);
-            a1[i] = rnd_fast(a1[i], cdt);
+            a0[i] = rnd(a0[i], cdt);
+            a1[i] = rnd(a1[i], cdt);
         }
         if (base != NULL)
             for (int64_t i = 0; i < m; i++)
-                b[i] = rnd_fast(b[i], cdt);
+                b[i] = rnd(b[i], cdt);
     }
     if (base != NULL)
         for (int64_t i = 0; i < m; i++) {
-            a0[i] = rnd_fast(a0[i] - b[i], cdt);
-            a1[i] = rnd_fast(a1[i] - b[i], cdt);
+            a0[i] = rnd(a0[i] - b[i], cdt);
+            a1[i] = rnd(a1[i] - b[i], cdt);
         }
 }
 
@@ -1051,7 +1145,7 @@ KR_INLINE void nus_dot(int64_t rows, int64_t cols, const void *base, const void 
             int64_t off = r * cols + c, m = cols - c < CHUNK ? cols - c : CHUNK;
             nus_load(a0, a1, b, base, x0, x1, off, m, in_dtype, cdt);
             for (int64_t i = 0; i < m; i++)
-                a0[i] = rnd_fast(rnd_fast(a0[i] / m0, cdt) * rnd_fast(a1[i] / m1, cdt), cdt);
+                a0[i] = rnd(rnd(a0[i] / m0, cdt) * rnd(a1[i] / m1, cdt), cdt);
             s += sum8(a0, m);
         }
         dot[r] = s;
@@ -1075,39 +1169,23 @@ KR_INLINE int64_t nus_out(int64_t start, int64_t n, int64_t cols, const void *ba
             i1 = i1 < m ? i1 : m;
             if (colinear[r]) {
                 for (int64_t i = i0; i < i1; i++)
-                    a0[i] = rnd_fast(rnd_fast(wa * a0[i], cdt) + rnd_fast(wb * a1[i], cdt), cdt);
+                    a0[i] = rnd(rnd(wa * a0[i], cdt) + rnd(wb * a1[i], cdt), cdt);
             } else {
                 const float c0 = s0[r], c1 = s1[r], d = st[r];
                 for (int64_t i = i0; i < i1; i++)
-                    a0[i] = rnd_fast(
-                        rnd_fast(rnd_fast(c0 * a0[i], cdt) + rnd_fast(c1 * a1[i], cdt), cdt) / d,
+                    a0[i] = rnd(
+                        rnd(rnd(c0 * a0[i], cdt) + rnd(c1 * a1[i], cdt), cdt) / d,
                         cdt);
             }
             i0 = i1;
         }
         if (base != NULL)
             for (int64_t i = 0; i < m; i++)
-                a0[i] = rnd_fast(b[i] + a0[i], cdt);
+                a0[i] = rnd(b[i] + a0[i], cdt);
         bad += store_f32(dst, off, a0, m, out_dtype);
     }
     return bad;
 }
-
-/* the exported passes: one instance per compute dtype */
-#ifdef KR_HAVE_F16
-#define KR_BY_CDT(call)                                                                      \
-    switch (cdt) {                                                                           \
-    case KR_BF16: call(KR_BF16); break;                                                      \
-    case KR_F16: call(KR_F16); break;                                                        \
-    default: call(KR_F32); break;                                                            \
-    }
-#else
-#define KR_BY_CDT(call)                                                                      \
-    switch (cdt) {                                                                           \
-    case KR_BF16: call(KR_BF16); break;                                                      \
-    default: call(KR_F32); break;                                                            \
-    }
-#endif
 
 void kr_nuslerp_sq(int64_t rows, int64_t cols, const void *base, const void *x0, const void *x1,
                    int in_dtype, int cdt, double *sq0, double *sq1)
@@ -1175,17 +1253,17 @@ KR_INLINE int64_t ms_pass(int stage, int64_t n, int k, const void *base, const v
             load_f32(b, base, off, m, in_dtype);
             if (round_in)
                 for (int64_t i = 0; i < m; i++)
-                    b[i] = rnd_fast(b[i], cdt);
+                    b[i] = rnd(b[i], cdt);
         }
         for (int j = 0; j < k; j++) {
             float *x = d[j];
             load_f32(x, src[j], off, m, in_dtype);
             if (round_in)
                 for (int64_t i = 0; i < m; i++)
-                    x[i] = rnd_fast(x[i], cdt);
+                    x[i] = rnd(x[i], cdt);
             if (base != NULL)
                 for (int64_t i = 0; i < m; i++)
-                    x[i] = rnd_fast(x[i] - b[i], cdt);
+                    x[i] = rnd(x[i] - b[i], cdt);
             if (stage == 1) {
                 for (int64_t i = 0; i < m; i++)
                     tmp[i] = x[i] * x[i];
@@ -1193,20 +1271,20 @@ KR_INLINE int64_t ms_pass(int stage, int64_t n, int k, const void *base, const v
             } else {
                 const float s = nrm[j];
                 for (int64_t i = 0; i < m; i++)
-                    x[i] = rnd_fast(x[i] / s, cdt);
+                    x[i] = rnd(x[i] / s, cdt);
             }
         }
         if (stage == 1)
             continue;
         for (int64_t i = 0; i < m; i++)
-            acc[i] = rnd_fast(d[0][i] * w[0], cdt);
+            acc[i] = rnd(d[0][i] * w[0], cdt);
         for (int j = 1; j < k; j++) {
             const float wj = w[j];
             for (int64_t i = 0; i < m; i++)
-                acc[i] += rnd_fast(d[j][i] * wj, cdt);
+                acc[i] += rnd(d[j][i] * wj, cdt);
         }
         for (int64_t i = 0; i < m; i++)
-            acc[i] = rnd_fast(acc[i], cdt);
+            acc[i] = rnd(acc[i], cdt);
         if (stage == 2) {
             for (int64_t i = 0; i < m; i++)
                 tmp[i] = acc[i] * acc[i];
@@ -1214,11 +1292,11 @@ KR_INLINE int64_t ms_pass(int stage, int64_t n, int k, const void *base, const v
             continue;
         }
         for (int64_t i = 0; i < m; i++)
-            mu[i] = rnd_fast(acc[i] / mn, cdt);
+            mu[i] = rnd(acc[i] / mn, cdt);
         if (stage == 3) {
             for (int j = 0; j < k; j++) {
                 for (int64_t i = 0; i < m; i++)
-                    tmp[i] = rnd_fast(d[j][i] * mu[i], cdt);
+                    tmp[i] = rnd(d[j][i] * mu[i], cdt);
                 sums[j] += sum8(tmp, m);
             }
             continue;
@@ -1226,13 +1304,13 @@ KR_INLINE int64_t ms_pass(int stage, int64_t n, int k, const void *base, const v
         for (int j = 0; j < k; j++) {
             const float dj = dots[j], wj = w[j];
             for (int64_t i = 0; i < m; i++) {
-                float t = rnd_fast(d[j][i] - rnd_fast(dj * mu[i], cdt), cdt);
-                float p = rnd_fast(t * wj, cdt);
+                float t = rnd(d[j][i] - rnd(dj * mu[i], cdt), cdt);
+                float p = rnd(t * wj, cdt);
                 acc[i] = j == 0 ? p : acc[i] + p;
             }
         }
         for (int64_t i = 0; i < m; i++)
-            acc[i] = rnd_fast(acc[i], cdt);
+            acc[i] = rnd(acc[i], cdt);
         if (stage == 4) {
             for (int64_t i = 0; i < m; i++)
                 tmp[i] = acc[i] * acc[i];
@@ -1240,9 +1318,9 @@ KR_INLINE int64_t ms_pass(int stage, int64_t n, int k, const void *base, const v
             continue;
         }
         for (int64_t i = 0; i < m; i++) {
-            float r = rnd_fast(rnd_fast(mu[i] * cos_tn, cdt) + rnd_fast(acc[i] * f, cdt), cdt);
-            r = rnd_fast(r * scale, cdt);
-            tmp[i] = base != NULL ? rnd_fast(r + b[i], cdt) : r;
+            float r = rnd(rnd(mu[i] * cos_tn, cdt) + rnd(acc[i] * f, cdt), cdt);
+            r = rnd(r * scale, cdt);
+            tmp[i] = base != NULL ? rnd(r + b[i], cdt) : r;
         }
         bad += store_f32(dst, off, tmp, m, out_dtype);
     }
@@ -1293,14 +1371,14 @@ KR_INLINE int ms_stock_sums(int64_t rows, int64_t cols, int k, const void *base,
             load_f32(b, base, off, m, in_dtype);
             if (round_in)
                 for (int64_t i = 0; i < m; i++)
-                    b[i] = rnd_fast(b[i], cdt);
+                    b[i] = rnd(b[i], cdt);
             for (int j = 0; j < k; j++) {
                 load_f32(o[j], src[j], off, m, in_dtype);
                 if (round_in)
                     for (int64_t i = 0; i < m; i++)
-                        o[j][i] = rnd_fast(o[j][i], cdt);
+                        o[j][i] = rnd(o[j][i], cdt);
                 for (int64_t i = 0; i < m; i++) {
-                    o[j][i] = rnd_fast(o[j][i] - b[i], cdt);
+                    o[j][i] = rnd(o[j][i] - b[i], cdt);
                     tmp[i] = o[j][i] * o[j][i];
                 }
                 tn_add(&nsq[j], tmp, c, m, body);
@@ -1309,7 +1387,7 @@ KR_INLINE int ms_stock_sums(int64_t rows, int64_t cols, int k, const void *base,
             for (int a = 0; a < k; a++)
                 for (int bb = a + 1; bb < k; bb++, p++) {
                     for (int64_t i = 0; i < m; i++)
-                        tmp[i] = rnd_fast(o[a][i] * o[bb][i], cdt);
+                        tmp[i] = rnd(o[a][i] * o[bb][i], cdt);
                     dot[r * pairs + p] += sum8(tmp, m);
                 }
         }
@@ -1337,16 +1415,16 @@ KR_INLINE int64_t ms_stock_out(int64_t start, int64_t n, int64_t cols, int k, co
         load_f32(acc, src[0], off, m, in_dtype);
         if (round_in)
             for (int64_t i = 0; i < m; i++) {
-                b[i] = rnd_fast(b[i], cdt);
-                acc[i] = rnd_fast(acc[i], cdt);
+                b[i] = rnd(b[i], cdt);
+                acc[i] = rnd(acc[i], cdt);
             }
         for (int j = 1; j < k; j++) {
             load_f32(x, src[j], off, m, in_dtype);
             if (round_in)
                 for (int64_t i = 0; i < m; i++)
-                    x[i] = rnd_fast(x[i], cdt);
+                    x[i] = rnd(x[i], cdt);
             for (int64_t i = 0; i < m; i++)
-                acc[i] = rnd_fast(acc[i] + x[i], cdt);
+                acc[i] = rnd(acc[i] + x[i], cdt);
         }
         for (int64_t i0 = 0; i0 < m;) {
             int64_t r = (start + off + i0) / cols;
@@ -1354,8 +1432,8 @@ KR_INLINE int64_t ms_stock_out(int64_t start, int64_t n, int64_t cols, int k, co
             i1 = i1 < m ? i1 : m;
             const float tr = t[r], ur = u[r];
             for (int64_t i = i0; i < i1; i++) {
-                float avg = rnd_fast(acc[i] / count, cdt);
-                acc[i] = rnd_fast(rnd_fast(tr * avg, cdt) + rnd_fast(ur * b[i], cdt), cdt);
+                float avg = rnd(acc[i] / count, cdt);
+                acc[i] = rnd(rnd(tr * avg, cdt) + rnd(ur * b[i], cdt), cdt);
             }
             i0 = i1;
         }
