@@ -804,10 +804,13 @@ def _sce(lib, base, others, select_topk: float, codes, out: Output) -> int:
             select = 1
         else:
             bucket, above = methods.kth_from_top(high, keep)
-            low = torch.zeros(methods.LOW_BINS, dtype=torch.int32)
-            lib.kr_sce_counts(
-                n, k, base.data_ptr(), pointers, in_code, c_code, bucket, low.data_ptr(), None
-            )
+            if c_code == _CODES[torch.bfloat16] and methods.KEY_SHIFT >= 16:  # bf16 variances
+                low = _bf16_low_counts(high, bucket)
+            else:
+                low = torch.zeros(methods.LOW_BINS, dtype=torch.int32)
+                lib.kr_sce_counts(
+                    n, k, base.data_ptr(), pointers, in_code, c_code, bucket, low.data_ptr(), None
+                )
             value, strictly = methods.kth_from_top(low, keep - above)
             threshold = (bucket << methods.KEY_SHIFT) | value
             quota = ctypes.c_int64(keep - above - strictly)
@@ -935,13 +938,25 @@ def _trim_thresholds(lib, base, inputs, in_code, densities, c_code):
         above = {}
         for j in selected:
             edges[j], above[j] = methods.kth_from_top(high[j], keep[j])
-        low = _histograms(lib, base, inputs, in_code, selected, methods.LOW_BINS, edges, c_code)
+        if c_code == _CODES[torch.bfloat16] and methods.KEY_SHIFT >= 16:
+            low = {j: _bf16_low_counts(high[j], edges[j]) for j in selected}
+        else:
+            low = _histograms(lib, base, inputs, in_code, selected, methods.LOW_BINS, edges, c_code)
         for j in selected:
             value, strictly_above = methods.kth_from_top(low[j], keep[j] - above[j])
             thresholds[j] = (edges[j] << methods.KEY_SHIFT) | value
             quotas[j] = keep[j] - above[j] - strictly_above
             methods.record_ties(int(low[j][value]), quotas[j])
     return trim, thresholds, quotas
+
+
+def _bf16_low_counts(high: torch.Tensor, edge: int) -> torch.Tensor:
+    """The low-bits histogram of the keys in bin ``edge``, without a counting pass, for keys
+    of bf16 values: a bf16 value's float32 bits have their low 16 bits (``KEY_SHIFT``) zero,
+    so every key in the bin is ``edge << KEY_SHIFT`` and the pass would count them all at 0."""
+    low = torch.zeros(methods.LOW_BINS, dtype=torch.int32)
+    low[0] = high[edge]
+    return low
 
 
 def _half_task_vectors(lib, method, flats, base_index, params, per_model, codes, out) -> int:
