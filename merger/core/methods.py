@@ -420,17 +420,68 @@ def magnitude_mask(delta: Tensor, density: float) -> Tensor:
 
 
 def outlier_magnitude_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
-    """Model Breadcrumbs: drop the ``gamma`` largest, then the smallest, keeping ``density``."""
+    """Model Breadcrumbs: drop the ``gamma`` largest, then the smallest, keeping ``density``.
+
+    The entries kept are those at positions ``[bottom, bottom + keep)`` of a stable ascending
+    sort of |delta| (as float32; ties in index order), found without sorting: the keys at the
+    two end ranks by a radix select (`_keys_at_ranks`), everything strictly between them, and
+    of the entries equal to an end key those whose sorted position falls in the range, in
+    index order.
+    """
     n = delta.numel()
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     keep = int(density * n)
     top = int(gamma * n)
     bottom = max(0, n - keep - top)
-    order = torch.argsort(delta.abs().reshape(-1).float(), stable=True)  # ties in index order
-    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    mask[order[bottom : bottom + keep]] = True
+    if keep <= 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    keys = _sort_keys(delta)
+    ends = _keys_at_ranks(keys, [bottom, bottom + keep - 1])
+    (low, _, _), (high, _, _) = ends
+    mask = (keys > low) & (keys < high)
+    for value, before, equal in dict.fromkeys(ends):
+        first = max(bottom, before) - before
+        last = min(bottom + keep, before + equal) - before
+        if last > first:
+            mask[(keys == value).nonzero().reshape(-1)[first:last]] = True
     return mask.reshape(delta.shape)
+
+
+#: every NaN's sort key: one above +inf's (argsort puts NaNs last, in index order)
+_NAN_KEY = 0x7F800001
+
+
+def _sort_keys(delta: Tensor) -> Tensor:
+    """|delta| as float32 bits (int32, sign bit clear): ordered as a float sort orders the
+    magnitudes (every NaN one key, above +inf's)."""
+    magnitude = delta.reshape(-1).float()
+    if magnitude.data_ptr() == delta.data_ptr():
+        magnitude = magnitude.clone()
+    return magnitude.abs_().view(torch.int32).clamp_(max=_NAN_KEY)
+
+
+def _keys_at_ranks(keys: Tensor, ranks: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Per ascending rank (0-based) of non-negative int32 ``keys``: (the key at that rank, how
+    many keys are below it, how many equal it); a two-pass radix select (the high
+    ``31 - KEY_SHIFT`` bits, then the low bits within the bin)."""
+    high_keys = keys >> KEY_SHIFT
+    high = torch.bincount(high_keys, minlength=HIGH_BINS).cpu()
+    high_below = high.cumsum(0) - high
+    found = []
+    lows: dict[int, Tensor] = {}
+    for rank in ranks:
+        bucket = int(torch.searchsorted(high_below + high, rank, right=True))
+        if bucket not in lows:
+            inside = keys[high_keys == bucket] & (LOW_BINS - 1)
+            lows[bucket] = torch.bincount(inside, minlength=LOW_BINS).cpu()
+        low = lows[bucket]
+        low_upto = low.cumsum(0)
+        offset = rank - int(high_below[bucket])
+        value = int(torch.searchsorted(low_upto, offset, right=True))
+        below = int(high_below[bucket]) + int(low_upto[value]) - int(low[value])
+        found.append(((bucket << KEY_SHIFT) | value, below, int(low[value])))
+    return found
 
 
 def sign_consensus(weighted: Tensor, method: str = "sum") -> Tensor:
