@@ -6,8 +6,8 @@
 
 GEITje's settings (recipes/pretrain/geitje-7b.yaml): bitsandbytes' 8-bit AdamW with betas
 0.9/0.999, eps 1e-8, weight decay 0, cosine to 0, bf16 weights under bf16 autocast, EOS not a
-target. Needs a CUDA GPU and `pip install bitsandbytes`; without them it stops at once with one
-error line. Target (issue #16): MFU >= 40% on an H100/H200. Not yet measured with these settings
+target. Needs a CUDA GPU and `pip install bitsandbytes`; without them it stops with one error
+line (and a hint) after the config is built and validated, before any model is made. Target (issue #16): MFU >= 40% on an H100/H200. Not yet measured with these settings
 (no GPU in the session that added them). Measured with the former setup (fp32 AdamW, fp32
 weights + bf16 autocast) on one H100 80GB HBM3 (2026-11-27): 63,698 tokens/s, MFU 41.2%
 compiled (wall 104 s); 47,415 tokens/s, MFU 30.7% eager (wall 53 s).
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -68,6 +69,47 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: a temp dir)")
     args = parser.parse_args()
 
+    from pretrain.config import parse_config
+    from pretrain.errors import PretrainError
+
+    # the run creates it; a run stopped by the checks below leaves nothing behind
+    out = args.out or Path(tempfile.gettempdir()) / f"pretrain-gpu-{os.getpid()}"
+    tokens_per_step = args.micro_batch * args.context
+    try:
+        config = parse_config(
+            {
+                "model": {**MODEL_1B, "num_hidden_layers": args.layers},
+                "tokenizer": "mistral-common",
+                "output_dir": str(out),
+                "sources": [
+                    {"world": "nl", "documents": 20000, "weight": 3},
+                    {"world": "en", "documents": 10000, "weight": 1},
+                ],
+                "context_length": args.context,
+                "micro_batch": args.micro_batch,
+                "max_steps": args.steps,
+                "lr": 3e-4,
+                "warmup_fraction": 0.1,
+                "min_lr_ratio": 0.0,
+                "optimizer": args.optimizer,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": 0.0,
+                "loss_on_eos": False,
+                "weights_dtype": args.weights_dtype,
+                "dtype": "bfloat16",
+                "device": "cuda",
+                "attn_implementation": args.attn,
+                "gradient_checkpointing": args.gradient_checkpointing,
+                "compile": args.compile,
+                "log_every": 5,
+                "plot": True,
+            },
+            "bench/pretrain_gpu.py",
+        )
+    except PretrainError as exc:  # a bad --steps, --context ...: the config's own message
+        print(f"error: {exc}\n\nhint: {exc.hint}", file=sys.stderr)
+        return 1
     import torch
 
     if not torch.cuda.is_available():
@@ -86,42 +128,8 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
-    from pretrain.config import parse_config
     from pretrain.train import run
 
-    out = args.out or Path(tempfile.mkdtemp(prefix="pretrain-gpu-"))
-    tokens_per_step = args.micro_batch * args.context
-    config = parse_config(
-        {
-            "model": {**MODEL_1B, "num_hidden_layers": args.layers},
-            "tokenizer": "mistral-common",
-            "output_dir": str(out),
-            "sources": [
-                {"world": "nl", "documents": 20000, "weight": 3},
-                {"world": "en", "documents": 10000, "weight": 1},
-            ],
-            "context_length": args.context,
-            "micro_batch": args.micro_batch,
-            "max_steps": args.steps,
-            "lr": 3e-4,
-            "warmup_fraction": 0.1,
-            "min_lr_ratio": 0.0,
-            "optimizer": args.optimizer,
-            "betas": [0.9, 0.999],
-            "eps": 1e-8,
-            "weight_decay": 0.0,
-            "loss_on_eos": False,
-            "weights_dtype": args.weights_dtype,
-            "dtype": "bfloat16",
-            "device": "cuda",
-            "attn_implementation": args.attn,
-            "gradient_checkpointing": args.gradient_checkpointing,
-            "compile": args.compile,
-            "log_every": 5,
-            "plot": True,
-        },
-        "bench/pretrain_gpu.py",
-    )
     t0 = time.perf_counter()
     result = run(config)
     wall = time.perf_counter() - t0

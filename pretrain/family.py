@@ -185,9 +185,10 @@ def family_threads() -> int:
 
     The members are tiny (64 wide): an op takes microseconds, and splitting it over threads
     only adds a barrier per op. On a busy machine a thread waits there until the other one is
-    scheduled again, spinning meanwhile, so a build with a thread per core ran 15x slower than
-    quiet (README, bench/family_under_load.py). One thread has no barrier to wait at (eval
-    scores small models on one thread for the same reason: kruising.device.cpu_threads_for)."""
+    scheduled again, spinning meanwhile: two threads took 2.7-4.4x the CPU time per step of one
+    on a loaded machine (README, bench/family_under_load.py --steps-only). One thread
+    has no barrier to wait at, and its CPU time per step does not grow with the load (eval scores
+    small models on one thread for the same reason: kruising.device.cpu_threads_for)."""
     value = os.environ.get("KRUISING_FAMILY_THREADS", "1")
     try:
         threads = int(value)
@@ -202,10 +203,13 @@ def family_threads() -> int:
 
 
 def _build(tmp: Path, size: str, seed: int, fp: str, progress: bool) -> None:
+    """On one torch thread (family_threads), with freed memory kept in the process
+    (kruising.malloc.kept_freed_memory): without it, half of a training step's CPU time went
+    into the kernel zero-filling the pages of the 131 MB logits glibc had unmapped the step
+    before (README, "The build on a busy machine")."""
     from kruising.device import torch_threads
     from kruising.malloc import kept_freed_memory
 
-    # freed step tensors reused instead of faulted in again every step (kruising.malloc)
     with torch_threads(family_threads()), kept_freed_memory():
         _build_members(tmp, size, seed, fp, progress)
 
