@@ -1208,14 +1208,29 @@ def karcher_mean(
     tensors: Sequence[Tensor], alphas: Sequence[float], max_iter: int = 10, tol: float = 1e-5
 ) -> Tensor:
     """The weighted Karcher (Riemannian) mean of the directions, scaled by the weighted mean
-    norm (mergekit's ``karcher_merge_tensors``: norms in float32, float64 stays float64)."""
+    norm (mergekit's ``karcher_merge_tensors``: norms in float32, float64 stays float64).
+
+    mergekit's operations in its order and operand order (a 0-dim float32 factor first is
+    rounded to the tensor's dtype, second it is not), each written into a buffer allocated
+    once (rounding as the op that allocates its result): the same values, without a fresh
+    tensor-sized allocation per op.
+    """
     if len(tensors) == 1:
         return tensors[0]
     dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    half = tensors[0].dtype != dtype  # bf16/f16: the norms are of a float32 copy
+    # the float32 copy the norms are taken of; between norms, its bytes hold a scratch tensor
+    wide = torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device) if half else None
+
+    def norm_of(tensor: Tensor) -> Tensor:  # torch.linalg.vector_norm(tensor.to(dtype))
+        if tensor.dtype == dtype:
+            return torch.linalg.vector_norm(tensor)
+        return torch.linalg.vector_norm(wide.copy_(tensor))
+
     norms = []
     units = []
     for tensor in tensors:
-        norm = torch.linalg.vector_norm(tensor.to(dtype))
+        norm = norm_of(tensor)
         norms.append(norm)
         if norm.item() == 0.0:
             units.append(torch.zeros_like(tensor))
@@ -1229,28 +1244,45 @@ def karcher_mean(
     normalized = [alpha / alpha_sum for alpha in valid_alphas]
     valid_units = [units[i] for i in valid]
     mean = torch.zeros_like(valid_units[0])
+    if half and valid_units[0].element_size() * 2 == wide.element_size():
+        work = wide.view(-1).view(mean.dtype)[: mean.numel()].view(mean.shape)
+    else:
+        work = torch.empty_like(mean)
     for alpha, unit in zip(normalized, valid_units, strict=True):
-        mean += alpha * unit
-    mean_norm = torch.linalg.vector_norm(mean.to(dtype))
-    mean = valid_units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+        mean += torch.mul(unit, alpha, out=work)  # alpha * unit
+    mean_norm = norm_of(mean)
+    if mean_norm.item() < tol:
+        mean = valid_units[0].clone()
+    else:
+        mean = torch.div(mean, mean_norm, out=mean)
+    tangent = torch.empty_like(mean)
     for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
+        tangent.zero_()
         for alpha, unit in zip(normalized, valid_units, strict=True):
             dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
                 continue
-            tangent += alpha * (theta / torch.sin(theta)) * (unit - dot * mean)
-        tangent_norm = torch.linalg.vector_norm(tangent.to(dtype))
+            # tangent += alpha * (theta / sin(theta)) * (unit - dot * mean)
+            factor = alpha * (theta / torch.sin(theta))
+            torch.mul(dot, mean, out=work)
+            torch.sub(unit, work, out=work)
+            tangent += torch.mul(factor, work, out=work)
+        tangent_norm = norm_of(tangent)
         if tangent_norm.item() < tol:
             break
-        mean = (
-            torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
-        ).to(mean.dtype)
-        unit_norm = torch.linalg.vector_norm(mean.to(dtype))
+        # mean = cos(|tangent|) * mean + sin(|tangent|) * (tangent / |tangent|)
+        torch.mul(torch.cos(tangent_norm), mean, out=mean)
+        torch.div(tangent, tangent_norm, out=tangent)
+        torch.mul(torch.sin(tangent_norm), tangent, out=tangent)
+        mean += tangent
+        unit_norm = norm_of(mean)
         if unit_norm.item() > tol:
-            mean = (mean / unit_norm).to(mean.dtype)
+            torch.div(mean, unit_norm, out=mean)
+    wide = work = tangent = None  # freed before the result is made
     scale = sum(alpha * norm for alpha, norm in zip(alphas, norms, strict=True))
+    if isinstance(scale, Tensor) and scale.dim() == 0:
+        return torch.mul(scale, mean, out=mean)  # scale * mean, in place
     return scale * mean
 
 
