@@ -1322,12 +1322,15 @@ def arcee_fusion(base: Tensor, other: Tensor, generator: torch.Generator | None 
     the row) reaches median + 1.5 IQR of all importances, the base's elsewhere. The quantiles
     of a tensor above 1M entries come from 1M entries drawn (with replacement) from
     ``generator``, as mergekit draws them. The mask is float32, so the result is too."""
-    diff = (other - base).abs()
     eps = 1e-8
-    p = torch.nn.functional.softmax(other, dim=-1) + eps
-    q = torch.nn.functional.softmax(base, dim=-1) + eps
-    kl_div = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    importance = diff * kl_div
+    # mergekit's ops in its operand order, written into buffers (the same values)
+    diff = torch.sub(other, base).abs_()  # (other - base).abs()
+    p = torch.nn.functional.softmax(other, dim=-1).add_(eps)
+    q = torch.nn.functional.softmax(base, dim=-1).add_(eps)
+    ratio = torch.div(p, q, out=q)  # p / q
+    kl_div = torch.sum(torch.mul(p, torch.log(ratio, out=ratio), out=ratio), dim=-1, keepdim=True)
+    del p, q, ratio
+    importance = torch.mul(diff, kl_div, out=diff)  # diff * kl_div
     flat = importance.reshape(-1)
     if flat.numel() > QUANTILE_SAMPLE_SIZE:
         picks = torch.randint(
@@ -1340,7 +1343,12 @@ def arcee_fusion(base: Tensor, other: Tensor, generator: torch.Generator | None 
     q1, median, q3 = ordered[at]
     threshold = median + 1.5 * (q3 - q1)
     mask = (importance >= threshold).float()
-    return base + (other - base) * mask
+    # base + (other - base) * mask
+    delta = torch.sub(other, base, out=importance)
+    if torch.result_type(delta, mask) != mask.dtype:  # float64: a float64 result
+        return base + delta * mask
+    merged = torch.mul(delta, mask, out=mask)
+    return torch.add(base, merged, out=merged)
 
 
 def _arcee_fusion_method(
