@@ -185,6 +185,7 @@ def test_the_demo_says_how_long_and_where_its_studies_are(demo):
 def test_the_printed_next_commands_work_as_printed(demo):
     """Copy the `next (copy and paste):` lines and run them, in the folder the demo ran in."""
     import shlex
+    from concurrent.futures import ThreadPoolExecutor
 
     import optuna
 
@@ -194,18 +195,30 @@ def test_the_printed_next_commands_work_as_printed(demo):
     assert [line.split()[1] for line in lines] == ["rank", "export", "sweep"] * 2
     assert "'my report/" in lines[1]  # the folder with a space is quoted
     merge = Path(sys.executable).with_name("merge")
-    for line in lines:
-        argv = shlex.split(line, comments=True)
-        assert argv[0] == "merge"
-        done = subprocess.run(
-            [str(merge), *argv[1:]]
-            if merge.is_file()
-            else [sys.executable, "-m", "merger.cli", *argv[1:]],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "NO_COLOR": "1"},
-        )
+
+    def run_in_order(study_lines: list[str]) -> list[tuple[str, subprocess.CompletedProcess]]:
+        runs = []
+        for line in study_lines:
+            argv = shlex.split(line, comments=True)
+            assert argv[0] == "merge"
+            done = subprocess.run(
+                [str(merge), *argv[1:]]
+                if merge.is_file()
+                else [sys.executable, "-m", "merger.cli", *argv[1:]],
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "NO_COLOR": "1"},
+            )
+            runs.append((line, done))
+        return runs
+
+    # each study's three lines in their order; the two studies side by side, as two users
+    # (or two terminals) would: one SQLite file, two studies (half the wall time on 2 cores)
+    with ThreadPoolExecutor(2) as pool:
+        runs = [run for done in pool.map(run_in_order, [lines[:3], lines[3:]]) for run in done]
+    assert [line for line, _ in runs] == lines
+    for line, done in runs:
         assert done.returncode == 0, (line, done.stderr)
         assert "error:" not in done.stderr
     for name in ("demo-chat-vector", "demo-slerp"):
