@@ -17,14 +17,25 @@ from tests.merger.study.test_sweep import FakeEvaluator, _run
 SEARCH = "{parameters.t[default]: {type: float, low: 0.0, high: 1.0, step: 0.5}}"
 
 
-@pytest.fixture
-def study_elsewhere(tmp_path, monkeypatch):
-    """A study `test-sweep` in work/out/demo/studies.db; the current folder is work/."""
-    folder = tmp_path / "work" / "out" / "demo"
+@pytest.fixture(scope="module")
+def swept_study(tmp_path_factory):
+    """work/out/demo/studies.db holding a study `test-sweep`, swept once for the module."""
+    work = tmp_path_factory.mktemp("swept") / "work"
+    folder = work / "out" / "demo"
     folder.mkdir(parents=True)
-    _, storage = _run(folder, SEARCH, FakeEvaluator(), sampler="grid", trials=3)
+    _run(folder, SEARCH, FakeEvaluator(), sampler="grid", trials=3)
+    return work
+
+
+@pytest.fixture
+def study_elsewhere(swept_study, tmp_path, monkeypatch):
+    """A study `test-sweep` in work/out/demo/studies.db (a copy of the module's); the current
+    folder is work/."""
+    import shutil
+
+    shutil.copytree(swept_study, tmp_path / "work")
     monkeypatch.chdir(tmp_path / "work")
-    return storage
+    return f"sqlite:///{tmp_path / 'work' / 'out' / 'demo'}/studies.db"
 
 
 def _files(root) -> list[str]:
