@@ -70,7 +70,15 @@ RECIPE_HEADING = "## Recipe"
 # --------------------------------------------------------------------------------------------
 
 
-def build_model_card(
+def build_model_card(recipe_text: str, recipe: MergeRecipe, **kwargs: Any) -> ModelCard:
+    """The card of a child merged by ``recipe`` as huggingface_hub's ``ModelCard`` (the
+    arguments of `model_card_text`)."""
+    from huggingface_hub import ModelCard
+
+    return ModelCard(model_card_text(recipe_text, recipe, **kwargs))
+
+
+def model_card_text(
     recipe_text: str,
     recipe: MergeRecipe,
     *,
@@ -80,8 +88,10 @@ def build_model_card(
     model_name: str | None = None,
     repo_id: str | None = None,
     compute: Mapping[str, Any] | None = None,
-) -> ModelCard:
-    """The card of a child merged by ``recipe`` (whose YAML source is ``recipe_text``).
+) -> str:
+    """The card (README.md text) of a child merged by ``recipe`` (whose YAML source is
+    ``recipe_text``): what ``str(build_model_card(...))`` is, without importing
+    huggingface_hub's ``repocard`` (its Hub client: 0.3 CPU s of every `merge run`).
 
     ``licenses``: the licenses the parents declare (any order, repeats allowed); ``language``: the
     languages they declare. ``repo_id`` marks a card bound for that Hub repo: it fills the
@@ -90,7 +100,7 @@ def build_model_card(
     metadata check expects model ids); the body still lists every parent. ``compute``: the
     provenance's ``compute_dtype`` record (which dtype the tensors were computed in).
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub.repocard_data import ModelCardData
 
     parents = recipe.referenced_models()
     name = model_name or (repo_id.split("/")[-1] if repo_id else "merged-model")
@@ -121,7 +131,7 @@ def build_model_card(
         repo_id=repo_id,
         compute=compute,
     )
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    return f"---\n{data.to_yaml()}\n---\n\n{body}"
 
 
 def _name_is_dutch(ref: str) -> bool:
@@ -406,7 +416,7 @@ def write_model_card(
     """
     child_dir = Path(child_dir)
     licenses, languages = parent_declarations(recipe.referenced_models())
-    card = build_model_card(
+    text = model_card_text(
         recipe_text,
         recipe,
         scorecard=scorecard,
@@ -416,7 +426,8 @@ def write_model_card(
         compute=compute,
     )
     target = child_dir / "README.md"
-    card.save(target)
+    with open(target, "w", newline="", encoding="utf-8") as f:  # as ModelCard.save writes it
+        f.write(text)
     return target
 
 
