@@ -8,8 +8,8 @@ hundreds of MB of new pages: on the tiny family's default member, 137,000 minor 
 wall time still on a busy virtual machine, where page faults are dearer. Served from the heap
 and kept there, the freed blocks are reused: 4,000 faults and 0.007 s of system time per step
 (README, "The build on a busy machine"). The price is a higher resident set (the heap keeps its
-high-water mark and fragments: 1.2 GB against 0.48 GB for that member), so only the family build
-uses it, and gives the memory back when it ends.
+high-water mark and fragments: 1.2 GB against 0.48 GB for that member), so only CPU training uses
+it (`pretrain run` on a CPU, the family build), and gives the memory back when it ends.
 """
 
 from __future__ import annotations
@@ -36,21 +36,29 @@ def _glibc():
     return libc
 
 
+_depth = 0  # nesting: the family build keeps memory around each member's `pretrain run`
+_applied = False
+
+
 @contextlib.contextmanager
 def kept_freed_memory() -> Iterator[bool]:
     """Inside: large blocks come from the heap, which is never trimmed (yields whether that
-    applied: False off glibc). On exit glibc's defaults are back and the kept memory is
-    returned to the kernel (``malloc_trim``)."""
+    applied: False off glibc). When the outermost one exits, glibc's defaults are back and the
+    kept memory is returned to the kernel (``malloc_trim``)."""
+    global _depth, _applied
     libc = _glibc()
-    applied = (
-        libc is not None
-        and bool(libc.mallopt(M_MMAP_MAX, 0))
-        and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD))
-    )
+    if _depth == 0:
+        _applied = (
+            libc is not None
+            and bool(libc.mallopt(M_MMAP_MAX, 0))
+            and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD))
+        )
+    _depth += 1
     try:
-        yield applied
+        yield _applied
     finally:
-        if libc is not None:
+        _depth -= 1
+        if _depth == 0 and libc is not None:
             libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
             libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
             libc.malloc_trim(0)

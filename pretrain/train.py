@@ -606,7 +606,11 @@ def run(
             )
         return ids.to(accelerator.device), pos.to(accelerator.device)
 
-    with progress:
+    # on a CPU each step reuses the blocks the last one freed (kruising.malloc)
+    from kruising.malloc import kept_freed_memory
+
+    kept = kept_freed_memory() if accelerator.device.type == "cpu" else contextlib.nullcontext()
+    with progress, kept:
         task = (
             progress.add_task("pretrain", total=total, completed=step, loss="-", lr="-", tps="-")
             if show

@@ -27,7 +27,9 @@ def faults():
 
 plain = faults()
 with kept_freed_memory() as applied:
-    kept = faults()
+    with kept_freed_memory():  # nested (the family build around pretrain run): one setting
+        pass
+    kept = faults()  # still kept after the inner one ended
 after = faults()
 print(applied, plain, kept, after)
 """
