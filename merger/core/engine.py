@@ -31,7 +31,7 @@ from kruising.console import console
 from kruising.device import resolve_device
 from kruising.errors import KruisingError
 from merger.core import output
-from merger.core.child import check_chat_template
+from merger.core.child import check_chat_template, write_provenance
 from merger.core.io import (
     ModelSource,
     Output,
@@ -447,6 +447,17 @@ def run_recipe(
         layout = [(t.name, t.out_dtype, t.shape) for t in plan.tasks]
         writer = ShardWriter(tmp, layout, max_shard, workers=cpu_workers())
         ties = TieCount()
+        # config, tokenizer, card: written while the tensors stream (which wait on the disk
+        # and the kernels, not on the interpreter); the provenance after, with the timings
+        files = _Background(
+            _write_child_files_but_provenance,
+            tmp,
+            recipe,
+            recipe_text,
+            plan,
+            copy_tokenizer=options.copy_tokenizer,
+            compute=compute_record(plan, compute),
+        )
         try:
             stream_merge(
                 plan,
@@ -458,21 +469,22 @@ def run_recipe(
             )
         except BaseException:
             writer.abort()
+            files.wait(reraise=False)
             raise
         writer.finish()
-        _write_child_files(
+        files.wait()
+        write_provenance(
             tmp,
             recipe,
-            recipe_text,
             sources,
             plan,
+            recipe_text=recipe_text,
             device=str(torch_device),
             seconds=time.perf_counter() - started,
             engine="native",
             seed=options.seed,
             compute=compute_record(plan, compute),
             ties=ties.record() if plan.method.name in TIE_RULE_METHODS else None,
-            copy_tokenizer=options.copy_tokenizer,
         )
         output.commit(tmp, out, overwrite=options.overwrite)
     except OSError as exc:  # the disk: full, gone read-only, an I/O error
@@ -495,6 +507,27 @@ def run_recipe(
     return out
 
 
+class _Background:
+    """A call run on a thread; `wait` joins it and raises what it raised."""
+
+    def __init__(self, fn, *args, **kwargs) -> None:
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                fn(*args, **kwargs)
+            except BaseException as exc:  # raised again by wait, in the caller's thread
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, daemon=True, name="child-files")
+        self._thread.start()
+
+    def wait(self, reraise: bool = True) -> None:
+        self._thread.join()
+        if reraise and self._error is not None:
+            raise self._error
+
+
 def _write_child_files(
     folder: Path,
     recipe: MergeRecipe,
@@ -508,12 +541,30 @@ def _write_child_files(
     already written config, generation config and tokenizer. ``copy_tokenizer=False``
     (mergekit's ``--no-copy-tokenizer``): no tokenizer files copied from the donor; one the
     recipe builds is still written, as mergekit writes it."""
-    from merger.core.child import (
-        write_config,
-        write_generation_config,
-        write_provenance,
-        write_tokenizer,
+    from merger.core.child import write_provenance
+
+    _write_child_files_but_provenance(
+        folder,
+        recipe,
+        recipe_text,
+        plan,
+        copy_tokenizer=copy_tokenizer,
+        compute=provenance.get("compute"),
     )
+    write_provenance(folder, recipe, sources, plan, recipe_text=recipe_text, **provenance)
+
+
+def _write_child_files_but_provenance(
+    folder: Path,
+    recipe: MergeRecipe,
+    recipe_text: str,
+    plan: MergePlan | None,
+    *,
+    copy_tokenizer: bool = True,
+    compute: dict[str, Any] | None = None,
+) -> None:
+    """Config, generation config, tokenizer, ``mergekit_config.yml``, model card."""
+    from merger.core.child import write_config, write_generation_config, write_tokenizer
     from merger.share.card import write_model_card
 
     if plan is not None:
@@ -529,8 +580,7 @@ def _write_child_files(
                 "written), as in mergekit"
             )
     (folder / "mergekit_config.yml").write_text(recipe_text)
-    write_model_card(folder, recipe_text, recipe, compute=provenance.get("compute"))
-    write_provenance(folder, recipe, sources, plan, recipe_text=recipe_text, **provenance)
+    write_model_card(folder, recipe_text, recipe, compute=compute)
 
 
 # --- in memory (the sweep) --------------------------------------------------------------------

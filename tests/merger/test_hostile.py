@@ -440,7 +440,7 @@ def test_a_child_that_appears_meanwhile_is_not_replaced(pair, tmp_path, monkeypa
 
     _, _, recipe = pair
     out = tmp_path / "child"
-    real = engine._write_child_files
+    real = engine.write_provenance  # the last file written before the rename
     if not renameat2:
         monkeypatch.setattr(atomic, "_renameat2", lambda *args: False)
 
@@ -449,7 +449,7 @@ def test_a_child_that_appears_meanwhile_is_not_replaced(pair, tmp_path, monkeypa
         out.mkdir()  # the other run's complete child, renamed into place just now
         (out / "config.json").write_text('{"theirs": 1}')
 
-    monkeypatch.setattr(engine, "_write_child_files", other_run_finishes_first)
+    monkeypatch.setattr(engine, "write_provenance", other_run_finishes_first)
     with pytest.raises(KruisingError, match=r"appeared while this child was being written"):
         merge(recipe, out)
     assert json.loads((out / "config.json").read_text()) == {"theirs": 1}
