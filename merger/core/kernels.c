@@ -736,11 +736,13 @@ void kr_della_probs(int64_t rows, int64_t cols, const void *base, const void *sr
     float *b = malloc(sizeof(float) * (size_t)cols);
     float *x = malloc(sizeof(float) * (size_t)cols);
     float *p = malloc(sizeof(float) * (size_t)cols);
+    float *by_rank = malloc(sizeof(float) * (size_t)cols);
     uint32_t *key = scratch, *idx = scratch + cols, *tmp = scratch + 2 * cols;
-    if (b == NULL || x == NULL || p == NULL) {
+    if (b == NULL || x == NULL || p == NULL || by_rank == NULL) {
         free(b);
         free(x);
         free(p);
+        free(by_rank);
         *l1 = -1.0;
         return;
     }
@@ -749,6 +751,12 @@ void kr_della_probs(int64_t rows, int64_t cols, const void *base, const void *sr
     const float max_rank = rnd(rnd((float)(cols - 1), wdt) + 1.0f, wdt);
     const float span = rnd(max_rank - min_rank, wdt);
     const float low = rnd(lowest, wdt); /* torch adds a Python scalar in the tensor's dtype */
+    for (int64_t pos = 0; pos < cols; pos++) { /* each rank's probability: once per call */
+        float rank = rnd(rnd((float)pos, wdt) + 1.0f, wdt);
+        float norm = rnd(rnd(rank - min_rank, wdt) / span, wdt);
+        norm = norm < 0.0f ? 0.0f : (norm > 1.0f ? 1.0f : norm);
+        by_rank[pos] = rnd(rnd(rnd(norm * 2.0f, wdt) * epsilon, wdt) + low, wdt);
+    }
     double total = 0.0;
     for (int64_t r = 0; r < rows; r++) {
         load_c(b, base, r * cols, cols, in_dtype, cdt);
@@ -781,13 +789,8 @@ void kr_della_probs(int64_t rows, int64_t cols, const void *base, const void *sr
             idx = tmp;
             tmp = swap;
         }
-        for (int64_t pos = 0; pos < cols; pos++) {
-            float rank = rnd(rnd((float)pos, wdt) + 1.0f, wdt);
-            float norm = rnd(rnd(rank - min_rank, wdt) / span, wdt);
-            norm = norm < 0.0f ? 0.0f : (norm > 1.0f ? 1.0f : norm);
-            float q = rnd(rnd(rnd(norm * 2.0f, wdt) * epsilon, wdt) + low, wdt);
-            p[idx[pos]] = q;
-        }
+        for (int64_t pos = 0; pos < cols; pos++)
+            p[idx[pos]] = by_rank[pos];
         store_f32(probs, r * cols, p, cols, wdt);
         if (idx != scratch + cols) { /* keep the buffers where they started */
             memcpy(scratch + cols, idx, sizeof(uint32_t) * (size_t)cols);
@@ -799,6 +802,7 @@ void kr_della_probs(int64_t rows, int64_t cols, const void *base, const void *sr
     free(b);
     free(x);
     free(p);
+    free(by_rank);
 }
 
 /* sum |d * keep| of d = x - base (compute dtype), keep a byte per element, added to *l1 */
