@@ -19,9 +19,8 @@ import shutil
 import threading
 import time
 import zlib
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +209,9 @@ def stream_merge(
     itself, so parallelism comes from merging different tensors side by side instead.
     """
     workers = cpu_workers() if device.type == "cpu" else 1
-    inbox: queue.Queue = queue.Queue(maxsize=workers + 1)
+    # on the CPU one task read ahead (and one being read): with the workers never idle behind
+    # the oldest tensor, a deeper queue only maps more input pages at once (peak RSS)
+    inbox: queue.Queue = queue.Queue(maxsize=1 if device.type == "cpu" else workers + 1)
     stop = threading.Event()
     reader = threading.Thread(target=_reader, args=(plan, device, inbox, stop), daemon=True)
     reader.start()
@@ -236,21 +237,25 @@ def stream_merge(
         elif writer is not None:
             writer.write(task.name, merged)  # computed on the GPU: copied into its shard
 
-    pending: deque = deque()
+    pending: dict[Future, TensorTask] = {}  # in flight, at most `workers`
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge")
     try:
         with bar:
             job = bar.add_task(f"merging 0/{n_tasks} tensors", total=plan.write_bytes)
             done = 0
 
-            def finish_oldest() -> None:
+            def finish_one() -> None:
+                """Wait for whichever tensor finishes first (not the oldest: a worker done
+                with a small tensor takes the next one while a large one is still merging)."""
                 nonlocal done
-                task, future = pending.popleft()
-                future.result()
-                done += 1
-                bar.update(
-                    job, advance=task.nbytes, description=f"merging {done}/{n_tasks} tensors"
-                )
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    task = pending.pop(future)
+                    future.result()
+                    done += 1
+                    bar.update(
+                        job, advance=task.nbytes, description=f"merging {done}/{n_tasks} tensors"
+                    )
 
             while True:
                 item = inbox.get()
@@ -264,15 +269,15 @@ def stream_merge(
                     compute_stream.wait_event(event)
                     for t in tensors:  # allocated on the copy stream, freed after compute
                         t.record_stream(compute_stream)
-                pending.append((task, pool.submit(merge_one, task, tensors)))
+                pending[pool.submit(merge_one, task, tensors)] = task
                 del tensors
                 if len(pending) >= workers:
-                    finish_oldest()
+                    finish_one()
             while pending:
-                finish_oldest()
+                finish_one()
     finally:
         stop.set()
-        for _, future in pending:
+        for future in pending:
             future.cancel()
         pool.shutdown(wait=True)
         torch.set_num_threads(threads)
