@@ -451,29 +451,19 @@ def run_stages_with_mergekit(
     planner up front, the others just before they run (their inputs are not there yet).
     An intermediate is reused when complete and made from the same stage recipe.
     """
-    from dataclasses import replace
 
     from kruising.device import resolve_device
     from merger.core.io import parse_size
-    from merger.core.multidoc import default_intermediate_dir, is_complete
+    from merger.core.multidoc import announce_stages, is_complete, merge_stages, stage_folders
 
     console.print("engine mergekit: importing mergekit (a few seconds)")
-    out = Path(out)
-    folder = Path(intermediate_dir) if intermediate_dir else default_intermediate_dir(out)
-    folder = folder.expanduser().resolve()
-    if out.expanduser().resolve().exists() and not options.overwrite:
-        raise KruisingError(
-            f"output folder {out} already exists", "choose another --out, or pass --overwrite"
-        )
+    out, folder = stage_folders(out, intermediate_dir, options)
     extra = mergekit_option_values(options.mergekit_options)
     device = resolve_device(options.device)
     mk_options = mergekit_options(options, device, parse_size(options.out_shard_size), extra)
     warn_findings(text, source)
     stages = load_mergekit_stages(text, source, out, folder)
-    console.print(
-        f"{len(stages)} stages: {', '.join(s.name or 'final merge' for s in stages)}; "
-        f"intermediates in {folder}"
-    )
+    announce_stages(stages, folder)
     to_merge: set[str] = set()
     for stage in stages:
         reused = (
@@ -487,20 +477,10 @@ def run_stages_with_mergekit(
             to_merge.add(str(stage.name))
         if not set(stage.needs) & to_merge:
             dry_plan(stage.config, mk_options, f"{source}:{stage.line}")
-    for i, stage in enumerate(stages, 1):
-        label = stage.name or "final merge"
-        if stage.name is not None and str(stage.name) not in to_merge:
-            console.print(f"stage {i}/{len(stages)} {label}: reusing {stage.out}")
-            continue
-        console.print(f"stage {i}/{len(stages)} {label} -> {stage.out} (mergekit)")
-        final = stage.out == out
-        stage_options = options if final else replace(options, overwrite=True)
-        if not final:
-            folder.mkdir(parents=True, exist_ok=True)
-        try:
-            if set(stage.needs) & to_merge:
-                dry_plan(stage.config, mk_options, f"{source}:{stage.line}")
-            _merge(stage.config, stage.text, stage.out, stage_options, mk_options, str(device))
-        except KruisingError as exc:
-            raise KruisingError(f"stage {label}: {exc.message}", exc.hint) from None
-    return out
+
+    def merge(stage, stage_options) -> None:
+        if set(stage.needs) & to_merge:  # its inputs exist now: mergekit's planner on them
+            dry_plan(stage.config, mk_options, f"{source}:{stage.line}")
+        _merge(stage.config, stage.text, stage.out, stage_options, mk_options, str(device))
+
+    return merge_stages(stages, out, folder, options, to_merge, merge, tag=" (mergekit)")

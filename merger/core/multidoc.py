@@ -304,35 +304,56 @@ def run_stages(
     intermediate_dir: Path | None = None,
 ) -> Path:
     """`merge run` of a multi-document recipe: plan every stage, then merge them in order."""
-    from dataclasses import replace
-
     from merger.core.engine import run_recipe
 
+    out, folder = stage_folders(out, intermediate_dir, options)
+    stages = load_stages(text, source, out, folder)
+    announce_stages(stages, folder)
+    to_merge = plan_stages(stages, options)
+
+    def merge(stage: Stage, stage_options) -> None:
+        run_recipe(stage.recipe, stage.out, stage_options, recipe_text=stage.text)
+
+    return merge_stages(stages, out, folder, options, to_merge, merge)
+
+
+def stage_folders(out: Path, intermediate_dir: Path | None, options) -> tuple[Path, Path]:
+    """The output and the intermediates' folder of a multi-document run; an existing output
+    without --overwrite is refused before anything is planned."""
     out = Path(out)
     folder = Path(intermediate_dir) if intermediate_dir else default_intermediate_dir(out)
-    folder = folder.expanduser().resolve()
     if out.expanduser().resolve().exists() and not options.overwrite:
         raise KruisingError(
             f"output folder {out} already exists", "choose another --out, or pass --overwrite"
         )
-    stages = load_stages(text, source, out, folder)
+    return out, folder.expanduser().resolve()
+
+
+def announce_stages(stages: list, folder: Path) -> None:
     console.print(
         f"{len(stages)} stages: {', '.join(s.name or 'final merge' for s in stages)}; "
         f"intermediates in {folder}"
     )
-    to_merge = plan_stages(stages, options)
+
+
+def merge_stages(stages: list, out: Path, folder: Path, options, to_merge: set[str], merge, tag=""):
+    """Merge the stages in order with ``merge(stage, stage_options)`` (either engine): a named
+    stage not in ``to_merge`` is reused as it is; an intermediate is written over a stale one;
+    an error names its stage."""
+    from dataclasses import replace
+
     for i, stage in enumerate(stages, 1):
         label = stage.name or "final merge"
         if stage.name is not None and str(stage.name) not in to_merge:
             console.print(f"stage {i}/{len(stages)} {label}: reusing {stage.out}")
             continue
-        console.print(f"stage {i}/{len(stages)} {label} -> {stage.out}")
+        console.print(f"stage {i}/{len(stages)} {label} -> {stage.out}{tag}")
         final = stage.out == out
         stage_options = options if final else replace(options, overwrite=True)
         if not final:
             folder.mkdir(parents=True, exist_ok=True)
         try:
-            run_recipe(stage.recipe, stage.out, stage_options, recipe_text=stage.text)
+            merge(stage, stage_options)
         except KruisingError as exc:
             raise KruisingError(f"stage {label}: {exc.message}", exc.hint) from None
     return out
