@@ -455,7 +455,7 @@ def run_recipe(
         # config, tokenizer, card: written while the tensors stream (which wait on the disk
         # and the kernels, not on the interpreter); the provenance after, with the timings
         files = _Background(
-            _write_child_files_but_provenance,
+            write_child_files,
             tmp,
             recipe,
             recipe_text,
@@ -533,33 +533,7 @@ class _Background:
             raise self._error
 
 
-def _write_child_files(
-    folder: Path,
-    recipe: MergeRecipe,
-    recipe_text: str,
-    sources: dict[str, ModelSource],
-    plan: MergePlan | None,
-    copy_tokenizer: bool = True,
-    **provenance,
-) -> None:
-    """Everything but the tensors. Without a plan (mergekit did the merge), mergekit has
-    already written config, generation config and tokenizer. ``copy_tokenizer=False``
-    (mergekit's ``--no-copy-tokenizer``): no tokenizer files copied from the donor; one the
-    recipe builds is still written, as mergekit writes it."""
-    from merger.core.child import write_provenance
-
-    _write_child_files_but_provenance(
-        folder,
-        recipe,
-        recipe_text,
-        plan,
-        copy_tokenizer=copy_tokenizer,
-        compute=provenance.get("compute"),
-    )
-    write_provenance(folder, recipe, sources, plan, recipe_text=recipe_text, **provenance)
-
-
-def _write_child_files_but_provenance(
+def write_child_files(
     folder: Path,
     recipe: MergeRecipe,
     recipe_text: str,
@@ -568,7 +542,11 @@ def _write_child_files_but_provenance(
     copy_tokenizer: bool = True,
     compute: dict[str, Any] | None = None,
 ) -> None:
-    """Config, generation config, tokenizer, ``mergekit_config.yml``, model card."""
+    """Everything but the tensors and the provenance: config, generation config, tokenizer,
+    ``mergekit_config.yml``, model card. Without a plan (mergekit did the merge), mergekit has
+    already written config, generation config and tokenizer. ``copy_tokenizer=False``
+    (mergekit's ``--no-copy-tokenizer``): no tokenizer files copied from the donor; one the
+    recipe builds is still written, as mergekit writes it."""
     from merger.core.child import write_config, write_generation_config, write_tokenizer
     from merger.share.card import write_model_card
 

@@ -332,7 +332,8 @@ def _merge(config, recipe_text: str, out: Path, options: MergeOptions, mk_option
     from mergekit.merge import run_merge
 
     from merger.core import output
-    from merger.core.engine import _write_child_files
+    from merger.core.child import write_provenance
+    from merger.core.engine import write_child_files
 
     sources = _fingerprint_sources(config, options)
     try:
@@ -352,12 +353,14 @@ def _merge(config, recipe_text: str, out: Path, options: MergeOptions, mk_option
                 )
             forget_loaders()
             run_merge(config, str(tmp), options=mk_options, config_source=recipe_text)
-            _write_child_files(
+            recipe = summary_recipe(config)
+            write_child_files(tmp, recipe, recipe_text, None)
+            write_provenance(
                 tmp,
-                summary_recipe(config),
-                recipe_text,
+                recipe,
                 sources,
                 None,
+                recipe_text=recipe_text,
                 device=device,
                 seconds=time.perf_counter() - started,
                 engine="mergekit",
